@@ -1,0 +1,44 @@
+# pruneshot: `make run` sets everything up and runs the embedded default;
+# `make test` sets everything up and runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+export PATH := $(BIN):$(PATH)
+CORES ?= all
+
+.PHONY: setup run test lint report bench clean-results
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.lock
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+setup: $(VENV)/.installed
+
+# dvc repro runs `snakemake --cores all` (dvc.yaml) and records hashes in dvc.lock.
+run: setup
+	dvc repro pipeline
+	pruneshot summary results/tables/results.csv
+	@echo "report: $(abspath results/report/index.html)"
+
+test: setup
+	python -m pytest
+
+lint: setup
+	ruff check .
+	snakemake --lint
+
+# Regenerate tables and report from existing (e.g. `dvc pull`ed) artefacts, no training.
+report: setup
+	snakemake --cores 1 --touch
+	snakemake --cores 1 --forcerun aggregate report
+	@echo "report: $(abspath results/report/index.html)"
+
+bench: setup
+	python benchmarks/pipeline.py
+
+clean-results:
+	rm -rf results logs .snakemake

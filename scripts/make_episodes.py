@@ -1,0 +1,9 @@
+"""Rule make_episodes: the fixed episodes of one (target, ways, shots)."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, make_episodes
+
+w = snakemake.wildcards
+make_episodes(snakemake.config, w.target, int(w.ways), int(w.shots), Path(snakemake.input.manifest),
+              Path(snakemake.output.episodes), job_from_snakemake(snakemake))

@@ -1,0 +1,7 @@
+"""Rule prepare_source: source classes -> train/val shards + manifest."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, prepare_source
+
+prepare_source(snakemake.config, Path(snakemake.output.manifest).parent, job_from_snakemake(snakemake))

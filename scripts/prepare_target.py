@@ -1,0 +1,8 @@
+"""Rule prepare_target: one target's classes -> pool shard + manifest."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, prepare_target
+
+prepare_target(snakemake.config, snakemake.wildcards.target, Path(snakemake.output.manifest).parent,
+               job_from_snakemake(snakemake))

@@ -1,0 +1,10 @@
+"""Rule report: the self-contained HTML report."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, report
+
+i, o = snakemake.input, snakemake.output
+targets = dict(zip(snakemake.params.targets, map(Path, i.target_manifests), strict=True))
+report(snakemake.config, Path(i.results), Path(i.study), Path(i.sync), Path(i.source_manifest), targets,
+       Path(o.html), Path(o.figures), job_from_snakemake(snakemake))

@@ -1,0 +1,10 @@
+"""Rule search: one method at one budget on the pretrained backbone."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, search
+
+w, i, o = snakemake.wildcards, snakemake.input, snakemake.output
+search(snakemake.config, w.method, float(w.budget), int(w.replicate), Path(i.manifest), Path(i.weights),
+       Path(i.arch), Path(i.metrics), Path(o.weights), Path(o.arch), Path(o.record),
+       job_from_snakemake(snakemake))

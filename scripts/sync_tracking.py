@@ -1,0 +1,9 @@
+"""Rule sync_tracking: replay MLflow records that jobs could not log live."""
+
+from pathlib import Path
+
+from pruneshot.stages import job_from_snakemake, sync_tracking
+
+job = job_from_snakemake(snakemake)
+summary = sync_tracking(Path(snakemake.input.study), Path(snakemake.output.sync))
+job.log(f"spool sync: {summary}")

@@ -1,0 +1,3 @@
+"""pruneshot: pruning methods benchmarked on few-shot transfer."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,45 @@
+"""Registry of pruning methods. Adding a method = adding one module here that defines a
+``PruningMethod`` subclass decorated with ``@register``; nothing else changes."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+
+from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+
+REGISTRY: dict[str, type[PruningMethod]] = {}
+
+
+def register(cls: type[PruningMethod]) -> type[PruningMethod]:
+    """Class decorator: make a method available under ``cls.name``."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    for mod in pkgutil.iter_modules(__path__):
+        if mod.name != "base":
+            importlib.import_module(f"{__name__}.{mod.name}")
+
+
+def get_method(name: str) -> PruningMethod:
+    """An instance of the method registered as ``name``."""
+    if not REGISTRY:
+        _discover()
+    try:
+        return REGISTRY[name]()
+    except KeyError:
+        raise ValueError(f"unknown method {name!r}; allowed: {', '.join(sorted(REGISTRY))}") from None
+
+
+def available() -> list[str]:
+    """Names of all registered methods."""
+    if not REGISTRY:
+        _discover()
+    return sorted(REGISTRY)
+
+
+__all__ = ["REGISTRY", "PruningMethod", "SearchContext", "SearchResult", "available", "get_method", "register"]

@@ -1,0 +1,108 @@
+"""The method interface: every pruning method is one file with one subclass of PruningMethod."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from pruneshot.data import Split
+
+
+@dataclass
+class SearchContext:
+    """What a source-side search gets: the pretrained model and source data.
+
+    ``model`` is a fresh copy the method may modify; ``budget`` is the fraction of the
+    dense network's ``metric`` (params|flops) to keep; ``seed`` is the derived search
+    seed (shared by every method for one replicate, so calibration data match).
+    """
+
+    model: nn.Module
+    budget: float
+    metric: Literal["params", "flops"]
+    source_train: Split
+    source_val: Split
+    seed: int
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    log: Callable[[str], None] = print
+    log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step=None: None
+
+
+@dataclass
+class SearchResult:
+    """A physically pruned network and how it was obtained.
+
+    ``keep`` maps channel groups to kept indices of the dense network (None when the
+    method keeps everything); ``info`` holds method-specific facts for the record.
+    """
+
+    model: nn.Module
+    keep: dict[str, list[int]] | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class PruningMethod(ABC):
+    """One pruning method. Subclasses set the class attributes and implement ``search``.
+
+    name: config name; side: 'source' (searched once on source data, one architecture for
+    every episode) or 'target' (prunes while adapting to each episode); provenance: where
+    the algorithm comes from ('baseline', 'official code', 'abstract-level', 'reconstruction');
+    budget_free: the method ignores the budget (runs at budget 1 only).
+    """
+
+    name: ClassVar[str]
+    side: ClassVar[Literal["source", "target"]] = "source"
+    provenance: ClassVar[str] = "baseline"
+    reference: ClassVar[str] = ""
+    budget_free: ClassVar[bool] = False
+
+    def arms(self, configured: list[str]) -> list[str]:
+        """Transfer arms this method is evaluated with, given the configured ones."""
+        return list(configured)
+
+    @abstractmethod
+    def search(self, ctx: SearchContext) -> SearchResult:
+        """Return a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
+
+
+def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 40) -> dict[str, int]:
+    """Per-group channel counts from one keep ratio r shared by every group (at least 1 channel),
+    with r chosen by bisection so that cost(pruned)/cost(dense) is the largest value <= budget
+    (or the smallest achievable when even 1 channel per group exceeds it)."""
+    from pruneshot.metrics import cost
+    from pruneshot.models import build_model
+
+    groups = model.channel_groups()
+    dense = cost(model, metric)
+
+    def widths(r: float) -> dict[str, int]:
+        return {g: max(1, min(n, round(r * n))) for g, n in groups.items()}
+
+    def ratio(r: float) -> float:
+        return cost(build_model(model.spec_with_widths(widths(r))), metric) / dense
+
+    if budget >= 1.0:
+        return dict(groups)
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ratio(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return widths(lo)
+
+
+def keep_top(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, list[int]]:
+    """Per group, the indices of the ``widths[g]`` largest scores, sorted ascending (stable ties)."""
+    keep = {}
+    for g, s in scores.items():
+        order = torch.argsort(-s, stable=True)[: widths[g]]
+        keep[g] = sorted(order.tolist())
+    return keep

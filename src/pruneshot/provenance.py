@@ -1,0 +1,83 @@
+"""Provenance block carried by every metrics JSON: where a number came from."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pruneshot.io import sha256_file
+
+PACKAGES = ("torch", "snakemake", "mlflow", "dvc", "numpy", "pandas", "pruneshot")
+
+
+def git_state(cwd: Path | str | None = None) -> tuple[str, bool]:
+    """(commit sha, dirty flag) of the repository at ``cwd``; ('unknown', True) outside git.
+
+    The Snakefile exports PRUNESHOT_GIT_COMMIT/PRUNESHOT_GIT_DIRTY so every job
+    of one run reports the state the run started from.
+    """
+    env_commit = os.environ.get("PRUNESHOT_GIT_COMMIT")
+    if env_commit:
+        return env_commit, os.environ.get("PRUNESHOT_GIT_DIRTY", "1") == "1"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, check=True,
+        ).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown", True
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of the packages that shape results."""
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    out["python"] = platform.python_version()
+    return out
+
+
+def device_name(device: str = "cpu") -> str:
+    """Human-readable name of the compute device."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu:{platform.processor() or platform.machine()}"
+
+
+def provenance(
+    *,
+    rule: str,
+    wildcards: dict[str, Any],
+    config_sha256: str,
+    inputs: list[str | Path],
+    seeds: dict[str, int],
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """The provenance block: git state, config hash, rule, wildcards, seeds, input hashes, versions, host, device."""
+    commit, dirty = git_state()
+    return {
+        "git_commit": commit,
+        "git_dirty": dirty,
+        "config_sha256": config_sha256,
+        "rule": rule,
+        "wildcards": {k: str(v) for k, v in wildcards.items()},
+        "seeds": seeds,
+        "inputs": {str(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+        "packages": package_versions(),
+        "host": socket.gethostname(),
+        "device": device_name(device),
+    }

@@ -1,0 +1,511 @@
+"""One function per pipeline stage. ``scripts/*.py`` unpack Snakemake's objects into plain
+paths and values and call these, so every stage can also be run and tested without Snakemake."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pruneshot.config import budget_label, config_hash
+from pruneshot.io import read_json, save_tensors, sha256_file, write_json
+from pruneshot.provenance import git_state, provenance
+from pruneshot.seeds import derive_seed
+
+PROJECT_DIR = Path.cwd()
+SPOOL_DIR = Path("logs/mlflow_spool")
+
+
+@dataclass
+class Job:
+    """What a stage needs to know about the Snakemake job running it."""
+
+    rule: str
+    wildcards: dict[str, str]
+    config: dict[str, Any]
+    log_path: Path | None = None
+    study_path: Path | None = None
+    threads: int = 1
+    _logger: logging.Logger | None = field(default=None, repr=False)
+
+    @property
+    def logger(self) -> logging.Logger:
+        if self._logger is None:
+            name = f"pruneshot.{self.rule}.{'.'.join(self.wildcards.values())}"
+            logger = logging.getLogger(name)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+            handler: logging.Handler
+            if self.log_path is not None:
+                Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
+                handler = logging.FileHandler(self.log_path, mode="w")
+            else:
+                handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.handlers[:] = [handler]
+            self._logger = logger
+        return self._logger
+
+    def log(self, message: str) -> None:
+        self.logger.info(message)
+
+    @property
+    def config_sha256(self) -> str:
+        return config_hash(self.config)
+
+    def provenance(self, inputs: list[Path], seeds: dict[str, int], device: str = "cpu") -> dict[str, Any]:
+        return provenance(rule=self.rule, wildcards=self.wildcards, config_sha256=self.config_sha256,
+                          inputs=inputs, seeds=seeds, device=device)
+
+    @contextlib.contextmanager
+    def tracked(
+        self, inputs: list[Path], seeds: dict[str, int], params: dict[str, Any],
+        upstream_run_id: str | None = None,
+    ) -> Iterator[Any]:
+        """An MLflow run for this job (best effort: never blocks the job; spooled on failure)."""
+        import torch
+
+        from pruneshot import tracking
+
+        torch.set_num_threads(max(1, self.threads))
+        commit, dirty = git_state()
+        tags = {
+            "pruneshot.rule": self.rule,
+            "pruneshot.job_key": job_key(self.rule, self.wildcards),
+            "pruneshot.git_commit": commit,
+            "pruneshot.git_dirty": str(dirty).lower(),
+            "pruneshot.config_sha256": self.config_sha256,
+            "pruneshot.upstream_run_id": upstream_run_id or "",
+            **{f"pruneshot.wildcard.{k}": str(v) for k, v in self.wildcards.items()},
+            **{f"pruneshot.seed.{k}": str(v) for k, v in seeds.items()},
+            **{f"pruneshot.input_sha256.{Path(p).as_posix()}": sha256_file(p)
+               for p in inputs if Path(p).is_file()},
+        }
+        if self.study_path is None:
+            yield _NullRun()
+            return
+        study = read_json(self.study_path)
+        tracking.configure_timeouts()
+        with tracking.JobRun(study, job_key(self.rule, self.wildcards), tags=tags, params=params,
+                             spool_dir=SPOOL_DIR) as run:
+            yield run
+
+
+def job_from_snakemake(smk: Any) -> Job:
+    """A Job from the ``snakemake`` object Snakemake injects into scripts."""
+    study = getattr(smk.input, "study", None) if hasattr(smk, "input") else None
+    return Job(
+        rule=smk.rule, wildcards={k: str(v) for k, v in smk.wildcards.items()}, config=smk.config,
+        log_path=Path(smk.log[0]) if len(smk.log) else None,
+        study_path=Path(study) if study else None, threads=int(smk.threads),
+    )
+
+
+class _NullRun:
+    run_id = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+
+def job_key(rule: str, wildcards: dict[str, str]) -> str:
+    """Readable unique name of a job, e.g. 'transfer/method=random,budget=0.5,...'."""
+    return rule + ("/" + ",".join(f"{k}={v}" for k, v in wildcards.items()) if wildcards else "")
+
+
+def _seeds_for(config: dict[str, Any], replicate: int) -> dict[str, int]:
+    root = config["study"]["root_seed"]
+    return {
+        "root": root,
+        "pretrain": derive_seed(root, "pretrain", replicate),
+        "search": derive_seed(root, "search", replicate),
+    }
+
+
+# --- tracking --------------------------------------------------------------------------------
+
+def init_tracking(config: dict[str, Any], out_study: Path) -> dict[str, str]:
+    """Create the MLflow store/experiment and the study's parent run; write study.json."""
+    from pruneshot import tracking
+
+    uri = tracking.resolve_tracking_uri(config.get("mlflow", {}).get("tracking_uri"), PROJECT_DIR)
+    commit, dirty = git_state()
+    study = tracking.init_study(uri, config["study"]["name"], {
+        "pruneshot.git_commit": commit, "pruneshot.git_dirty": str(dirty).lower(),
+        "pruneshot.config_sha256": config_hash(config), "pruneshot.rule": "init_tracking",
+    })
+    write_json(out_study, study)
+    return study
+
+
+def sync_tracking(study_path: Path, out: Path) -> dict[str, Any]:
+    """Replay spooled MLflow records (jobs that could not reach MLflow); write a summary."""
+    from pruneshot import tracking
+
+    study = read_json(study_path)
+    summary = tracking.sync_spool(SPOOL_DIR, study["tracking_uri"]) if SPOOL_DIR.exists() else {
+        "records": 0, "synced": 0, "failed": 0, "metrics": 0}
+    write_json(out, {"study": study, "spool": summary})
+    return summary
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str, Any]:
+    """Source classes -> train/val shards + manifest."""
+    from pruneshot import data
+
+    src = config["data"]["source"]
+    raw = data.load_raw(src["dataset"], Path(config["data"]["cache_dir"]))
+    seed = derive_seed(config["study"]["root_seed"], "data", "source_val")
+    manifest = data.prepare_source(raw, src["classes"], src["val_fraction"], seed, out_dir)
+    job.log(f"source {src['dataset']} classes {src['classes']}: "
+            f"{manifest['splits']['train']['n']} train / {manifest['splits']['val']['n']} val")
+    return manifest
+
+
+def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job) -> dict[str, Any]:
+    """Target classes -> one pool shard + manifest."""
+    from pruneshot import data
+
+    tgt = config["data"]["targets"][target]
+    raw = data.load_raw(tgt["dataset"], Path(config["data"]["cache_dir"]))
+    manifest = data.prepare_target(raw, tgt["classes"], out_dir)
+    job.log(f"target {target}: {manifest['splits']['pool']['n']} images, classes {tgt['classes']}")
+    return manifest
+
+
+def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, manifest_path: Path,
+                  out: Path, job: Job) -> None:
+    """Sample and save the fixed episodes of (target, ways, shots)."""
+    from pruneshot.episodes import make_episodes as sample
+    from pruneshot.io import load_tensors
+
+    manifest = read_json(manifest_path)
+    pool_path = Path(manifest_path).parent / manifest["splits"]["pool"]["file"]
+    labels = load_tensors(pool_path)["y"].numpy()
+    ep_cfg = config["episodes"]
+    episodes = sample(labels, ways=ways, shots=shots, count=ep_cfg["count"],
+                      queries_per_class=ep_cfg["queries_per_class"],
+                      root_seed=config["study"]["root_seed"], target=target)
+    write_json(out, {
+        "target": target, "ways": ways, "shots": shots, "queries_per_class": ep_cfg["queries_per_class"],
+        "pool_sha256": manifest["splits"]["pool"]["sha256"], "episodes": episodes,
+        "provenance": job.provenance([manifest_path], {"episode_root": config["study"]["root_seed"]}),
+    })
+    job.log(f"{len(episodes)} episodes {ways}-way {shots}-shot for {target}")
+
+
+# --- pretrain --------------------------------------------------------------------------------
+
+def _load_source(manifest_path: Path):
+    from pruneshot import data
+
+    manifest = read_json(manifest_path)
+    norm = manifest["normalization"]
+    return (manifest, data.load_split(manifest_path, "train", norm),
+            data.load_split(manifest_path, "val", norm))
+
+
+def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_weights: Path,
+             out_arch: Path, out_metrics: Path, job: Job) -> dict[str, Any]:
+    """Train the backbone on the source classes; keep the best-validation epoch."""
+    from pruneshot.metrics import count_flops, count_params, input_shape
+    from pruneshot.models import build_model, state_dict_for_save
+    from pruneshot.seeds import seed_everything
+    from pruneshot.training import pretrain as train
+
+    seeds = _seeds_for(config, replicate)
+    seed_everything(seeds["pretrain"])
+    manifest, train_split, val_split = _load_source(manifest_path)
+    c, h, _ = manifest["image_shape"]
+    bb = config["backbone"]
+    spec = {"name": bb["name"], "in_channels": c, "input_size": h, "widths": bb["widths"],
+            "num_classes": len(manifest["classes"])}
+    model = build_model(spec)
+    pc = config["pretrain"]
+    params = {**{f"pretrain.{k}": v for k, v in pc.items()}, "backbone": bb["name"],
+              "widths": bb["widths"], "replicate": replicate}
+    t0 = time.perf_counter()
+    with job.tracked([manifest_path], seeds, params) as run:
+        job.log(f"process start to first training step: {time.perf_counter() - t0:.2f}s")
+        model, info = train(model, train_split, val_split, epochs=pc["epochs"], batch_size=pc["batch_size"],
+                            lr=pc["lr"], momentum=pc["momentum"], weight_decay=pc["weight_decay"],
+                            patience=pc["patience"], seed=seeds["pretrain"], log=job.log,
+                            log_metrics=run.log_metrics)
+        seconds = time.perf_counter() - t0
+        run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds}, None)
+        run_id = run.run_id
+    save_tensors(out_weights, state_dict_for_save(model))
+    write_json(out_arch, model.spec)
+    record = {
+        "replicate": replicate, "best_epoch": info["best_epoch"], "best_val_acc": info["best_val_acc"],
+        "epochs_run": info["epochs_run"], "history": info["history"], "seconds": seconds,
+        "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
+        "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
+        "provenance": job.provenance([manifest_path], seeds),
+    }
+    write_json(out_metrics, record)
+    return record
+
+
+# --- search ----------------------------------------------------------------------------------
+
+def search(config: dict[str, Any], method_name: str, budget: float, replicate: int, manifest_path: Path,
+           pretrained_weights: Path, pretrained_arch: Path, pretrained_metrics: Path,
+           out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
+    """Run one method's search at one budget; save the physically pruned network and its record."""
+    from pruneshot.methods import SearchContext, get_method
+    from pruneshot.metrics import cost, count_flops, count_params, input_shape
+    from pruneshot.models import load_model, state_dict_for_save
+    from pruneshot.seeds import seed_everything
+
+    method = get_method(method_name)
+    seeds = _seeds_for(config, replicate)
+    seed_everything(seeds["search"])
+    _, train_split, val_split = _load_source(manifest_path)
+    spec = read_json(pretrained_arch)
+    model = load_model(str(pretrained_weights), spec)
+    dense_params = count_params(model)
+    dense_flops = count_flops(model, input_shape(spec))
+    metric = config["budget"]["metric"]
+    inputs = [manifest_path, pretrained_weights, pretrained_arch]
+    upstream = read_json(pretrained_metrics).get("mlflow_run_id")
+    params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
+              "side": method.side}
+    with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
+        t0 = time.perf_counter()
+        result = method.search(SearchContext(
+            model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
+            seed=seeds["search"], options=config.get(method_name, {}) if isinstance(
+                config.get(method_name), dict) else {},
+            log=job.log, log_metrics=run.log_metrics))
+        seconds = time.perf_counter() - t0
+        pruned = result.model.eval()
+        achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
+        run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
+                         "achieved_flops": achieved["flops"],
+                         "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
+                                                                  else dense_flops)}, None)
+        run_id = run.run_id
+    save_tensors(out_weights, state_dict_for_save(pruned))
+    write_json(out_arch, pruned.spec)
+    record = {
+        "method": method_name, "side": method.side, "method_provenance": method.provenance,
+        "reference": method.reference, "replicate": replicate,
+        "budget_metric": metric, "requested_budget": budget,
+        "achieved_params": achieved["params"], "achieved_flops": achieved["flops"],
+        "dense_params": dense_params, "dense_flops": dense_flops,
+        "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
+        "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
+        "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
+        "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+    }
+    write_json(out_record, record)
+    job.log(f"{method_name} budget {budget_label(budget)} ({metric}): params {achieved['params']}/"
+            f"{dense_params} flops {achieved['flops']}/{dense_flops} in {seconds:.2f}s")
+    return record
+
+
+# --- transfer --------------------------------------------------------------------------------
+
+def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, target: str, replicate: int,
+             weights: Path, arch: Path, search_record: Path, source_manifest: Path, target_manifest: Path,
+             episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
+    """Fine-tune the pruned network on every saved episode's support set; score its query set."""
+    import torch
+
+    from pruneshot import data
+    from pruneshot.metrics import mean_ci
+    from pruneshot.models import load_model
+    from pruneshot.training import accuracy, finetune_episode
+
+    seeds = _seeds_for(config, replicate)
+    rec = read_json(search_record)
+    spec = read_json(arch)
+    # Target images are normalised with the source statistics the backbone was trained on.
+    norm = read_json(source_manifest)["normalization"]
+    pool = data.load_split(target_manifest, "pool", norm)
+    eps = read_json(episodes_path)
+    tc = config["transfer"]
+    ways = eps["ways"]
+    inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
+    params = {"method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
+              "budget": rec["requested_budget"], "replicate": replicate,
+              **{f"transfer.{k}": v for k, v in tc.items()}}
+    accs = []
+    ft_seeds = []
+    t0 = time.perf_counter()
+    with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
+        base = load_model(str(weights), spec)
+        for ep in eps["episodes"]:
+            seed = derive_seed(config["study"]["root_seed"], "finetune", replicate, target, ways, shots,
+                               ep["index"], arm)
+            ft_seeds.append(seed)
+            torch.manual_seed(seed)
+            model = load_model(str(weights), spec)
+            model.reset_classifier(ways, torch.Generator().manual_seed(seed))
+            sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
+            qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+            finetune_episode(model, sx, sy, arm=arm, steps=tc["steps"], lr=tc["lr"], momentum=tc["momentum"],
+                             weight_decay=tc["weight_decay"], batch_size=tc["batch_size"], seed=seed)
+            acc = accuracy(model, qx, qy)
+            accs.append(acc)
+            run.log_metrics({"episode_acc": acc}, ep["index"])
+            if (ep["index"] + 1) % 10 == 0 or ep["index"] + 1 == len(eps["episodes"]):
+                done = ep["index"] + 1
+                el = time.perf_counter() - t0
+                job.log(f"episode {done}/{len(eps['episodes'])} mean acc {sum(accs) / len(accs):.4f} "
+                        f"elapsed {el:.1f}s left~{el / done * (len(eps['episodes']) - done):.1f}s")
+        summary = mean_ci(accs)
+        run.log_metrics({"acc_mean": summary["mean"], "acc_ci95": summary["ci95"]}, None)
+        run_id = run.run_id
+        del base
+    record = {
+        "method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
+        "replicate": replicate, "requested_budget": rec["requested_budget"],
+        "episode_accuracies": accs, "finetune_seeds": ft_seeds, "summary": summary,
+        "seconds": time.perf_counter() - t0, "search_record_sha256": sha256_file(search_record),
+        "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
+        "upstream_run_id": rec.get("mlflow_run_id"),
+        "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]}),
+    }
+    write_json(out, record)
+    job.log(f"{method_name}/{arm} {shots}-shot: {summary['mean']:.4f} +- {summary['ci95']:.4f} "
+            f"over {summary['n']} episodes")
+    return record
+
+
+# --- profile ---------------------------------------------------------------------------------
+
+def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: Job) -> dict[str, Any]:
+    """Measured CPU latency of the pruned network at each configured batch size."""
+    import torch
+
+    from pruneshot.metrics import input_shape, measure_latency
+    from pruneshot.models import load_model
+    from pruneshot.provenance import device_name
+
+    pc = config["profile"]
+    torch.set_num_threads(pc["threads"])
+    spec = read_json(arch)
+    model = load_model(str(weights), spec)
+    results = {}
+    for bs in pc["batch_sizes"]:
+        results[str(bs)] = measure_latency(model, input_shape(spec), bs, device="cpu", warmup=pc["warmup"],
+                                           repeats=pc["repeats"])
+        job.log(f"batch {bs}: median {results[str(bs)]['median_ms']:.3f} ms")
+    record = {"device": device_name("cpu"), "dtype": "float32", "threads": torch.get_num_threads(),
+              "latency": results, "weights_sha256": sha256_file(weights),
+              "provenance": job.provenance([weights, arch], {})}
+    write_json(out, record)
+    return record
+
+
+# --- aggregate and report --------------------------------------------------------------------
+
+def _row_id(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:10]
+
+
+def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
+              target_manifests: dict[str, Path], out_csv: Path, out_episodes_csv: Path,
+              out_metrics: Path, job: Job) -> list[dict[str, Any]]:
+    """Collect every transfer cell into one tidy table (one row per method, budget, target, shots,
+    arm, replicate), a long per-episode table, and metrics.json for ``dvc metrics show``.
+
+    ``cells`` items: {"transfer": path, "search": path, "profile": path, "pretrain": path}.
+    """
+    import pandas as pd
+
+    data_sha = {"source": sha256_file(source_manifest),
+                **{t: sha256_file(p) for t, p in target_manifests.items()}}
+    rows, episode_rows = [], []
+    for cell in cells:
+        tr, se, pr = read_json(cell["transfer"]), read_json(cell["search"]), read_json(cell["profile"])
+        pre = read_json(cell["pretrain"])
+        prov = tr["provenance"]
+        seeds = prov["seeds"]
+        row_id = _row_id(tr["method"], budget_label(tr["requested_budget"]), tr["target"], tr["ways"],
+                         tr["shots"], tr["arm"], tr["replicate"], prov["config_sha256"], prov["git_commit"])
+        row = {
+            "row_id": row_id, "method": tr["method"], "method_source": se["method_provenance"],
+            "side": se["side"], "backbone": config["backbone"]["name"],
+            "source": config["data"]["source"]["dataset"], "target": tr["target"], "ways": tr["ways"],
+            "shots": tr["shots"], "arm": tr["arm"], "budget_metric": se["budget_metric"],
+            "requested_budget": se["requested_budget"], "achieved_params": se["achieved_params"],
+            "achieved_flops": se["achieved_flops"], "dense_params": se["dense_params"],
+            "dense_flops": se["dense_flops"], "params_ratio": se["params_ratio"],
+            "flops_ratio": se["flops_ratio"], "latency_device": pr["device"], "latency_dtype": pr["dtype"],
+            **{f"latency_ms_b{bs}": v["median_ms"] for bs, v in pr["latency"].items()},
+            "search_seconds": se["search_seconds"], "search_device": se["search_device"],
+            "acc_mean": tr["summary"]["mean"], "acc_ci95": tr["summary"]["ci95"],
+            "acc_std": tr["summary"]["std"], "n_episodes": tr["summary"]["n"],
+            "replicate": tr["replicate"], "seed_pretrain": seeds["pretrain"], "seed_search": seeds["search"],
+            "seed_episode": seeds["episode_root"], "seed_finetune": tr["finetune_seeds"][0],
+            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"],
+            "config_sha256": prov["config_sha256"], "data_sha256": data_sha[tr["target"]],
+            "checkpoint_sha256": se["weights_sha256"], "pretrain_sha256": pre["weights_sha256"],
+            "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "ok", "error": "",
+            "transfer_record": str(cell["transfer"]),
+        }
+        rows.append(row)
+        episode_rows += [{"row_id": row_id, "episode": i, "accuracy": a}
+                         for i, a in enumerate(tr["episode_accuracies"])]
+    order = ["method", "requested_budget", "target", "shots", "arm", "replicate"]
+    table = pd.DataFrame(rows).sort_values(order, ascending=[True, False, True, True, True, True])
+    from pruneshot.io import atomic_path
+
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_episodes_csv) as tmp:
+        pd.DataFrame(episode_rows).to_csv(tmp, index=False)
+    metrics = {
+        f"{r['method']}/b{budget_label(r['requested_budget'])}/{r['target']}/{r['shots']}shot/{r['arm']}"
+        f"/r{r['replicate']}": {"acc_mean": round(r["acc_mean"], 6), "acc_ci95": round(r["acc_ci95"], 6),
+                                "params_ratio": round(r["params_ratio"], 6),
+                                "flops_ratio": round(r["flops_ratio"], 6)}
+        for r in rows
+    }
+    write_json(out_metrics, metrics)
+    job.log(f"aggregated {len(rows)} cells, {len(episode_rows)} episode results")
+    return rows
+
+
+def report(config: dict[str, Any], results_csv: Path, study_path: Path, sync_path: Path,
+           source_manifest: Path, target_manifests: dict[str, Path], out_html: Path, figures_dir: Path,
+           job: Job) -> None:
+    """Render the self-contained HTML report with figures, tables and a provenance section."""
+    import datetime
+
+    import pandas as pd
+
+    from pruneshot.provenance import package_versions
+    from pruneshot.report import build_report
+
+    results = pd.read_csv(results_csv)
+    commit, dirty = git_state()
+    prov = {
+        "study": config["study"]["name"], "git_commit": commit, "git_dirty": dirty,
+        "config_sha256": config_hash(config),
+        "result_commits": sorted(set(results["git_commit"].astype(str))),
+        "data_sha256": {"source": read_json(source_manifest)["splits"],
+                        **{t: read_json(p)["splits"] for t, p in target_manifests.items()}},
+        "packages": package_versions(),
+        "devices": sorted(set(results["latency_device"].astype(str))),
+        "mlflow": read_json(study_path), "mlflow_sync": read_json(sync_path).get("spool", {}),
+        "generated_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+    prov["data_sha256"] = {f"{name}/{s}": v["sha256"] for name, splits in prov["data_sha256"].items()
+                           for s, v in splits.items()}
+    build_report(results_csv, prov, out_html, figures_dir)
+    job.log(f"report written to {out_html}")

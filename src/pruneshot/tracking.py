@@ -1,0 +1,604 @@
+"""MLflow tracking that never stalls or kills a job.
+
+Layout of a study in MLflow:
+
+* ``init_study`` runs once, in one rule before the fan-out: it creates the tracking
+  database (SQLite) or reaches the server, creates the experiment if missing and
+  one *parent run* for the study. It may raise: failing loudly there is right.
+* Every job opens a ``JobRun``: one MLflow run nested under the parent
+  (tag ``mlflow.parentRunId``) with params, tags and buffered per-epoch metrics.
+  Every MLflow call is wrapped: an exception or a spent time budget switches the
+  job to *offline* mode (no further MLflow calls) and, at exit, one JSON spool
+  record with everything needed to replay the whole run is written atomically.
+* ``sync_spool`` (a rule after all jobs) replays spool records.
+
+Replay policy (idempotent, never deletes): each record is logged as a *fresh*
+run carrying all params, tags and metrics and the tag ``pruneshot.replay_of``
+(the record's spool id). A partial run the job managed to create is kept, set to
+FAILED and tagged ``pruneshot.superseded_by=<new run id>``. Before replaying,
+``sync_spool`` looks for a terminated run with the same ``pruneshot.replay_of``
+tag (a sync that died after logging but before moving the file) and then only
+moves the file; a replay left RUNNING is superseded the same way. Replayed files
+move to ``<spool_dir>/synced/``, so a second sync does nothing.
+
+HTTP retries and timeouts are bounded by ``configure_timeouts`` (environment
+variables read by MLflow on every request); SQLite waits at most its 5 s
+busy timeout on "database is locked". Metrics files remain the source of truth.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pruneshot.io import write_json
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+_log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Bounded HTTP behaviour (set with ``os.environ.setdefault``, so a user's values win).
+#: With 1 retry a refused connection fails in milliseconds; a server that accepts
+#: but never answers costs 2 x 5 s.
+HTTP_ENV_DEFAULTS: dict[str, str] = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+}
+
+# MLflow 3.x limits (mlflow.utils.validation).
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+MAX_KEY = 250
+MAX_METRICS_PER_BATCH = 1000
+MAX_PARAMS_TAGS_PER_BATCH = 100
+_MAX_BATCH_CHARS = 500_000  # stays well below MLflow's 1 MB request limit
+
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "pruneshot.role"
+SPOOL_ID_TAG = "pruneshot.spool_id"
+REPLAY_OF_TAG = "pruneshot.replay_of"
+REPLACES_TAG = "pruneshot.replaces_run_id"
+SUPERSEDED_TAG = "pruneshot.superseded_by"
+EXCEPTION_TAG = "pruneshot.exception"
+SPOOL_FORMAT = "pruneshot.mlflow-spool/1"
+SYNCED_DIR = "synced"
+
+_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
+_BAD_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def resolve_tracking_uri(configured: str | None, project_dir: Path) -> str:
+    """Tracking URI: ``configured`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<abs project_dir>/mlflow.db``.
+
+    A relative SQLite path (``sqlite:///mlflow.db``) is made absolute against
+    ``project_dir`` so every job, whatever its working directory, uses one file.
+    """
+    project_dir = Path(project_dir).resolve()
+    for candidate in (configured, os.environ.get("MLFLOW_TRACKING_URI")):
+        if candidate and candidate.strip():
+            uri = candidate.strip()
+            path = _sqlite_path(uri)
+            if path is not None and not path.is_absolute() and str(path) != ":memory:":
+                uri = f"sqlite:///{project_dir / path}"
+            return uri
+    return f"sqlite:///{project_dir}/mlflow.db"
+
+
+def configure_timeouts() -> None:
+    """Bound MLflow's HTTP retries and timeouts to seconds (``os.environ.setdefault``)."""
+    for name, value in HTTP_ENV_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """Filesystem path of a ``sqlite:///`` URI (absolute when written ``sqlite:////abs``), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _client(tracking_uri: str) -> MlflowClient:
+    configure_timeouts()
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+# --------------------------------------------------------------------------- value hygiene
+
+
+def _clean_key(key: object) -> str:
+    """A key MLflow accepts: allowed characters only, no leading slash, at most 250 chars."""
+    text = _BAD_KEY_CHARS.sub("_", str(key)).lstrip("/") or "_"
+    return text[:MAX_KEY]
+
+
+def _stringify(value: object) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, Mapping | list | tuple):
+        return json.dumps(value, sort_keys=True, default=str)
+    return str(value)
+
+
+def _clean_params(params: Mapping[str, object]) -> dict[str, str]:
+    out = {}
+    for key, value in params.items():
+        text = _stringify(value)
+        if len(text) > MAX_PARAM_VALUE:
+            _log.warning("MLflow param %r truncated from %d to %d chars", key, len(text), MAX_PARAM_VALUE)
+            text = text[:MAX_PARAM_VALUE]
+        out[_clean_key(key)] = text
+    return out
+
+
+def _clean_tags(tags: Mapping[str, object]) -> dict[str, str]:
+    return {_clean_key(k): _stringify(v)[:MAX_TAG_VALUE] for k, v in tags.items()}
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _chunk_pairs(items: Mapping[str, str]) -> Iterator[list[tuple[str, str]]]:
+    """Key/value pairs in chunks of at most 100 items and about 500 kB."""
+    chunk: list[tuple[str, str]] = []
+    size = 0
+    for item in items.items():
+        item_size = len(item[0]) + len(item[1]) + 16
+        if chunk and (len(chunk) >= MAX_PARAMS_TAGS_PER_BATCH or size + item_size > _MAX_BATCH_CHARS):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(item)
+        size += item_size
+    if chunk:
+        yield chunk
+
+
+def _batches(
+    metrics: Sequence[dict[str, Any]], params: Mapping[str, str], tags: Mapping[str, str]
+) -> Iterator[tuple[list[dict[str, Any]], list[tuple[str, str]], list[tuple[str, str]]]]:
+    """(metrics, params, tags) arguments for log_batch calls within MLflow's limits."""
+    for chunk in _chunk_pairs(params):
+        yield [], chunk, []
+    for chunk in _chunk_pairs(tags):
+        yield [], [], chunk
+    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
+        yield list(metrics[start : start + MAX_METRICS_PER_BATCH]), [], []
+
+
+def _log_batch(
+    client: MlflowClient,
+    run_id: str,
+    metrics: Sequence[dict[str, Any]],
+    params: Sequence[tuple[str, str]],
+    tags: Sequence[tuple[str, str]],
+) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    client.log_batch(
+        run_id,
+        metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics],
+        params=[Param(k, v) for k, v in params],
+        tags=[RunTag(k, v) for k, v in tags],
+        synchronous=True,
+    )
+
+
+# --------------------------------------------------------------------------- study
+
+
+def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str]) -> dict[str, str]:
+    """Create the store/experiment if missing and a FINISHED parent run named ``experiment_name``.
+
+    Runs once, before the fan-out; errors propagate. Returns ``tracking_uri``,
+    ``experiment_name``, ``experiment_id`` and ``parent_run_id`` (all strings), the
+    ``study`` dict every ``JobRun`` takes.
+    """
+    db_path = _sqlite_path(tracking_uri)
+    artifact_location = None
+    if db_path is not None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        artifact_location = (db_path.parent.resolve() / "mlartifacts").as_uri()
+    client = _client(tracking_uri)
+    experiment_id = _ensure_experiment(client, experiment_name, artifact_location)
+    run_tags = _clean_tags({**tags, ROLE_TAG: "study"})
+    run = client.create_run(experiment_id, tags=run_tags, run_name=experiment_name)
+    client.set_terminated(run.info.run_id, status="FINISHED")
+    return {
+        "tracking_uri": tracking_uri,
+        "experiment_name": experiment_name,
+        "experiment_id": str(experiment_id),
+        "parent_run_id": run.info.run_id,
+    }
+
+
+def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except Exception:
+            experiment = client.get_experiment_by_name(name)  # created concurrently?
+            if experiment is None:
+                raise
+    if experiment.lifecycle_stage == "deleted":
+        _log.warning("MLflow experiment %r was deleted; restoring it", name)
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- job run
+
+
+class JobRun:
+    """One job's MLflow run; a context manager that never lets MLflow stall or fail the job.
+
+    On enter it creates the run (nested under ``study["parent_run_id"]``) and logs
+    params and tags. Metrics are buffered and sent with ``log_batch`` once
+    ``flush_seconds`` have passed since the last flush, on ``set_tags`` and at exit.
+    Any MLflow exception, or more than ``time_budget_s`` spent in MLflow calls,
+    switches to offline mode (no further MLflow calls); at exit one spool record is
+    then written to ``spool_dir`` for ``sync_spool``. The job's own exception always
+    propagates; the run ends FINISHED, FAILED (exception) or KILLED (KeyboardInterrupt).
+    """
+
+    def __init__(
+        self,
+        study: dict[str, str],
+        run_name: str,
+        *,
+        tags: dict[str, str],
+        params: dict[str, object],
+        spool_dir: Path,
+        flush_seconds: float = 30.0,
+        time_budget_s: float = 20.0,
+    ) -> None:
+        self.study = dict(study)
+        self.run_name = run_name
+        self.spool_dir = Path(spool_dir)
+        self.flush_seconds = flush_seconds
+        self.time_budget_s = time_budget_s
+        self.spool_id = uuid.uuid4().hex
+        self.spool_path: Path | None = None
+        self.errors: list[str] = []
+        self.mlflow_seconds = 0.0
+        self.status: str | None = None
+        self._tags = _clean_tags({**tags, ROLE_TAG: "job"})
+        self._tags.pop(PARENT_TAG, None)  # the parent comes from the study
+        self._params = _clean_params(params)
+        self._metrics: list[dict[str, Any]] = []
+        self._n_sent = 0  # metrics[:_n_sent] are in MLflow
+        self._unsent_tags: dict[str, str] = {}
+        self._client: MlflowClient | None = None
+        self._run_id: str | None = None
+        self._offline = False
+        self._over_budget = False
+        self._complete = False
+        self._start_ms = _now_ms()
+        self._last_flush = time.monotonic()
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id, or None if the run could not be created."""
+        return self._run_id
+
+    @property
+    def offline(self) -> bool:
+        """True once MLflow failed or the time budget ran out: nothing more is sent."""
+        return self._offline
+
+    # ------------------------------------------------------------------ context manager
+
+    def __enter__(self) -> JobRun:
+        self._start_ms = _now_ms()
+        self._last_flush = time.monotonic()
+        experiment_id = self.study.get("experiment_id") or ""
+        if not experiment_id:
+            self._fail("study has no experiment_id")
+            return self
+        self._client = self._call("client", lambda: _client(self.study["tracking_uri"]))
+        if self._client is None:
+            return self
+        create_tags = {**self._tags, SPOOL_ID_TAG: self.spool_id}
+        if self.study.get("parent_run_id"):
+            create_tags[PARENT_TAG] = self.study["parent_run_id"]
+        run = self._call(
+            "create_run",
+            lambda: self._client.create_run(
+                experiment_id, start_time=self._start_ms, tags=create_tags, run_name=self.run_name
+            ),
+        )
+        if run is None:
+            return self
+        self._run_id = run.info.run_id
+        for metrics, params, tags in _batches([], self._params, {}):
+            if self._call("log_batch(params)", self._batch_sender(metrics, params, tags)) is None:
+                break
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            if exc_type is None:
+                self.status = "FINISHED"
+            elif issubclass(exc_type, KeyboardInterrupt):
+                self.status = "KILLED"
+            else:
+                self.status = "FAILED"
+            if exc is not None:
+                self._tags[EXCEPTION_TAG] = f"{exc_type.__name__}: {exc}"[:MAX_TAG_VALUE]
+                self._unsent_tags[EXCEPTION_TAG] = self._tags[EXCEPTION_TAG]
+            self._flush()
+            end_ms = _now_ms()
+            if self._can_call():
+                status = self.status
+                done = self._call(
+                    "set_terminated",
+                    lambda: self._client.set_terminated(self._run_id, status=status, end_time=end_ms) or True,
+                )
+                self._complete = bool(done)  # all data reached MLflow, maybe over budget
+            if not self._complete or self.errors:
+                self._write_spool(end_ms)
+        except Exception:  # never let tracking replace or cause the job's outcome
+            _log.exception("pruneshot.tracking: unexpected error while closing run %r", self.run_name)
+        return None  # the job's exception, if any, propagates
+
+    # ------------------------------------------------------------------ logging
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        """Buffer metric values (one timestamp, ``step`` or 0); flush if ``flush_seconds`` have passed."""
+        timestamp = _now_ms()
+        step_value = 0 if step is None else int(step)
+        for key, value in metrics.items():
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                _log.warning("MLflow metric %r=%r is not a number; not logged", key, value)
+                continue
+            self._metrics.append(
+                {"key": _clean_key(key), "value": number, "timestamp": timestamp, "step": step_value}
+            )
+        if time.monotonic() - self._last_flush >= self.flush_seconds:
+            self._flush()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Add or overwrite tags; sent at once together with any buffered metrics."""
+        cleaned = _clean_tags(tags)
+        cleaned.pop(PARENT_TAG, None)
+        self._tags.update(cleaned)
+        self._unsent_tags.update(cleaned)
+        self._flush()
+
+    # ------------------------------------------------------------------ internals
+
+    def _can_call(self) -> bool:
+        return not self._offline and self._client is not None and self._run_id is not None
+
+    def _fail(self, message: str) -> None:
+        self.errors.append(message[:2000])
+        if not self._offline:
+            _log.warning(
+                "MLflow unavailable for run %r (%s); continuing offline, data will be spooled to %s",
+                self.run_name,
+                message[:500],
+                self.spool_dir,
+            )
+        self._offline = True
+
+    def _call(self, what: str, fn: Callable[[], _T]) -> _T | None:
+        """Run one MLflow operation; None on failure (then offline). Time counts against the budget."""
+        if self._offline:
+            return None
+        start = time.monotonic()
+        try:
+            result = fn()
+        except Exception as exc:
+            self._fail(f"{what}: {type(exc).__name__}: {exc}")
+            result = None
+        finally:
+            self.mlflow_seconds += time.monotonic() - start
+        if self.mlflow_seconds > self.time_budget_s and not self._over_budget:
+            self._over_budget = True
+            self._fail(
+                f"time budget exceeded: {self.mlflow_seconds:.1f} s in MLflow > {self.time_budget_s} s"
+            )
+        return result
+
+    def _batch_sender(
+        self, metrics: list[dict[str, Any]], params: list[tuple[str, str]], tags: list[tuple[str, str]]
+    ) -> Callable[[], bool]:
+        client, run_id = self._client, self._run_id
+
+        def send() -> bool:
+            _log_batch(client, run_id, metrics, params, tags)
+            return True
+
+        return send
+
+    def _flush(self) -> None:
+        self._last_flush = time.monotonic()
+        if not self._can_call():
+            return
+        pending = self._metrics[self._n_sent :]
+        tags = dict(self._unsent_tags)
+        for metrics, params, tag_items in _batches(pending, {}, tags):
+            if self._call("log_batch", self._batch_sender(metrics, params, tag_items)) is None:
+                return
+            self._n_sent += len(metrics)
+            for key, _ in tag_items:
+                self._unsent_tags.pop(key, None)
+
+    def _record(self, end_ms: int) -> dict[str, Any]:
+        return {
+            "format": SPOOL_FORMAT,
+            "spool_id": self.spool_id,
+            "tracking_uri": self.study.get("tracking_uri", ""),
+            "experiment_name": self.study.get("experiment_name", ""),
+            "experiment_id": self.study.get("experiment_id", ""),
+            "parent_run_id": self.study.get("parent_run_id", ""),
+            "run_name": self.run_name,
+            "run_id": self._run_id,
+            "status": self.status,
+            "start_time": self._start_ms,
+            "end_time": end_ms,
+            "tags": self._tags,
+            "params": self._params,
+            "metrics": self._metrics,
+            "complete": self._complete,
+            "metrics_sent": self._n_sent,
+            "errors": self.errors,
+            "mlflow_seconds": round(self.mlflow_seconds, 3),
+        }
+
+    def _write_spool(self, end_ms: int) -> None:
+        record = self._record(end_ms)
+        stem = _BAD_FILE_CHARS.sub("_", self.run_name).strip("._")[:80] or "run"
+        path = self.spool_dir / f"{stem}-{self.spool_id}.json"
+        try:
+            write_json(path, record)  # temp file beside it + os.replace
+        except Exception:
+            _log.exception("could not write MLflow spool %s; record follows:\n%s", path, json.dumps(record))
+            return
+        self.spool_path = path
+        _log.warning("MLflow data for run %r spooled to %s", self.run_name, path)
+
+
+# --------------------------------------------------------------------------- sync
+
+
+def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, int]:
+    """Replay every spool record in ``spool_dir`` (optionally against another ``tracking_uri``).
+
+    Each record becomes a fresh, complete run (see the module docstring for the
+    idempotent replay policy); replayed files are moved to ``spool_dir/synced/``.
+    A failing record is logged and left in place; the others still sync. Returns
+    ``{"records", "synced", "failed", "metrics"}`` (metrics: values logged).
+    """
+    spool_dir = Path(spool_dir)
+    counts = {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
+    if not spool_dir.is_dir():
+        return counts
+    clients: dict[str, MlflowClient] = {}
+    for path in sorted(spool_dir.glob("*.json")):
+        counts["records"] += 1
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            if record.get("format") != SPOOL_FORMAT:
+                raise ValueError(f"not a spool record (format={record.get('format')!r})")
+            uri = tracking_uri or record["tracking_uri"]
+            if uri not in clients:
+                clients[uri] = _client(uri)
+            counts["metrics"] += _replay(clients[uri], record)
+            (spool_dir / SYNCED_DIR).mkdir(exist_ok=True)
+            os.replace(path, spool_dir / SYNCED_DIR / path.name)
+            counts["synced"] += 1
+        except Exception as exc:
+            counts["failed"] += 1
+            _log.warning("could not sync MLflow spool record %s: %s: %s", path, type(exc).__name__, exc)
+    return counts
+
+
+def _get_run_or_none(client: MlflowClient, run_id: str | None) -> Any:
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id)
+    except Exception:
+        return None
+
+
+def _resolve_experiment(client: MlflowClient, record: dict[str, Any]) -> str:
+    name = record.get("experiment_name")
+    if name:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            if experiment.lifecycle_stage == "deleted":
+                client.restore_experiment(experiment.experiment_id)
+            return experiment.experiment_id
+    if record.get("experiment_id"):
+        try:
+            return client.get_experiment(record["experiment_id"]).experiment_id
+        except Exception:
+            if not name:
+                raise
+    if not name:
+        raise ValueError("record names no experiment")
+    return _ensure_experiment(client, name, None)
+
+
+def _find_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[Any]:
+    return list(
+        client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{tag}` = '{value}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=50,
+        )
+    )
+
+
+def _supersede(client: MlflowClient, run_id: str, new_run_id: str) -> None:
+    client.set_tag(run_id, SUPERSEDED_TAG, new_run_id)
+    client.set_terminated(run_id, status="FAILED")
+
+
+def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
+    """Log one spool record; returns the number of metric values logged (0 if already there)."""
+    partial = _get_run_or_none(client, record.get("run_id"))
+    if record.get("complete") and partial is not None:
+        return 0  # everything reached this store; the record only reports slowness
+    experiment_id = _resolve_experiment(client, record)
+    spool_id = record["spool_id"]
+    stale = []
+    for run in _find_runs(client, experiment_id, REPLAY_OF_TAG, spool_id):
+        if run.info.status != "RUNNING":  # an earlier sync logged it all, died before moving the file
+            if partial is not None and SUPERSEDED_TAG not in partial.data.tags:
+                _supersede(client, partial.info.run_id, run.info.run_id)
+            return 0
+        stale.append(run.info.run_id)
+
+    parent_id = record.get("parent_run_id") or ""
+    parent = _get_run_or_none(client, parent_id)
+    if parent is None or parent.info.experiment_id != experiment_id:
+        studies = _find_runs(client, experiment_id, ROLE_TAG, "study")
+        parent_id = studies[0].info.run_id if studies else ""
+
+    tags = dict(record.get("tags") or {})
+    tags.pop(PARENT_TAG, None)
+    tags.update({SPOOL_ID_TAG: spool_id, REPLAY_OF_TAG: spool_id})
+    if parent_id:
+        tags[PARENT_TAG] = parent_id
+    if record.get("run_id"):
+        tags[REPLACES_TAG] = record["run_id"]
+    run = client.create_run(
+        experiment_id, start_time=record.get("start_time"), tags=tags, run_name=record.get("run_name")
+    )
+    new_id = run.info.run_id
+    metrics = record.get("metrics") or []
+    for batch_metrics, params, batch_tags in _batches(metrics, record.get("params") or {}, {}):
+        _log_batch(client, new_id, batch_metrics, params, batch_tags)
+    client.set_terminated(new_id, status=record.get("status") or "FINISHED", end_time=record.get("end_time"))
+    for old_id in [*stale, *([record["run_id"]] if partial is not None else [])]:
+        _supersede(client, old_id, new_id)
+    return len(metrics)

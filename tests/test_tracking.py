@@ -1,0 +1,308 @@
+"""pruneshot.tracking against real MLflow: a SQLite store, a dead port and a live `mlflow server`."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from pruneshot import tracking
+from pruneshot.tracking import JobRun, init_study, resolve_tracking_uri, sync_spool
+
+EPOCHS = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spool_files(spool_dir: Path) -> list[Path]:
+    return sorted(spool_dir.glob("*.json"))
+
+
+def _metric_count(client: MlflowClient, run_id: str) -> int:
+    keys = client.get_run(run_id).data.metrics
+    return sum(len(client.get_metric_history(run_id, key)) for key in keys)
+
+
+def _train(job: JobRun, epochs: int = EPOCHS, offset: float = 0.0) -> None:
+    for epoch in range(epochs):
+        job.log_metrics({"loss": offset + 1.0 / (epoch + 1), "acc": offset + epoch / 10}, step=epoch)
+
+
+@pytest.fixture(scope="module")
+def sqlite_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    project = tmp_path_factory.mktemp("project")
+    uri = resolve_tracking_uri(None, project)
+    return init_study(uri, "study-sqlite", {"study": "unit", "config_sha256": "abc"})
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `mlflow server` on a free local port; always stopped at the end."""
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    cmd = [
+        str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+        "--artifacts-destination", str(root / "artifacts"),
+    ]  # fmt: skip
+    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server not healthy in 60 s: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+        log.close()
+
+
+# --------------------------------------------------------------------------- URI
+
+
+def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = resolve_tracking_uri(None, tmp_path)
+    assert default == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    assert default.startswith("sqlite:////")  # absolute path
+    assert resolve_tracking_uri("", tmp_path) == default
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env-host:5000")
+    assert resolve_tracking_uri(None, tmp_path) == "http://env-host:5000"
+    assert resolve_tracking_uri("http://config-host:5000", tmp_path) == "http://config-host:5000"
+    # a relative SQLite path is anchored at the project directory
+    assert resolve_tracking_uri("sqlite:///db/m.db", tmp_path) == f"sqlite:///{tmp_path.resolve()}/db/m.db"
+
+
+def test_configure_timeouts_bounds_retries_without_overriding(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in tracking.HTTP_ENV_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    tracking.configure_timeouts()
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
+    assert int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) <= 2
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"  # the user's value wins
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+def test_job_runs_are_nested_with_params_tags_and_history(
+    sqlite_study: dict[str, str], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    client = MlflowClient(sqlite_study["tracking_uri"])
+    run_ids = []
+    for seed in (0, 1):
+        tags = {"rule": "train", "wildcards.method": "magnitude", "seed": str(seed), "upstream_run_id": "up"}
+        params = {"lr": 0.01, "seed": seed, "grid": {"sparsity": [0.5, 0.9]}, "long": "x" * 7000}
+        with JobRun(
+            sqlite_study,
+            f"train/magnitude/{seed}",
+            tags=tags,
+            params=params,
+            spool_dir=spool,
+            flush_seconds=0,
+        ) as job:
+            assert job.run_id is not None
+            _train(job, offset=seed)
+            # flush_seconds=0: metrics are already visible while the job runs
+            assert len(client.get_metric_history(job.run_id, "loss")) == EPOCHS
+            job.set_tags({"pruneshot.note": "late tag"})
+        run_ids.append(job.run_id)
+
+    assert _spool_files(spool) == []  # nothing failed: nothing spooled
+    for seed, run_id in enumerate(run_ids):
+        run = client.get_run(run_id)
+        assert run.info.status == "FINISHED"
+        assert run.info.experiment_id == sqlite_study["experiment_id"]
+        assert run.info.run_name == f"train/magnitude/{seed}"
+        assert run.data.tags["mlflow.parentRunId"] == sqlite_study["parent_run_id"]
+        assert run.data.tags["rule"] == "train"
+        assert run.data.tags["seed"] == str(seed)
+        assert run.data.tags["upstream_run_id"] == "up"
+        assert run.data.tags["pruneshot.note"] == "late tag"
+        assert run.data.params["lr"] == "0.01"
+        assert json.loads(run.data.params["grid"]) == {"sparsity": [0.5, 0.9]}
+        assert run.data.params["long"] == "x" * tracking.MAX_PARAM_VALUE  # truncated, not crashed
+        history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
+        assert [m.step for m in history] == list(range(EPOCHS))
+        assert [m.value for m in history] == pytest.approx([seed + 1.0 / (e + 1) for e in range(EPOCHS)])
+        acc_steps = sorted(m.step for m in client.get_metric_history(run_id, "acc"))
+        assert acc_steps == list(range(EPOCHS))
+
+    parent = client.get_run(sqlite_study["parent_run_id"])
+    assert parent.info.run_name == "study-sqlite"
+    assert parent.data.tags["config_sha256"] == "abc"
+    children = client.search_runs(
+        [sqlite_study["experiment_id"]], f"tags.`mlflow.parentRunId` = '{sqlite_study['parent_run_id']}'"
+    )
+    assert set(run_ids) <= {r.info.run_id for r in children}
+
+
+def test_buffered_metrics_are_chunked_at_exit(sqlite_study: dict[str, str], tmp_path: Path) -> None:
+    client = MlflowClient(sqlite_study["tracking_uri"])
+    with JobRun(sqlite_study, "many", tags={}, params={}, spool_dir=tmp_path) as job:
+        for step in range(1200):  # 2400 values: more than one log_batch allows
+            job.log_metrics({"a": step, "b": -step}, step=step)
+        assert client.get_metric_history(job.run_id, "a") == []  # still buffered (flush_seconds=30)
+    assert _metric_count(client, job.run_id) == 2400
+    assert _spool_files(tmp_path) == []
+
+
+def test_failing_job_propagates_and_marks_run_failed(sqlite_study: dict[str, str], tmp_path: Path) -> None:
+    job = JobRun(sqlite_study, "boom", tags={"rule": "train"}, params={"lr": 1}, spool_dir=tmp_path)
+    with pytest.raises(ZeroDivisionError), job:
+        job.log_metrics({"loss": 3.0}, step=0)
+        _ = 1 / 0
+    client = MlflowClient(sqlite_study["tracking_uri"])
+    run = client.get_run(job.run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["pruneshot.exception"].startswith("ZeroDivisionError")
+    assert [m.value for m in client.get_metric_history(job.run_id, "loss")] == [3.0]
+    assert _spool_files(tmp_path) == []
+
+
+def test_over_budget_run_is_spooled_and_replay_supersedes_partial(
+    sqlite_study: dict[str, str], tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    client = MlflowClient(sqlite_study["tracking_uri"])
+    with JobRun(
+        sqlite_study, "slow", tags={"rule": "eval"}, params={"k": 5}, spool_dir=spool, flush_seconds=0
+    ) as job:
+        assert job.run_id is not None and not job.offline
+        job.time_budget_s = 0.0  # the store "became slow": the next call spends the budget
+        _train(job)
+        assert job.offline
+    partial_id = job.run_id
+    # the first flush went through, then nothing more was sent: the partial run stays RUNNING
+    assert client.get_run(partial_id).info.status == "RUNNING"
+    assert _metric_count(client, partial_id) == 2
+    [spool_file] = _spool_files(spool)
+    record = json.loads(spool_file.read_text())
+    assert record["run_id"] == partial_id
+    assert record["status"] == "FINISHED"
+    assert len(record["metrics"]) == 2 * EPOCHS
+    assert record["params"] == {"k": "5"}
+    assert any("time budget" in e for e in record["errors"])
+
+    counts = sync_spool(spool)
+    assert counts == {"records": 1, "synced": 1, "failed": 0, "metrics": 2 * EPOCHS}
+    assert _spool_files(spool) == []
+    assert (spool / "synced" / spool_file.name).is_file()
+
+    partial = client.get_run(partial_id)
+    new_id = partial.data.tags["pruneshot.superseded_by"]
+    assert partial.info.status == "FAILED"
+    new = client.get_run(new_id)
+    assert new.info.status == "FINISHED"
+    assert new.info.run_name == "slow"
+    assert new.data.tags["mlflow.parentRunId"] == sqlite_study["parent_run_id"]
+    assert new.data.tags["pruneshot.replaces_run_id"] == partial_id
+    assert new.data.params == {"k": "5"}
+    assert _metric_count(client, new_id) == 2 * EPOCHS
+    assert sync_spool(spool) == {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
+
+
+def test_bad_record_does_not_block_others(sqlite_study: dict[str, str], tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    dead = dict(sqlite_study, tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    with JobRun(dead, "offline", tags={}, params={}, spool_dir=spool) as job:
+        _train(job, epochs=2)
+    (spool / "corrupt.json").write_text("{not json")
+    counts = sync_spool(spool, tracking_uri=sqlite_study["tracking_uri"])
+    assert counts == {"records": 2, "synced": 1, "failed": 1, "metrics": 4}
+    assert [p.name for p in _spool_files(spool)] == ["corrupt.json"]  # kept for inspection
+
+
+# --------------------------------------------------------------------------- HTTP server
+
+
+def test_unreachable_server_spools_then_syncs_to_live_server(mlflow_server: str, tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    dead_uri = f"http://127.0.0.1:{_free_port()}"
+    study = {
+        "tracking_uri": dead_uri,
+        "experiment_name": "study-http",
+        "experiment_id": "1",
+        "parent_run_id": "0123456789abcdef0123456789abcdef",
+    }
+    tags = {"rule": "finetune", "git_commit": "deadbeef", "git_dirty": "0"}
+    with JobRun(study, "finetune/a", tags=tags, params={"epochs": EPOCHS}, spool_dir=spool) as job:
+        _train(job)
+    assert job.run_id is None
+    assert job.status == "FINISHED"
+    [spool_file] = _spool_files(spool)
+    record = json.loads(spool_file.read_text())
+    assert record["tracking_uri"] == dead_uri
+    assert record["run_id"] is None
+    assert record["tags"]["rule"] == "finetune"
+    assert len(record["metrics"]) == 2 * EPOCHS
+    assert sorted((m["key"], m["step"]) for m in record["metrics"]) == sorted(
+        (k, s) for k in ("acc", "loss") for s in range(EPOCHS)
+    )
+    assert all(isinstance(m["timestamp"], int) for m in record["metrics"])
+
+    live = init_study(mlflow_server, "study-http", {"study": "http"})
+    counts = sync_spool(spool, tracking_uri=mlflow_server)
+    assert counts == {"records": 1, "synced": 1, "failed": 0, "metrics": len(record["metrics"])}
+
+    client = MlflowClient(mlflow_server)
+    [run] = client.search_runs([live["experiment_id"]], "attributes.run_name = 'finetune/a'")
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == live["parent_run_id"]
+    assert run.data.tags["git_commit"] == "deadbeef"
+    assert run.data.params == {"epochs": str(EPOCHS)}
+    assert _metric_count(client, run.info.run_id) == len(record["metrics"])
+    loss = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
+    assert [m.step for m in loss] == list(range(EPOCHS))
+    assert [m.timestamp for m in loss] == sorted(
+        m["timestamp"] for m in record["metrics"] if m["key"] == "loss"
+    )
+
+    assert sync_spool(spool, tracking_uri=mlflow_server)["synced"] == 0
+    assert len(client.search_runs([live["experiment_id"]], "attributes.run_name = 'finetune/a'")) == 1
+
+
+def test_job_run_against_live_server(mlflow_server: str, tmp_path: Path) -> None:
+    study = init_study(mlflow_server, "study-http-live", {})
+    with JobRun(study, "live", tags={"rule": "prune"}, params={"p": 0.5}, spool_dir=tmp_path) as job:
+        _train(job)
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(job.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.parentRunId"] == study["parent_run_id"]
+    assert _metric_count(client, job.run_id) == 2 * EPOCHS
+    assert _spool_files(tmp_path) == []

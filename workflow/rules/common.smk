@@ -1,0 +1,88 @@
+# Config look-ups and target lists; rules stay declarative.
+from pruneshot.config import budget_label, config_hash
+from pruneshot.methods import get_method
+from pruneshot.provenance import git_state
+
+# The git state travels to every job through the environment, never through params
+# (a commit in params would rerun everything on every commit).
+_commit, _dirty = git_state(workflow.basedir)
+os.environ.setdefault("PRUNESHOT_GIT_COMMIT", _commit)
+os.environ.setdefault("PRUNESHOT_GIT_DIRTY", "1" if _dirty else "0")
+CONFIG_SHA256 = config_hash(config)
+
+METHODS = {name: get_method(name) for name in config["methods"]}
+BUDGETS = [budget_label(b) for b in config["budget"]["levels"]]
+REPLICATES = list(range(config["study"]["replicates"]))
+TARGETS = list(config["data"]["targets"])
+SHOTS = [int(s) for s in config["episodes"]["shots"]]
+WAYS = int(config["episodes"]["ways"])
+
+
+def method_budgets(method):
+    """Budget labels a method runs at: budget-free methods only at 1."""
+    return ["1"] if METHODS[method].budget_free else BUDGETS
+
+
+def method_arms(method):
+    return METHODS[method].arms(config["transfer"]["arms"])
+
+
+def networks():
+    """(method, budget, replicate) of every searched network."""
+    return [(m, b, r) for m in METHODS for b in method_budgets(m) for r in REPLICATES]
+
+
+def cells():
+    """Every transfer cell as a dict of wildcards."""
+    return [
+        dict(method=m, budget=b, replicate=r, target=t, shots=s, arm=a)
+        for (m, b, r) in networks()
+        for t in TARGETS
+        for s in SHOTS
+        for a in method_arms(m)
+    ]
+
+
+def _alts(values):
+    return "|".join(sorted({str(v).replace(".", r"\.") for v in values}))
+
+
+wildcard_constraints:
+    method=_alts(METHODS),
+    budget=_alts(BUDGETS + ["1"]),
+    replicate=_alts(REPLICATES),
+    target=_alts(TARGETS),
+    shots=_alts(SHOTS),
+    ways=_alts([WAYS]),
+    arm=_alts(["finetune", "linear_probe"]),
+
+
+TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.json"
+SEARCH = "results/search/{method}/b{budget}/r{replicate}"
+PROFILE = "results/profile/{method}/b{budget}/r{replicate}.json"
+
+
+def transfer_outputs():
+    return [TRANSFER.format(**c) for c in cells()]
+
+
+def aggregate_cells():
+    """Per cell, the records aggregate reads (passed as plain paths)."""
+    out = []
+    for c in cells():
+        out.append({
+            "transfer": TRANSFER.format(**c),
+            "search": SEARCH.format(**c) + "/record.json",
+            "profile": PROFILE.format(**c),
+            "pretrain": f"results/pretrain/r{c['replicate']}/metrics.json",
+        })
+    return out
+
+
+def final_targets():
+    return [
+        "results/report/index.html",
+        "results/tables/results.csv",
+        "results/metrics.json",
+        "results/mlflow/sync.json",
+    ]

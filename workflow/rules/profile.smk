@@ -1,0 +1,17 @@
+# Latency is measured with the whole machine reserved (threads = all cores), so no other
+# job disturbs the timings; the timed forward passes themselves use profile.threads.
+rule profile:
+    input:
+        weights=SEARCH + "/model.safetensors",
+        arch=SEARCH + "/arch.json",
+    output:
+        record=PROFILE,
+    log:
+        "logs/profile/{method}/b{budget}/r{replicate}.log",
+    benchmark:
+        "logs/benchmarks/profile/{method}/b{budget}/r{replicate}.tsv"
+    threads: workflow.cores
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/profile.py"

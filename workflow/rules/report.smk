@@ -1,0 +1,51 @@
+rule aggregate:
+    input:
+        cells=[path for cell in aggregate_cells() for path in cell.values()],
+        source_manifest="results/data/source/manifest.json",
+        target_manifests=expand("results/data/target/{target}/manifest.json", target=TARGETS),
+    output:
+        results=report(
+            "results/tables/results.csv",
+            caption="../report/results.rst",
+            category="Tables",
+        ),
+        episodes="results/tables/episodes.csv",
+        metrics="results/metrics.json",
+    params:
+        cells=aggregate_cells(),
+        targets=TARGETS,
+    log:
+        "logs/aggregate.log",
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/aggregate.py"
+
+
+rule report:
+    input:
+        results="results/tables/results.csv",
+        study="results/mlflow/study.json",
+        sync="results/mlflow/sync.json",
+        source_manifest="results/data/source/manifest.json",
+        target_manifests=expand("results/data/target/{target}/manifest.json", target=TARGETS),
+    output:
+        html=report(
+            "results/report/index.html",
+            caption="../report/index.rst",
+            category="Report",
+        ),
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{name}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+        ),
+    params:
+        targets=TARGETS,
+    log:
+        "logs/report.log",
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/report.py"

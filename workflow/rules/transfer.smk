@@ -1,0 +1,21 @@
+rule transfer:
+    input:
+        study="results/mlflow/study.json",
+        weights=SEARCH + "/model.safetensors",
+        arch=SEARCH + "/arch.json",
+        record=SEARCH + "/record.json",
+        source_manifest="results/data/source/manifest.json",
+        target_manifest="results/data/target/{target}/manifest.json",
+        pool="results/data/target/{target}/pool.safetensors",
+        episodes=f"results/episodes/{{target}}/{WAYS}way_{{shots}}shot.json",
+    output:
+        record=TRANSFER,
+    log:
+        "logs/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.log",
+    benchmark:
+        "logs/benchmarks/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.tsv"
+    threads: 1
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/transfer.py"

@@ -60,7 +60,8 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "--artifacts-destination", str(root / "artifacts"),
     ]  # fmt: skip
     log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner: faster start
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -118,9 +119,7 @@ def test_configure_timeouts_bounds_retries_without_overriding(monkeypatch: pytes
 # --------------------------------------------------------------------------- SQLite
 
 
-def test_job_runs_are_nested_with_params_tags_and_history(
-    sqlite_study: dict[str, str], tmp_path: Path
-) -> None:
+def test_job_runs_are_nested_with_params_tags_and_history(sqlite_study: dict[str, str], tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     client = MlflowClient(sqlite_study["tracking_uri"])
     run_ids = []
@@ -194,14 +193,10 @@ def test_failing_job_propagates_and_marks_run_failed(sqlite_study: dict[str, str
     assert _spool_files(tmp_path) == []
 
 
-def test_over_budget_run_is_spooled_and_replay_supersedes_partial(
-    sqlite_study: dict[str, str], tmp_path: Path
-) -> None:
+def test_over_budget_run_is_spooled_and_replay_supersedes_partial(sqlite_study: dict[str, str], tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     client = MlflowClient(sqlite_study["tracking_uri"])
-    with JobRun(
-        sqlite_study, "slow", tags={"rule": "eval"}, params={"k": 5}, spool_dir=spool, flush_seconds=0
-    ) as job:
+    with JobRun(sqlite_study, "slow", tags={"rule": "eval"}, params={"k": 5}, spool_dir=spool, flush_seconds=0) as job:
         assert job.run_id is not None and not job.offline
         job.time_budget_s = 0.0  # the store "became slow": the next call spends the budget
         _train(job)
@@ -247,6 +242,17 @@ def test_bad_record_does_not_block_others(sqlite_study: dict[str, str], tmp_path
     assert [p.name for p in _spool_files(spool)] == ["corrupt.json"]  # kept for inspection
 
 
+def test_missing_sqlite_database_is_not_created_by_a_job(tmp_path: Path) -> None:
+    db = tmp_path / "absent" / "mlflow.db"
+    study = {"tracking_uri": f"sqlite:///{db}", "experiment_name": "x", "experiment_id": "1"}
+    with JobRun(study, "j", tags={}, params={"a": 1}, spool_dir=tmp_path / "spool") as job:
+        job.log_metrics({"loss": 1.0}, step=0)
+    assert job.offline and job.run_id is None
+    assert not db.exists()
+    [spool_file] = _spool_files(tmp_path / "spool")
+    assert json.loads(spool_file.read_text())["metrics"][0]["value"] == 1.0
+
+
 # --------------------------------------------------------------------------- HTTP server
 
 
@@ -288,9 +294,7 @@ def test_unreachable_server_spools_then_syncs_to_live_server(mlflow_server: str,
     assert _metric_count(client, run.info.run_id) == len(record["metrics"])
     loss = sorted(client.get_metric_history(run.info.run_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in loss] == list(range(EPOCHS))
-    assert [m.timestamp for m in loss] == sorted(
-        m["timestamp"] for m in record["metrics"] if m["key"] == "loss"
-    )
+    assert [m.timestamp for m in loss] == sorted(m["timestamp"] for m in record["metrics"] if m["key"] == "loss")
 
     assert sync_spool(spool, tracking_uri=mlflow_server)["synced"] == 0
     assert len(client.search_runs([live["experiment_id"]], "attributes.run_name = 'finetune/a'")) == 1

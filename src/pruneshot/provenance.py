@@ -19,7 +19,8 @@ def git_state(cwd: Path | str | None = None) -> tuple[str, bool]:
     """(commit sha, dirty flag) of the repository at ``cwd``; ('unknown', True) outside git.
 
     The Snakefile exports PRUNESHOT_GIT_COMMIT/PRUNESHOT_GIT_DIRTY so every job
-    of one run reports the state the run started from.
+    of one run reports the state the run started from. ``dvc.lock`` is not counted as a
+    change: it records outputs, and every ``dvc repro`` rewrites it.
     """
     env_commit = os.environ.get("PRUNESHOT_GIT_COMMIT")
     if env_commit:
@@ -29,12 +30,24 @@ def git_state(cwd: Path | str | None = None) -> tuple[str, bool]:
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
             cwd=cwd, capture_output=True, text=True, check=True,
         ).stdout
         return commit, bool(status.strip())
     except (OSError, subprocess.CalledProcessError):
         return "unknown", True
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (for per-job overhead), None if unknown."""
+    import time
+
+    try:
+        import psutil
+
+        return time.time() - psutil.Process().create_time()
+    except Exception:
+        return None
 
 
 def package_versions() -> dict[str, str]:

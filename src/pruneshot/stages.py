@@ -13,7 +13,7 @@ from typing import Any
 
 from pruneshot.config import budget_label, config_hash
 from pruneshot.io import read_json, save_tensors, sha256_file, write_json
-from pruneshot.provenance import git_state, provenance
+from pruneshot.provenance import git_state, process_age_s, provenance
 from pruneshot.seeds import derive_seed
 
 PROJECT_DIR = Path.cwd()
@@ -235,7 +235,8 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
               "widths": bb["widths"], "replicate": replicate}
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
-        job.log(f"process start to first training step: {time.perf_counter() - t0:.2f}s")
+        overhead = process_age_s()
+        job.log(f"process start to first training step: {overhead}s")
         model, info = train(model, train_split, val_split, epochs=pc["epochs"], batch_size=pc["batch_size"],
                             lr=pc["lr"], momentum=pc["momentum"], weight_decay=pc["weight_decay"],
                             patience=pc["patience"], seed=seeds["pretrain"], log=job.log,
@@ -248,6 +249,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     record = {
         "replicate": replicate, "best_epoch": info["best_epoch"], "best_val_acc": info["best_val_acc"],
         "epochs_run": info["epochs_run"], "history": info["history"], "seconds": seconds,
+        "overhead_s": overhead,
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
         "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
         "provenance": job.provenance([manifest_path], seeds),
@@ -344,7 +346,8 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
     ft_seeds = []
     t0 = time.perf_counter()
     with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
-        base = load_model(str(weights), spec)
+        overhead = process_age_s()
+        job.log(f"process start to first training step: {overhead}s")
         for ep in eps["episodes"]:
             seed = derive_seed(config["study"]["root_seed"], "finetune", replicate, target, ways, shots,
                                ep["index"], arm)
@@ -367,12 +370,11 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
         summary = mean_ci(accs)
         run.log_metrics({"acc_mean": summary["mean"], "acc_ci95": summary["ci95"]}, None)
         run_id = run.run_id
-        del base
     record = {
         "method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
         "replicate": replicate, "requested_budget": rec["requested_budget"],
         "episode_accuracies": accs, "finetune_seeds": ft_seeds, "summary": summary,
-        "seconds": time.perf_counter() - t0, "search_record_sha256": sha256_file(search_record),
+        "seconds": time.perf_counter() - t0, "overhead_s": overhead, "search_record_sha256": sha256_file(search_record),
         "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
         "upstream_run_id": rec.get("mlflow_run_id"),
         "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]}),

@@ -22,8 +22,9 @@ moves the file; a replay left RUNNING is superseded the same way. Replayed files
 move to ``<spool_dir>/synced/``, so a second sync does nothing.
 
 HTTP retries and timeouts are bounded by ``configure_timeouts`` (environment
-variables read by MLflow on every request); SQLite waits at most its 5 s
-busy timeout on "database is locked". Metrics files remain the source of truth.
+variables read by MLflow on every request); a "database is locked" SQLite
+statement gives up after pysqlite's 5 s busy timeout, and every job's total time
+in MLflow is capped by ``time_budget_s``. Metrics files remain the source of truth.
 """
 
 from __future__ import annotations
@@ -132,7 +133,10 @@ def _stringify(value: object) -> str:
     if isinstance(value, str):
         return value
     if isinstance(value, Mapping | list | tuple):
-        return json.dumps(value, sort_keys=True, default=str)
+        try:
+            return json.dumps(value, sort_keys=True, default=str)
+        except (TypeError, ValueError):  # e.g. non-string dict keys
+            pass
     return str(value)
 
 
@@ -309,10 +313,22 @@ class JobRun:
         self._start_ms = _now_ms()
         self._last_flush = time.monotonic()
         experiment_id = self.study.get("experiment_id") or ""
-        if not experiment_id:
-            self._fail("study has no experiment_id")
+        tracking_uri = self.study.get("tracking_uri") or ""
+        db_path = _sqlite_path(tracking_uri)
+        if not experiment_id or not tracking_uri:
+            self._fail("study has no tracking_uri/experiment_id (init_study did not run?)")
             return self
-        self._client = self._call("client", lambda: _client(self.study["tracking_uri"]))
+        if db_path is not None and not db_path.is_file():
+            # never let many jobs race to create a fresh SQLite database
+            self._fail(f"SQLite database {db_path} does not exist; init_study must create it first")
+            return self
+        try:  # importing mlflow is CPU work, not a stall: it does not count against the budget
+            configure_timeouts()
+            from mlflow.tracking import MlflowClient
+        except Exception as exc:
+            self._fail(f"import mlflow: {type(exc).__name__}: {exc}")
+            return self
+        self._client = self._call("client", lambda: MlflowClient(tracking_uri=tracking_uri))
         if self._client is None:
             return self
         create_tags = {**self._tags, SPOOL_ID_TAG: self.spool_id}
@@ -375,9 +391,7 @@ class JobRun:
             except (TypeError, ValueError):
                 _log.warning("MLflow metric %r=%r is not a number; not logged", key, value)
                 continue
-            self._metrics.append(
-                {"key": _clean_key(key), "value": number, "timestamp": timestamp, "step": step_value}
-            )
+            self._metrics.append({"key": _clean_key(key), "value": number, "timestamp": timestamp, "step": step_value})
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self._flush()
 
@@ -419,9 +433,7 @@ class JobRun:
             self.mlflow_seconds += time.monotonic() - start
         if self.mlflow_seconds > self.time_budget_s and not self._over_budget:
             self._over_budget = True
-            self._fail(
-                f"time budget exceeded: {self.mlflow_seconds:.1f} s in MLflow > {self.time_budget_s} s"
-            )
+            self._fail(f"time budget exceeded: {self.mlflow_seconds:.1f} s in MLflow > {self.time_budget_s} s")
         return result
 
     def _batch_sender(

@@ -58,7 +58,7 @@ wildcard_constraints:
 
 
 TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.json"
-SEARCH = "results/search/{method}/b{budget}/r{replicate}"
+SEARCH_RECORD = "results/search/{method}/b{budget}/r{replicate}/record.json"
 PROFILE = "results/profile/{method}/b{budget}/r{replicate}.json"
 
 
@@ -72,7 +72,7 @@ def aggregate_cells():
     for c in cells():
         out.append({
             "transfer": TRANSFER.format(**c),
-            "search": SEARCH.format(**c) + "/record.json",
+            "search": SEARCH_RECORD.format(**c),
             "profile": PROFILE.format(**c),
             "pretrain": f"results/pretrain/r{c['replicate']}/metrics.json",
         })

@@ -2,8 +2,8 @@
 # job disturbs the timings; the timed forward passes themselves use profile.threads.
 rule profile:
     input:
-        weights=SEARCH + "/model.safetensors",
-        arch=SEARCH + "/arch.json",
+        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
+        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
     output:
         record=PROFILE,
     log:

@@ -8,9 +8,9 @@ rule search:
         arch="results/pretrain/r{replicate}/arch.json",
         metrics="results/pretrain/r{replicate}/metrics.json",
     output:
-        weights=SEARCH + "/model.safetensors",
-        arch=SEARCH + "/arch.json",
-        record=SEARCH + "/record.json",
+        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
+        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
+        record="results/search/{method}/b{budget}/r{replicate}/record.json",
     log:
         "logs/search/{method}/b{budget}/r{replicate}.log",
     benchmark:

@@ -1,9 +1,9 @@
 rule transfer:
     input:
         study="results/mlflow/study.json",
-        weights=SEARCH + "/model.safetensors",
-        arch=SEARCH + "/arch.json",
-        record=SEARCH + "/record.json",
+        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
+        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
+        record="results/search/{method}/b{budget}/r{replicate}/record.json",
         source_manifest="results/data/source/manifest.json",
         target_manifest="results/data/target/{target}/manifest.json",
         pool="results/data/target/{target}/pool.safetensors",

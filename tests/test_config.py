@@ -1,0 +1,274 @@
+"""Config schema, semantic checks, defaults, hashing and the `pruneshot validate` command."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pruneshot import config as cfgmod
+from pruneshot.cli import main as cli_main
+from pruneshot.config import ConfigError, budget_label, config_hash, load_schema, validate_config
+from pruneshot.methods import available
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def schema():
+    return load_schema()
+
+
+@pytest.fixture(scope="module")
+def raw_default():
+    with open(DEFAULT_CONFIG) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture
+def cfg(raw_default):
+    return copy.deepcopy(raw_default)
+
+
+def _error(cfg, schema) -> str:
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg, schema)
+    assert isinstance(err.value, ValueError)
+    return str(err.value)
+
+
+# ------------------------------------------------------------------ valid input
+
+
+def test_default_config_is_valid(cfg, schema):
+    out = validate_config(cfg, schema)
+    assert out["methods"] == ["dense", "linear_probe", "random", "l1_filter"]
+    assert out["data"]["targets"]["digits_5to9"]["classes"] == [5, 6, 7, 8, 9]
+
+
+def test_load_config_reads_the_default_file():
+    out = cfgmod.load_config(DEFAULT_CONFIG)
+    assert out["study"]["name"] == "digits_default"
+
+
+def test_validate_does_not_mutate_its_input(cfg, schema):
+    del cfg["pretrain"]
+    before = copy.deepcopy(cfg)
+    validate_config(cfg, schema)
+    assert cfg == before
+
+
+def test_missing_section_is_filled_with_schema_defaults(cfg, schema):
+    del cfg["pretrain"]
+    out = validate_config(cfg, schema)
+    props = schema["properties"]["pretrain"]["properties"]
+    expected = {k: v["default"] for k, v in props.items()}
+    assert out["pretrain"] == expected
+    assert out["pretrain"]["epochs"] == props["epochs"]["default"]
+
+
+def test_missing_nested_keys_are_filled(cfg, schema):
+    del cfg["episodes"]["count"]
+    del cfg["study"]["root_seed"]
+    del cfg["transfer"]
+    del cfg["mlflow"]
+    del cfg["budget"]["metric"]
+    out = validate_config(cfg, schema)
+    assert out["episodes"]["count"] == schema["properties"]["episodes"]["properties"]["count"]["default"]
+    assert out["study"]["root_seed"] == 0
+    assert out["transfer"]["arms"] == ["finetune"]
+    assert out["mlflow"] == {"tracking_uri": None}
+    assert out["budget"]["metric"] == "params"
+    # present values are not overwritten by defaults
+    assert out["episodes"]["ways"] == cfg["episodes"]["ways"]
+
+
+def test_schema_method_enum_matches_registry(schema):
+    enum = schema["properties"]["methods"]["items"]["enum"]
+    assert sorted(enum) == available()
+    assert len(enum) == len(set(enum))
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_unknown_method(cfg, schema):
+    cfg["methods"] = ["dense", "magnitude_pruning"]
+    msg = _error(cfg, schema)
+    assert "methods[1]" in msg
+    assert "'magnitude_pruning'" in msg
+    for name in ("dense", "linear_probe", "random", "l1_filter"):
+        assert name in msg
+
+
+@pytest.mark.parametrize(("level", "bound"), [(0, "> 0"), (0.0, "> 0"), (1.5, "<= 1"), (-0.2, "> 0")])
+def test_budget_out_of_range(cfg, schema, level, bound):
+    cfg["budget"]["levels"] = [0.5, level]
+    msg = _error(cfg, schema)
+    assert "budget.levels[1]" in msg
+    assert "out of range" in msg
+    assert bound in msg
+
+
+def test_budget_of_exactly_one_is_allowed(cfg, schema):
+    cfg["budget"]["levels"] = [1, 0.1]
+    validate_config(cfg, schema)
+
+
+def test_zero_shots(cfg, schema):
+    cfg["episodes"]["shots"] = [0, 5]
+    msg = _error(cfg, schema)
+    assert "episodes.shots[0]" in msg
+    assert ">= 1" in msg
+
+
+def test_more_shots_than_a_class_has(cfg, schema):
+    cfg["episodes"]["shots"] = [1, 200]
+    msg = _error(cfg, schema)
+    assert "episodes.shots" in msg
+    assert "200" in msg
+    assert "digits_5to9" in msg
+
+
+def test_shots_boundary_uses_smallest_target_class(cfg, schema):
+    # the smallest of digits 5..9 is class 8; one query image must remain
+    smallest = min(cfgmod.DATASET_CLASS_SIZES["digits"][c] for c in (5, 6, 7, 8, 9))
+    cfg["episodes"]["shots"] = [smallest - 1]
+    validate_config(cfg, schema)
+    cfg["episodes"]["shots"] = [smallest]
+    msg = _error(cfg, schema)
+    assert f"shots <= {smallest - 1}" in msg
+
+
+def test_unknown_top_level_key(cfg, schema):
+    cfg["pretrian"] = {"epochs": 3}
+    msg = _error(cfg, schema)
+    assert "'pretrian'" in msg
+    assert "pretrain" in msg.replace("'pretrian'", "")  # allowed keys are listed
+
+
+def test_unknown_nested_key(cfg, schema):
+    cfg["episodes"]["querys_per_class"] = 3
+    msg = _error(cfg, schema)
+    assert "config key 'episodes'" in msg
+    assert "'querys_per_class'" in msg
+    assert "queries_per_class" in msg.replace("'querys_per_class'", "")
+
+
+def test_unknown_key_inside_a_target(cfg, schema):
+    cfg["data"]["targets"]["digits_5to9"]["clases"] = [1, 2]
+    msg = _error(cfg, schema)
+    assert "data.targets.digits_5to9" in msg
+    assert "'clases'" in msg
+
+
+def test_wrong_type(cfg, schema):
+    cfg["episodes"]["count"] = "ten"
+    msg = _error(cfg, schema)
+    assert "episodes.count" in msg
+    assert "'ten'" in msg
+    assert "integer" in msg
+
+
+def test_missing_required_key(cfg, schema):
+    del cfg["backbone"]
+    msg = _error(cfg, schema)
+    assert "backbone" in msg
+
+
+def test_ways_greater_than_target_classes(cfg, schema):
+    cfg["episodes"]["ways"] = 6
+    msg = _error(cfg, schema)
+    assert "episodes.ways" in msg
+    assert "digits_5to9" in msg
+
+
+def test_source_and_target_share_a_class(cfg, schema):
+    cfg["data"]["targets"]["digits_5to9"]["classes"] = [4, 5, 6, 7, 8]
+    msg = _error(cfg, schema)
+    assert "data.targets.digits_5to9.classes" in msg
+    assert "[4]" in msg
+    assert "source" in msg
+
+
+def test_class_not_in_dataset(cfg, schema):
+    cfg["data"]["targets"]["digits_5to9"]["classes"] = [5, 6, 7, 8, 12]
+    msg = _error(cfg, schema)
+    assert "data.targets.digits_5to9.classes" in msg
+    assert "[12]" in msg
+
+
+def test_all_errors_are_reported_together(cfg, schema):
+    cfg["episodes"]["count"] = "ten"
+    cfg["methods"] = ["nope"]
+    msg = _error(cfg, schema)
+    assert "episodes.count" in msg
+    assert "methods[0]" in msg
+
+
+# ------------------------------------------------------------------ hashing & labels
+
+
+def _reversed(obj):
+    if isinstance(obj, dict):
+        return {k: _reversed(obj[k]) for k in reversed(list(obj))}
+    return obj
+
+
+def test_config_hash_stable_under_key_order(cfg, schema):
+    a = validate_config(cfg, schema)
+    b = _reversed(a)
+    assert list(b) != list(a)  # the order really changed
+    assert b == a
+    assert config_hash(a) == config_hash(b)
+    assert len(config_hash(a)) == 64
+    int(config_hash(a), 16)
+
+
+def test_config_hash_changes_with_a_value(cfg, schema):
+    a = validate_config(cfg, schema)
+    b = copy.deepcopy(a)
+    b["episodes"]["count"] += 1
+    c = copy.deepcopy(a)
+    c["budget"]["levels"] = [0.5, 0.3]
+    hashes = {config_hash(a), config_hash(b), config_hash(c)}
+    assert len(hashes) == 3
+
+
+@pytest.mark.parametrize(
+    ("budget", "label"), [(1.0, "1"), (1, "1"), (0.5, "0.5"), (0.25, "0.25"), (0.125, "0.125"), (0.1, "0.1")]
+)
+def test_budget_label(budget, label):
+    assert budget_label(budget) == label
+
+
+# ------------------------------------------------------------------ CLI
+
+
+def _run_cli(argv) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as exc:  # either style of exit is acceptable
+        return exc.code
+
+
+def test_cli_validate_bad_file(tmp_path, cfg, capsys):
+    cfg["budget"]["levels"] = [1.5]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code = _run_cli(["validate", str(path)])
+    out = capsys.readouterr()
+    assert code == 2
+    text = out.err + out.out
+    assert "budget.levels[0]" in text
+    assert "<= 1" in text
+
+
+def test_cli_validate_good_file(tmp_path, cfg, capsys):
+    path = tmp_path / "good.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert _run_cli(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out

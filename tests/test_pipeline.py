@@ -1,0 +1,233 @@
+"""End to end: the real workflow (DVC -> Snakemake -> MLflow) on a tiny config in a temporary
+copy of this working tree, then a fresh clone that `dvc pull`s and regenerates the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = ROOT / "tests/configs/tiny.yaml"
+
+pytestmark = pytest.mark.integration
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRUNESHOT_"))}
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("GIT_AUTHOR_NAME", "pruneshot test")
+    env.setdefault("GIT_AUTHOR_EMAIL", "test@pruneshot.invalid")
+    env.setdefault("GIT_COMMITTER_NAME", "pruneshot test")
+    env.setdefault("GIT_COMMITTER_EMAIL", "test@pruneshot.invalid")
+    return env
+
+
+def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def copy_worktree(dst: Path) -> None:
+    """Tracked and untracked-but-not-ignored files of this checkout (what a commit would hold)."""
+    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                         capture_output=True, check=True).stdout.decode()
+    for rel in filter(None, out.split("\0")):
+        src = ROOT / rel
+        if src.is_file():
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / rel)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A git repository with the tiny config as default, after one `dvc repro`."""
+    base = tmp_path_factory.mktemp("e2e")
+    proj = base / "proj"
+    copy_worktree(proj)
+    shutil.copy(TINY, proj / "config/config.yaml")
+    run(["git", "init", "-q", "-b", "main"], proj)
+    run(["git", "add", "-A"], proj)
+    run(["git", "commit", "-qm", "tiny study"], proj)
+    run([str(BIN / "dvc"), "repro", "pipeline"], proj)
+    return proj
+
+
+def tiny_config() -> dict:
+    return yaml.safe_load(TINY.read_text())
+
+
+def expected_cells() -> list[dict]:
+    cfg = tiny_config()
+    cells = []
+    for m in cfg["methods"]:
+        budgets = [1.0] if m in ("dense", "linear_probe") else cfg["budget"]["levels"]
+        arms = ["linear_probe"] if m == "linear_probe" else cfg["transfer"]["arms"]
+        for b in budgets:
+            for s in cfg["episodes"]["shots"]:
+                for a in arms:
+                    cells.append({"method": m, "requested_budget": float(b), "shots": s, "arm": a})
+    return cells
+
+
+def test_every_output_exists(project: Path) -> None:
+    cfg = tiny_config()
+    for rel in ["results/report/index.html", "results/tables/results.csv", "results/tables/episodes.csv",
+                "results/metrics.json", "results/mlflow/study.json", "results/mlflow/sync.json",
+                "results/pretrain/r0/model.safetensors", "results/pretrain/r0/arch.json",
+                "results/data/source/manifest.json", "results/data/target/digits_5to9/pool.safetensors"]:
+        assert (project / rel).is_file(), rel
+    for shots in cfg["episodes"]["shots"]:
+        assert (project / f"results/episodes/digits_5to9/5way_{shots}shot.json").is_file()
+    figures = list((project / "results/report/figures").glob("*.png"))
+    assert len(figures) >= 3
+    html = (project / "results/report/index.html").read_text()
+    assert html.count("data:image/png;base64,") >= 3
+    for method in cfg["methods"]:
+        assert method in html
+
+
+def test_results_table_has_full_grid(project: Path) -> None:
+    df = pd.read_csv(project / "results/tables/results.csv")
+    got = sorted((r.method, r.requested_budget, r.shots, r.arm) for r in df.itertuples())
+    want = sorted((c["method"], c["requested_budget"], c["shots"], c["arm"]) for c in expected_cells())
+    assert got == want
+    protocol_columns = {
+        "method", "backbone", "source", "target", "ways", "shots", "arm", "budget_metric", "requested_budget",
+        "achieved_params", "achieved_flops", "dense_params", "dense_flops", "latency_device", "latency_dtype",
+        "latency_ms_b1", "search_seconds", "search_device", "acc_mean", "acc_ci95", "n_episodes",
+        "seed_pretrain", "seed_search", "seed_episode", "seed_finetune", "git_commit", "git_dirty",
+        "config_sha256", "data_sha256", "checkpoint_sha256", "mlflow_run_id", "row_id",
+    }
+    assert protocol_columns <= set(df.columns)
+    assert df["row_id"].is_unique
+    assert (df["n_episodes"] == tiny_config()["episodes"]["count"]).all()
+    assert ((df["acc_mean"] >= 0) & (df["acc_mean"] <= 1)).all()
+    pruned = df[df["method"].isin(["random", "l1_filter"])]
+    assert (pruned["achieved_params"] < pruned["dense_params"]).all()
+    commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    assert set(df["git_commit"]) == {commit}
+    # Episodes are shared: same episodes file -> same n, and per-episode rows exist for every cell.
+    eps = pd.read_csv(project / "results/tables/episodes.csv")
+    assert set(eps["row_id"]) == set(df["row_id"])
+
+
+def test_metrics_json_carry_provenance(project: Path) -> None:
+    record = json.loads(next((project / "results/transfer").rglob("*.json")).read_text())
+    prov = record["provenance"]
+    for key in ("git_commit", "git_dirty", "config_sha256", "rule", "wildcards", "seeds", "inputs", "packages",
+                "host", "device"):
+        assert key in prov, key
+    assert prov["rule"] == "transfer"
+    assert {"torch", "snakemake", "mlflow", "dvc"} <= set(prov["packages"])
+    assert all(len(h) == 64 for h in prov["inputs"].values()) and prov["inputs"]
+
+
+def test_mlflow_runs_read_back(project: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    study = json.loads((project / "results/mlflow/study.json").read_text())
+    assert study["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
+    client = MlflowClient(study["tracking_uri"])
+    runs = client.search_runs([study["experiment_id"]], max_results=1000)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study["parent_run_id"]]
+    by_rule: dict[str, list] = {}
+    for r in children:
+        by_rule.setdefault(r.data.tags["pruneshot.rule"], []).append(r)
+    assert len(by_rule["transfer"]) == len(expected_cells())
+    assert len(by_rule["pretrain"]) == 1
+    assert len(by_rule["search"]) == len(tiny_config()["methods"]) - 2 + 2  # pruned x 1 budget + 2 budget-free
+    df = pd.read_csv(project / "results/tables/results.csv")
+    commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
+    search_ids = {r.info.run_id for r in by_rule["search"]}
+    for r in by_rule["transfer"]:
+        tags = r.data.tags
+        assert tags["pruneshot.git_commit"] == commit
+        assert tags["pruneshot.config_sha256"] == df["config_sha256"].iloc[0]
+        assert tags["pruneshot.upstream_run_id"] in search_ids
+        assert "pruneshot.wildcard.method" in tags and "pruneshot.seed.search" in tags
+        assert any(k.startswith("pruneshot.input_sha256.") for k in tags)
+        assert r.data.metrics["acc_mean"] == pytest.approx(
+            df.loc[df["mlflow_run_id"] == r.info.run_id, "acc_mean"].item())
+    history = client.get_metric_history(by_rule["pretrain"][0].info.run_id, "val_acc")
+    assert len(history) >= 1 and sorted(m.step for m in history) == list(range(len(history)))
+
+
+def test_dvc_lock_records_hashes_and_params(project: Path) -> None:
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    stage = lock["stages"]["pipeline"]
+    outs = {o["path"]: o for o in stage["outs"]}
+    for path in ("results/pretrain", "results/search", "results/transfer", "results/data", "results/metrics.json"):
+        assert path in outs and len(outs[path]["md5"].split(".")[0]) == 32, path
+    assert stage["params"]["config/config.yaml"]["study"]["name"] == "tiny"
+    status = run([str(BIN / "dvc"), "status", "pipeline"], project).stdout
+    assert "up to date" in status.lower() or status.strip() in ("", "{}")
+
+
+def test_immediate_rerun_does_nothing(project: Path) -> None:
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1"], project)
+    assert "Nothing to be done" in out.stdout + out.stderr
+
+
+def test_transfer_is_deterministic(project: Path) -> None:
+    rel = "results/transfer/digits_5to9/random/b0.5/5shot/finetune/r0.json"
+    before = json.loads((project / rel).read_text())
+    (project / rel).unlink()
+    run([str(BIN / "snakemake"), "--cores", "1", rel], project)
+    after = json.loads((project / rel).read_text())
+    assert after["episode_accuracies"] == before["episode_accuracies"]
+    assert after["finetune_seeds"] == before["finetune_seeds"]
+
+
+def test_bad_config_fails_before_touching_results(project: Path, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg["methods"] = ["dense", "magic"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(cfg))
+    listing = sorted((p, p.stat().st_mtime_ns) for p in (project / "results").rglob("*"))
+    proc = run([str(BIN / "snakemake"), "--cores", "1", "--configfile", str(bad)], project, check=False)
+    assert proc.returncode != 0
+    assert "methods[1]" in proc.stderr + proc.stdout and "l1_filter" in proc.stderr + proc.stdout
+    assert sorted((p, p.stat().st_mtime_ns) for p in (project / "results").rglob("*")) == listing
+
+
+def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path, tmp_path: Path) -> None:
+    remote = tmp_path / "remote"
+    run([str(BIN / "dvc"), "remote", "add", "--local", "-f", "-d", "tmpremote", str(remote)], project)
+    run(["git", "add", "dvc.lock"], project)
+    run(["git", "commit", "-qm", "results"], project)
+    run([str(BIN / "dvc"), "push"], project)
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
+    run([str(BIN / "dvc"), "remote", "add", "--local", "-f", "-d", "tmpremote", str(remote)], clone)
+    run([str(BIN / "dvc"), "pull"], clone)
+    assert (clone / "results/pretrain/r0/model.safetensors").is_file()
+    run([str(BIN / "snakemake"), "--cores", "1", "--touch"], clone)
+    dry = run([str(BIN / "snakemake"), "-n", "--cores", "1"], clone)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
+    original = (project / "results/tables/results.csv").read_bytes()
+    regen = run([str(BIN / "snakemake"), "--cores", "1", "--forcerun", "aggregate", "report"], clone)
+    log = regen.stdout + regen.stderr
+    for rule in ("pretrain", "search", "transfer", "profile"):
+        assert f"rule {rule}:" not in log, f"{rule} ran in a regenerate-only run"
+    assert (clone / "results/tables/results.csv").read_bytes() == original
+    assert (clone / "results/report/index.html").is_file()
+
+
+def test_snakemake_lint_and_ruff_clean() -> None:
+    lint = run([str(BIN / "snakemake"), "--lint"], ROOT, check=False)
+    text = lint.stdout + lint.stderr
+    assert "Lints for" not in text, text[-3000:]
+    ruff = run([str(BIN / "ruff"), "check", "."], ROOT, check=False)
+    assert ruff.returncode == 0, ruff.stdout

@@ -22,12 +22,20 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    import yaml
+
     from pruneshot.config import ConfigError, load_config
 
     try:
         load_config(args.config)
     except ConfigError as err:
         print(err, file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"cannot read config {args.config}: {err.strerror}", file=sys.stderr)
+        return 2
+    except yaml.YAMLError as err:
+        print(f"config {args.config} is not valid YAML: {err}", file=sys.stderr)
         return 2
     print(f"{args.config}: valid")
     return 0

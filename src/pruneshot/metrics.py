@@ -21,13 +21,14 @@ def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     in convs and matmuls; BN, ReLU and pooling are not counted). ``input_shape`` is (C, H, W)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     x = torch.zeros((1, *input_shape))
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)
-    model.train(was_training)
+    for m, mode in modes.items():
+        m.training = mode
     return int(counter.get_total_flops())
 
 

@@ -112,8 +112,16 @@ class SmallCNN(nn.Module):
         """Physically pruned copy keeping channel indices ``keep[group]`` (sorted LongTensors)."""
         from pruneshot.surgery import slice_bn, slice_conv, slice_linear_in
 
-        keep = {g: torch.as_tensor(sorted(set(map(int, idx))), dtype=torch.long) for g, idx in keep.items()}
         groups = self.channel_groups()
+        unknown = sorted(set(keep) - set(groups))
+        if unknown:
+            raise ValueError(f"unknown channel group(s) {unknown}; this network has {sorted(groups)}")
+        keep = {g: torch.as_tensor(sorted(set(map(int, idx))), dtype=torch.long) for g, idx in keep.items()}
+        for g, idx in keep.items():
+            if len(idx) == 0:
+                raise ValueError(f"group {g!r} would keep no channel; keep at least one")
+            if idx.min() < 0 or idx.max() >= groups[g]:
+                raise ValueError(f"group {g!r}: channel indices must be in [0, {groups[g]})")
         full = {g: keep.get(g, torch.arange(n)) for g, n in groups.items()}
         new = SmallCNN.from_spec(self.spec_with_widths({g: len(i) for g, i in full.items()}))
         prev = None

@@ -19,7 +19,12 @@ def derive_seed(root_seed: int, axis: str, *values: object) -> int:
     """Seed in [0, 2**31) for ``axis`` and its values, e.g. derive_seed(0, "episode", "t", 5, 1, 3)."""
     if axis not in AXES:
         raise ValueError(f"unknown seed axis {axis!r}; allowed: {', '.join(AXES)}")
-    text = "|".join([str(int(root_seed)), axis, *map(str, values)])
+    if isinstance(root_seed, bool) or int(root_seed) != root_seed:
+        raise ValueError(f"root seed must be an integer, got {root_seed!r}")
+    # Length-prefixed parts: ("a|b",) and ("a", "b") must not collide. Values are compared as
+    # text so a wildcard "1" and an int 1 give the same seed.
+    parts = [str(int(root_seed)), axis, *map(str, values)]
+    text = "".join(f"{len(p)}:{p};" for p in parts)
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") % (2**31)
 
 

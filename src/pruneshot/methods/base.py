@@ -71,7 +71,7 @@ class PruningMethod(ABC):
         """Return a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
 
 
-def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 40) -> dict[str, int]:
+def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 24) -> dict[str, int]:
     """Per-group channel counts from one keep ratio r shared by every group (at least 1 channel),
     with r chosen by bisection so that cost(pruned)/cost(dense) is the largest value <= budget
     (or the smallest achievable when even 1 channel per group exceeds it)."""

@@ -231,3 +231,15 @@ def test_snakemake_lint_and_ruff_clean() -> None:
     assert "Lints for" not in text, text[-3000:]
     ruff = run([str(BIN / "ruff"), "check", "."], ROOT, check=False)
     assert ruff.returncode == 0, ruff.stdout
+
+
+def test_native_snakemake_report_with_captions(project: Path) -> None:
+    import zipfile
+
+    run([str(BIN / "snakemake"), "--report", "results/report.zip"], project)
+    with zipfile.ZipFile(project / "results/report.zip") as zf:
+        names = zf.namelist()
+        html = zf.read(next(n for n in names if n.endswith("report.html"))).decode()
+    assert any(n.endswith("index.html") for n in names) and any(n.endswith(".png") for n in names)
+    assert "shared few-shot" in html or "few-shot" in html  # workflow description caption
+    assert any(n.endswith("results.csv") for n in names)

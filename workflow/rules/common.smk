@@ -43,6 +43,11 @@ def cells():
     ]
 
 
+def all_cores():
+    """Every core of this run (1 when none is set, e.g. under --report or --lint)."""
+    return workflow.resource_settings.cores or 1
+
+
 def _alts(values):
     return "|".join(sorted({str(v).replace(".", r"\.") for v in values}))
 

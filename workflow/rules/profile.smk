@@ -10,7 +10,7 @@ rule profile:
         "logs/profile/{method}/b{budget}/r{replicate}.log",
     benchmark:
         "logs/benchmarks/profile/{method}/b{budget}/r{replicate}.tsv"
-    threads: workflow.cores
+    threads: all_cores()
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -19,16 +19,23 @@ def register(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
+_discovered = False
+
+
 def _discover() -> None:
+    """Import every module of this package once (a module imported directly registers only itself)."""
+    global _discovered
+    if _discovered:
+        return
     for mod in pkgutil.iter_modules(__path__):
         if mod.name != "base":
             importlib.import_module(f"{__name__}.{mod.name}")
+    _discovered = True
 
 
 def get_method(name: str) -> PruningMethod:
     """An instance of the method registered as ``name``."""
-    if not REGISTRY:
-        _discover()
+    _discover()
     try:
         return REGISTRY[name]()
     except KeyError:
@@ -37,8 +44,7 @@ def get_method(name: str) -> PruningMethod:
 
 def available() -> list[str]:
     """Names of all registered methods."""
-    if not REGISTRY:
-        _discover()
+    _discover()
     return sorted(REGISTRY)
 
 

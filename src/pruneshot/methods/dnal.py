@@ -1,0 +1,271 @@
+"""`dnal`: Differentiable Neural Architecture Learning (Guo et al. 2021), architecture stage only.
+
+Scaled-sigmoid channel gates ``sigmoid(delta * alpha_c)`` sit after each prunable conv's
+BatchNorm (before the activation). Stage A freezes every conv and BN parameter (BN stays in
+train mode), resets alpha to 0 and delta to 1, and for each of ``arch_epochs`` epochs first
+multiplies delta by ``10 ** (4 / arch_epochs)`` (delta is 1e4 in the last epoch) and then trains
+alpha with SGD on ``CE + lambda_a * sum_c sigmoid(alpha_c)``. Channels with
+``sigmoid(delta_final * alpha_c) > threshold`` are kept. The paper has no budget: lambda_a sets
+the size, so here lambda_a is found by bisection on a log scale and the remaining gap between the
+requested and the achieved budget is reported in ``info``. Stage W is our pretraining; stage F
+(fine-tuning the kept weights) happens on the target, per episode.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruneshot.data import Split
+from pruneshot.methods import register
+from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+
+# Keep in sync with the `dnal` section of config/schema.yaml.
+DEFAULTS: dict[str, Any] = {
+    "arch_epochs": 10,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "batch_size": 64,
+    "threshold": 0.9,
+    "lambda_min": 1e-6,
+    "lambda_max": 1e-1,
+    "search_steps": 6,
+    "train_fc_in_arch_stage": False,
+    "keep_arch_bn_stats": True,
+}
+
+
+def gate_points(model: nn.Module) -> dict[str, nn.Module]:
+    """The BatchNorm module of each channel group, whose output the gate multiplies (before the activation)."""
+    from pruneshot.models import SmallCNN
+
+    if isinstance(model, SmallCNN):
+        return {f"block{i}": block[1] for i, block in enumerate(model.blocks())}
+    name = getattr(model, "spec", {}).get("name", type(model).__name__)
+    raise NotImplementedError(f"dnal: no gate points defined for backbone {name!r}; add them to gate_points()")
+
+
+class ChannelGates:
+    """Soft gates ``x_c * sigmoid(delta * alpha_c)`` attached by forward hooks on the gate points.
+
+    The alphas live here, not in the model, so the model's state dict is untouched; ``remove()``
+    detaches the hooks and leaves the model exactly as it was.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        points = gate_points(model)
+        sizes = model.channel_groups()
+        if set(points) != set(sizes):
+            raise ValueError(f"dnal: gate points {sorted(points)} do not match channel groups {sorted(sizes)}")
+        self.alpha = {g: nn.Parameter(torch.zeros(sizes[g])) for g in sizes}
+        self.delta = 1.0
+        self._handles = [points[g].register_forward_hook(self._hook(g)) for g in sizes]
+
+    def _hook(self, group: str) -> Callable:
+        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
+            gate = torch.sigmoid(self.delta * self.alpha[group])
+            return out * gate.view((1, -1) + (1,) * (out.dim() - 2))
+
+        return hook
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.alpha.values())
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """alpha = 0, delta = 1 (the start of stage A)."""
+        for a in self.alpha.values():
+            a.zero_()
+        self.delta = 1.0
+
+    def penalty(self) -> torch.Tensor:
+        """sum_c sigmoid(alpha_c) over every gate (no delta: counts channels uniformly)."""
+        return sum(torch.sigmoid(a).sum() for a in self.alpha.values())
+
+    @torch.no_grad()
+    def keep(self, threshold: float) -> tuple[dict[str, list[int]], dict[str, int]]:
+        """Channels with sigmoid(delta * alpha) > threshold, per group; a group with none keeps its
+        top-alpha channel (returned in the second dict, group -> forced index)."""
+        keep, forced = {}, {}
+        for g, a in self.alpha.items():
+            idx = torch.nonzero(torch.sigmoid(self.delta * a) > threshold).flatten().tolist()
+            if not idx:
+                top = int(torch.argmax(a).item())  # first index among ties
+                idx, forced[g] = [top], top
+            keep[g] = sorted(idx)
+        return keep, forced
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def delta_schedule(epochs: int) -> list[float]:
+    """delta used in each architecture epoch: 1 multiplied by 10**(4/E) before every epoch, so 1e4 last."""
+    return [10.0 ** (4.0 * (e + 1) / epochs) for e in range(epochs)]
+
+
+def arch_stage(
+    model: nn.Module, gates: ChannelGates, train: Split, *, lam: float, epochs: int, lr: float, momentum: float,
+    batch_size: int, generator: torch.Generator, train_fc: bool = False,
+    on_epoch_start: Callable[[int, ChannelGates], None] | None = None,
+    log_metrics: Callable[[dict[str, float], int | None], None] | None = None, step_offset: int = 0,
+) -> list[dict[str, float]]:
+    """DNAL stage A on ``model`` (gates attached). Conv and BN parameters are frozen, BN runs in
+    train mode (its running statistics do update); only alpha trains, plus the classifier when
+    ``train_fc`` (the official code's Linear layers are not frozen). Returns per-epoch history."""
+    was_requires = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fc_params = list(model.classifier.parameters()) if train_fc else []
+    for p in fc_params:
+        p.requires_grad_(True)
+    gates.reset()
+    opt = torch.optim.SGD(gates.parameters() + fc_params, lr=lr, momentum=momentum, weight_decay=0.0)
+    model.train()
+    history = []
+    try:
+        for epoch, delta in enumerate(delta_schedule(epochs)):
+            gates.delta = delta
+            if on_epoch_start is not None:
+                on_epoch_start(epoch, gates)
+            perm = torch.randperm(len(train), generator=generator)
+            tot_ce = tot_pen = 0.0
+            n = 0
+            for i in range(0, len(perm), batch_size):
+                idx = perm[i : i + batch_size]
+                if len(idx) < 2:  # BatchNorm in train mode needs more than one sample
+                    continue
+                ce = F.cross_entropy(model(train.x[idx]), train.y[idx])
+                pen = gates.penalty()
+                loss = ce + lam * pen
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tot_ce += ce.item() * len(idx)
+                tot_pen += pen.item() * len(idx)
+                n += len(idx)
+            with torch.no_grad():
+                alphas = torch.cat([a.detach() for a in gates.alpha.values()])
+                open_ = int((torch.sigmoid(delta * alphas) > 0.5).sum().item())
+            row = {"epoch": epoch, "delta": delta, "ce": tot_ce / max(1, n), "penalty": tot_pen / max(1, n),
+                   "alpha_mean": float(alphas.mean()), "alpha_min": float(alphas.min()),
+                   "alpha_max": float(alphas.max()), "gates_open": open_}
+            history.append(row)
+            if log_metrics is not None:
+                log_metrics({f"arch_{k}": float(v) for k, v in row.items() if k != "epoch"}, step_offset + epoch)
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(was_requires[id(p)])
+    return history
+
+
+def _ratio(model: nn.Module, keep: dict[str, list[int]], metric: str, dense_cost: float) -> float:
+    from pruneshot.metrics import cost
+    from pruneshot.models import build_model
+
+    return cost(build_model(model.spec_with_widths({g: len(i) for g, i in keep.items()})), metric) / dense_cost
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"dnal: unknown option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    if not 0 < opts["lambda_min"] < opts["lambda_max"]:
+        raise ValueError("dnal: need 0 < lambda_min < lambda_max")
+    if opts["arch_epochs"] < 1 or opts["search_steps"] < 1 or opts["batch_size"] < 1:
+        raise ValueError("dnal: arch_epochs, search_steps and batch_size must be >= 1")
+    return opts
+
+
+@register
+class DNAL(PruningMethod):
+    name = "dnal"
+    side = "source"
+    provenance = "official code"
+    reference = "Guo et al. 2021, DNAL; QingbeiGuo/DNAL"
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        from pruneshot.metrics import cost
+        from pruneshot.training import accuracy
+
+        opts = _options(ctx.options)
+        dense = ctx.model
+        groups = dense.channel_groups()
+        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}
+        if ctx.budget >= 1.0:
+            keep = {g: list(range(n)) for g, n in groups.items()}
+            info = {**base_info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
+                    "note": "budget >= 1: dense network returned unchanged, no architecture stage"}
+            return SearchResult(model=dense, keep=keep, info=info)
+
+        dense_cost = cost(dense, ctx.metric)
+        pretrained_buffers = {k: v.detach().clone() for k, v in dense.named_buffers()}
+
+        def trial(t: int, lam: float) -> dict[str, Any]:
+            work = copy.deepcopy(dense)
+            gates = ChannelGates(work)
+            gen = torch.Generator().manual_seed(ctx.seed)
+            history = arch_stage(
+                work, gates, ctx.source_train, lam=lam, epochs=opts["arch_epochs"], lr=opts["lr"],
+                momentum=opts["momentum"], batch_size=opts["batch_size"], generator=gen,
+                train_fc=opts["train_fc_in_arch_stage"], log_metrics=ctx.log_metrics,
+                step_offset=t * opts["arch_epochs"])
+            keep, forced = gates.keep(opts["threshold"])
+            gates.remove()
+            if not opts["keep_arch_bn_stats"]:
+                with torch.no_grad():
+                    for k, v in work.named_buffers():
+                        v.copy_(pretrained_buffers[k])
+            ratio = _ratio(work, keep, ctx.metric, dense_cost)
+            ctx.log(f"dnal trial {t + 1}/{opts['search_steps']}: lambda_a {lam:.3g} -> {ctx.metric} ratio "
+                    f"{ratio:.4f} (requested {ctx.budget:g}); widths {[len(keep[g]) for g in groups]}")
+            ctx.log_metrics({"lambda_a": lam, "achieved_ratio": ratio}, t)
+            return {"lambda_a": lam, "ratio": ratio, "keep": keep, "forced": forced, "model": work,
+                    "history": history, "final_delta": gates.delta}
+
+        lo, hi = math.log10(opts["lambda_min"]), math.log10(opts["lambda_max"])
+        trials = []
+        for t in range(opts["search_steps"]):
+            mid = (lo + hi) / 2
+            res = trial(t, 10.0**mid)
+            trials.append(res)
+            if res["ratio"] > ctx.budget:
+                lo = mid  # too large: penalise harder
+            else:
+                hi = mid
+        below = [r for r in trials if r["ratio"] <= ctx.budget]
+        best = max(below, key=lambda r: r["ratio"]) if below else min(trials, key=lambda r: r["ratio"])
+        keep = best["keep"]
+        pruned = best["model"].pruned(keep)
+        val_acc = accuracy(pruned, ctx.source_val.x, ctx.source_val.y) if len(ctx.source_val) else float("nan")
+        info = {
+            **base_info,
+            "achieved_ratio": best["ratio"],
+            "gap": ctx.budget - best["ratio"],
+            "met_from_below": bool(below),
+            "lambda_a": best["lambda_a"],
+            "tried": [{"lambda_a": r["lambda_a"], "achieved_ratio": r["ratio"],
+                       "widths": {g: len(i) for g, i in r["keep"].items()}} for r in trials],
+            "final_delta": best["final_delta"],
+            "delta_schedule": delta_schedule(opts["arch_epochs"]),
+            "alpha_init": 0.0,
+            "threshold": opts["threshold"],
+            "widths": {g: len(i) for g, i in keep.items()},
+            "forced_keep": best["forced"],
+            "forced_keep_note": "a group with no gate above the threshold keeps its top-alpha channel",
+            "arch_history": best["history"],
+            "bn_stats": "after stage A" if opts["keep_arch_bn_stats"] else "pretrained (restored after stage A)",
+            "source_val_acc_pruned": val_acc,
+        }
+        ctx.log(f"dnal: lambda_a {best['lambda_a']:.3g}, {ctx.metric} ratio {best['ratio']:.4f} for requested "
+                f"{ctx.budget:g} (gap {info['gap']:+.4f}); source val acc of the pruned net {val_acc:.4f}")
+        return SearchResult(model=pruned, keep=keep, info=info)

@@ -1,0 +1,174 @@
+"""`slimming`: Network Slimming (Liu et al. 2017) as a source-side baseline.
+
+A short fine-tune of the whole pretrained network on the source data with an L1 penalty on
+every BatchNorm scale (gamma) of the prunable groups, then one global ranking of |gamma|: the
+largest ones are kept, with the global cut chosen so that the pruned network's cost ratio is the
+largest value <= the budget (at least one channel per group, its largest |gamma|). The pruned
+network keeps the fine-tuned weights and BN statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruneshot.data import Split
+from pruneshot.methods import register
+from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+
+# Keep in sync with the `slimming` section of config/schema.yaml.
+DEFAULTS: dict[str, Any] = {
+    "l1": 1e-4,
+    "epochs": 3,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "batch_size": 64,
+}
+
+
+def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The BatchNorm scale of each channel group (the BN right after the group's conv)."""
+    from pruneshot.models import SmallCNN
+
+    if isinstance(model, SmallCNN):
+        return {f"block{i}": block[1].weight for i, block in enumerate(model.blocks())}
+    name = getattr(model, "spec", {}).get("name", type(model).__name__)
+    raise NotImplementedError(f"slimming: no BatchNorm scales defined for backbone {name!r}; add them to bn_gammas()")
+
+
+def sparsity_finetune(
+    model: nn.Module, train: Split, *, l1: float, epochs: int, lr: float, momentum: float, batch_size: int,
+    seed: int, log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
+) -> list[dict[str, float]]:
+    """Fine-tune every weight of ``model`` in place (BN in train mode) on ``CE + l1 * sum |gamma|``
+    with SGD (no weight decay); mini-batch order from a generator seeded with ``seed``."""
+    gammas = list(bn_gammas(model).values())
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
+    model.train()
+    history = []
+    for epoch in range(epochs):
+        perm = torch.randperm(len(train), generator=gen)
+        tot_ce = tot_l1 = 0.0
+        n = 0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            if len(idx) < 2:  # BatchNorm in train mode needs more than one sample
+                continue
+            ce = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            sparsity = sum(g.abs().sum() for g in gammas)
+            loss = ce + l1 * sparsity
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot_ce += ce.item() * len(idx)
+            tot_l1 += sparsity.item() * len(idx)
+            n += len(idx)
+        row = {"epoch": epoch, "ce": tot_ce / max(1, n), "gamma_l1": tot_l1 / max(1, n)}
+        history.append(row)
+        if log_metrics is not None:
+            log_metrics({"slim_ce": row["ce"], "slim_gamma_l1": row["gamma_l1"]}, epoch)
+    model.eval()
+    return history
+
+
+def global_keep(
+    model: nn.Module, scores: dict[str, torch.Tensor], budget: float, metric: str,
+) -> tuple[dict[str, list[int]], int]:
+    """Keep the top-1 score of every group plus the ``n`` globally largest scores, with ``n`` the
+    largest count whose cost ratio is <= ``budget`` (0 when even one channel per group exceeds it).
+    Cost only grows with ``n``, so ``n`` is found by bisection. Returns (keep, n)."""
+    from pruneshot.metrics import cost
+    from pruneshot.models import build_model
+
+    groups = list(scores)
+    flat = torch.cat([scores[g] for g in groups])
+    owner = [(g, c) for g in groups for c in range(len(scores[g]))]
+    order = torch.argsort(-flat, stable=True).tolist()
+    forced = {(g, int(torch.argsort(-scores[g], stable=True)[0])) for g in groups}
+    dense = cost(model, metric)
+
+    def keep_for(n: int) -> dict[str, list[int]]:
+        chosen = set(forced) | {owner[j] for j in order[:n]}
+        return {g: sorted(c for gg, c in chosen if gg == g) for g in groups}
+
+    def ratio(n: int) -> float:
+        widths = {g: len(i) for g, i in keep_for(n).items()}
+        return cost(build_model(model.spec_with_widths(widths)), metric) / dense
+
+    lo, hi = 0, len(order)  # invariant: ratio(lo) <= budget or lo == 0; ratio(hi + 1) > budget
+    if ratio(hi) <= budget:
+        return keep_for(hi), hi
+    hi -= 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ratio(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return keep_for(lo), lo
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"slimming: unknown option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
+    opts = {**DEFAULTS, **options}
+    if opts["epochs"] < 0 or opts["batch_size"] < 1 or opts["l1"] < 0:
+        raise ValueError("slimming: need epochs >= 0, batch_size >= 1, l1 >= 0")
+    return opts
+
+
+@register
+class Slimming(PruningMethod):
+    name = "slimming"
+    side = "source"
+    provenance = "baseline"
+    reference = "Liu et al. 2017, Network Slimming"
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        from pruneshot.metrics import cost
+        from pruneshot.training import accuracy
+
+        opts = _options(ctx.options)
+        model = ctx.model
+        groups = model.channel_groups()
+        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}
+        if ctx.budget >= 1.0:
+            keep = {g: list(range(n)) for g, n in groups.items()}
+            info = {**base_info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
+                    "note": "budget >= 1: dense network returned unchanged, no fine-tune"}
+            return SearchResult(model=model, keep=keep, info=info)
+
+        # ctx.model is ours to modify: it becomes the fine-tuned dense network the channels are cut from.
+        history = sparsity_finetune(
+            model, ctx.source_train, l1=opts["l1"], epochs=opts["epochs"], lr=opts["lr"],
+            momentum=opts["momentum"], batch_size=opts["batch_size"], seed=ctx.seed, log_metrics=ctx.log_metrics)
+        scores = {g: w.detach().abs().clone() for g, w in bn_gammas(model).items()}
+        keep, n_global = global_keep(model, scores, ctx.budget, ctx.metric)
+        pruned = model.pruned(keep)
+        achieved = cost(pruned, ctx.metric) / cost(model, ctx.metric)
+        ranked = torch.sort(torch.cat([scores[g] for g in groups]), descending=True).values
+        has_val = len(ctx.source_val) > 0
+        info = {
+            **base_info,
+            "achieved_ratio": achieved,
+            "gap": ctx.budget - achieved,
+            "widths": {g: len(i) for g, i in keep.items()},
+            "global_kept": n_global,
+            "gamma_threshold": float(ranked[n_global - 1]) if n_global > 0 else None,
+            "forced_keep_note": "every group keeps at least its largest-|gamma| channel",
+            "finetune_history": history,
+            "source_val_acc_finetuned_dense": accuracy(model, ctx.source_val.x, ctx.source_val.y)
+            if has_val else float("nan"),
+            "source_val_acc_pruned": accuracy(pruned, ctx.source_val.x, ctx.source_val.y)
+            if has_val else float("nan"),
+        }
+        ctx.log(f"slimming: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
+                f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; "
+                f"global |gamma| cut after {n_global} channels")
+        return SearchResult(model=pruned, keep=keep, info=info)

@@ -231,3 +231,18 @@ def test_keep_top_is_stable_and_sorted():
     # top-3: 4 (3.0), then the tie 1 and 2 (stable: lower index first)
     assert keep_top(scores, {"g": 3}) == {"g": [1, 2, 4]}
     assert keep_top(scores, {"g": 2}) == {"g": [1, 4]}
+
+
+@pytest.mark.parametrize("name", available())
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_every_method_at_budget_one_is_the_dense_network(dense, name, metric):
+    """Budget 1 means nothing removed, whatever the method: dense params and FLOPs, same outputs."""
+    model = copy.deepcopy(dense).eval()
+    res = get_method(name).search(_ctx(model, 1.0, metric=metric))
+    pruned = res.model.eval()
+    shape = metrics.input_shape(dense.spec)
+    assert metrics.count_params(pruned) == metrics.count_params(dense)
+    assert metrics.count_flops(pruned, shape) == metrics.count_flops(dense, shape)
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(pruned(x), dense.eval()(x), atol=1e-6)

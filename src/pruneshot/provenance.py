@@ -10,8 +10,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pruneshot.io import sha256_file
-
 PACKAGES = ("torch", "snakemake", "mlflow", "dvc", "numpy", "pandas", "pruneshot")
 
 
@@ -76,11 +74,12 @@ def provenance(
     rule: str,
     wildcards: dict[str, Any],
     config_sha256: str,
-    inputs: list[str | Path],
+    input_sha256: dict[str, str],
     seeds: dict[str, int],
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """The provenance block: git state, config hash, rule, wildcards, seeds, input hashes, versions, host, device."""
+    """The provenance block: git state, config hash, rule, wildcards, seeds, input sha256 (path -> hex),
+    package versions, host, device."""
     commit, dirty = git_state()
     return {
         "git_commit": commit,
@@ -89,7 +88,7 @@ def provenance(
         "rule": rule,
         "wildcards": {k: str(v) for k, v in wildcards.items()},
         "seeds": seeds,
-        "inputs": {str(p): sha256_file(p) for p in inputs if Path(p).is_file()},
+        "inputs": dict(input_sha256),
         "packages": package_versions(),
         "host": socket.gethostname(),
         "device": device_name(device),

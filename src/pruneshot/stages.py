@@ -4,6 +4,7 @@ paths and values and call these, so every stage can also be run and tested witho
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from collections.abc import Iterator
@@ -31,6 +32,16 @@ class Job:
     study_path: Path | None = None
     threads: int = 1
     _logger: logging.Logger | None = field(default=None, repr=False)
+    _hashes: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def input_hashes(self, inputs: list[Path]) -> dict[str, str]:
+        """sha256 of each existing input file, computed once per job."""
+        for p in inputs:
+            key = Path(p).as_posix()
+            if key not in self._hashes and Path(p).is_file():
+                self._hashes[key] = sha256_file(p)
+        return {Path(p).as_posix(): self._hashes[Path(p).as_posix()] for p in inputs
+                if Path(p).as_posix() in self._hashes}
 
     @property
     def logger(self) -> logging.Logger:
@@ -59,7 +70,7 @@ class Job:
 
     def provenance(self, inputs: list[Path], seeds: dict[str, int], device: str = "cpu") -> dict[str, Any]:
         return provenance(rule=self.rule, wildcards=self.wildcards, config_sha256=self.config_sha256,
-                          inputs=inputs, seeds=seeds, device=device)
+                          input_sha256=self.input_hashes(inputs), seeds=seeds, device=device)
 
     @contextlib.contextmanager
     def tracked(
@@ -82,8 +93,7 @@ class Job:
             "pruneshot.upstream_run_id": upstream_run_id or "",
             **{f"pruneshot.wildcard.{k}": str(v) for k, v in self.wildcards.items()},
             **{f"pruneshot.seed.{k}": str(v) for k, v in seeds.items()},
-            **{f"pruneshot.input_sha256.{Path(p).as_posix()}": sha256_file(p)
-               for p in inputs if Path(p).is_file()},
+            **{f"pruneshot.input_sha256.{p}": h for p, h in self.input_hashes(inputs).items()},
         }
         if self.study_path is None:
             yield _NullRun()
@@ -348,6 +358,7 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
     ft_seeds = []
     t0 = time.perf_counter()
     with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
+        pruned = load_model(str(weights), spec)
         overhead = process_age_s()
         job.log(f"process start to first training step: {overhead}s")
         for ep in eps["episodes"]:
@@ -355,7 +366,7 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
                                ep["index"], arm)
             ft_seeds.append(seed)
             torch.manual_seed(seed)
-            model = load_model(str(weights), spec)
+            model = copy.deepcopy(pruned)
             model.reset_classifier(ways, torch.Generator().manual_seed(seed))
             sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
             qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])

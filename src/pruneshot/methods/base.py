@@ -71,12 +71,34 @@ class PruningMethod(ABC):
         """Return a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
 
 
+def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cost: float) -> float:
+    """cost(model with each group's width replaced by ``widths[g]``) / ``dense_cost``, without copying weights."""
+    from pruneshot.metrics import cost
+    from pruneshot.models import build_model
+
+    return cost(build_model(model.spec_with_widths(widths)), metric) / dense_cost
+
+
+def merge_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``defaults`` updated by ``options``; an unknown option is an error naming the allowed ones."""
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise ValueError(f"{method}: unknown option(s) {unknown}; allowed: {sorted(defaults)}")
+    return {**defaults, **options}
+
+
+def dense_result(ctx: SearchContext, info: dict[str, Any], note: str) -> SearchResult:
+    """The unpruned network, for a budget of 1 (every channel kept, achieved ratio 1)."""
+    keep = {g: list(range(n)) for g, n in ctx.model.channel_groups().items()}
+    return SearchResult(model=ctx.model, keep=keep,
+                        info={**info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0, "note": note})
+
+
 def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 24) -> dict[str, int]:
     """Per-group channel counts from one keep ratio r shared by every group (at least 1 channel),
     with r chosen by bisection so that cost(pruned)/cost(dense) is the largest value <= budget
     (or the smallest achievable when even 1 channel per group exceeds it)."""
     from pruneshot.metrics import cost
-    from pruneshot.models import build_model
 
     groups = model.channel_groups()
     dense = cost(model, metric)
@@ -85,7 +107,7 @@ def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 24
         return {g: max(1, min(n, round(r * n))) for g, n in groups.items()}
 
     def ratio(r: float) -> float:
-        return cost(build_model(model.spec_with_widths(widths(r))), metric) / dense
+        return width_ratio(model, widths(r), metric, dense)
 
     if budget >= 1.0:
         return dict(groups)

@@ -24,7 +24,14 @@ from torch import nn
 
 from pruneshot.data import Split
 from pruneshot.methods import register
-from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+from pruneshot.methods.base import (
+    PruningMethod,
+    SearchContext,
+    SearchResult,
+    dense_result,
+    merge_options,
+    width_ratio,
+)
 
 # Keep in sync with the `dnal` section of config/schema.yaml.
 DEFAULTS: dict[str, Any] = {
@@ -167,18 +174,8 @@ def arch_stage(
     return history
 
 
-def _ratio(model: nn.Module, keep: dict[str, list[int]], metric: str, dense_cost: float) -> float:
-    from pruneshot.metrics import cost
-    from pruneshot.models import build_model
-
-    return cost(build_model(model.spec_with_widths({g: len(i) for g, i in keep.items()})), metric) / dense_cost
-
-
 def _options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"dnal: unknown option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+    opts = merge_options("dnal", DEFAULTS, options)
     if not 0 < opts["lambda_min"] < opts["lambda_max"]:
         raise ValueError("dnal: need 0 < lambda_min < lambda_max")
     if opts["arch_epochs"] < 1 or opts["search_steps"] < 1 or opts["batch_size"] < 1:
@@ -202,10 +199,7 @@ class DNAL(PruningMethod):
         groups = dense.channel_groups()
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}
         if ctx.budget >= 1.0:
-            keep = {g: list(range(n)) for g, n in groups.items()}
-            info = {**base_info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
-                    "note": "budget >= 1: dense network returned unchanged, no architecture stage"}
-            return SearchResult(model=dense, keep=keep, info=info)
+            return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no architecture stage")
 
         dense_cost = cost(dense, ctx.metric)
         pretrained_buffers = {k: v.detach().clone() for k, v in dense.named_buffers()}
@@ -225,7 +219,7 @@ class DNAL(PruningMethod):
                 with torch.no_grad():
                     for k, v in work.named_buffers():
                         v.copy_(pretrained_buffers[k])
-            ratio = _ratio(work, keep, ctx.metric, dense_cost)
+            ratio = width_ratio(work, {g: len(i) for g, i in keep.items()}, ctx.metric, dense_cost)
             ctx.log(f"dnal trial {t + 1}/{opts['search_steps']}: lambda_a {lam:.3g} -> {ctx.metric} ratio "
                     f"{ratio:.4f} (requested {ctx.budget:g}); widths {[len(keep[g]) for g in groups]}")
             ctx.log_metrics({"lambda_a": lam, "achieved_ratio": ratio}, t)

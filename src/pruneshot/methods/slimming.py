@@ -18,7 +18,14 @@ from torch import nn
 
 from pruneshot.data import Split
 from pruneshot.methods import register
-from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+from pruneshot.methods.base import (
+    PruningMethod,
+    SearchContext,
+    SearchResult,
+    dense_result,
+    merge_options,
+    width_ratio,
+)
 
 # Keep in sync with the `slimming` section of config/schema.yaml.
 DEFAULTS: dict[str, Any] = {
@@ -83,7 +90,6 @@ def global_keep(
     largest count whose cost ratio is <= ``budget`` (0 when even one channel per group exceeds it).
     Cost only grows with ``n``, so ``n`` is found by bisection. Returns (keep, n)."""
     from pruneshot.metrics import cost
-    from pruneshot.models import build_model
 
     groups = list(scores)
     flat = torch.cat([scores[g] for g in groups])
@@ -97,8 +103,7 @@ def global_keep(
         return {g: sorted(c for gg, c in chosen if gg == g) for g in groups}
 
     def ratio(n: int) -> float:
-        widths = {g: len(i) for g, i in keep_for(n).items()}
-        return cost(build_model(model.spec_with_widths(widths)), metric) / dense
+        return width_ratio(model, {g: len(i) for g, i in keep_for(n).items()}, metric, dense)
 
     lo, hi = 0, len(order)  # invariant: ratio(lo) <= budget or lo == 0; ratio(hi + 1) > budget
     if ratio(hi) <= budget:
@@ -114,10 +119,7 @@ def global_keep(
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        raise ValueError(f"slimming: unknown option(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-    opts = {**DEFAULTS, **options}
+    opts = merge_options("slimming", DEFAULTS, options)
     if opts["epochs"] < 0 or opts["batch_size"] < 1 or opts["l1"] < 0:
         raise ValueError("slimming: need epochs >= 0, batch_size >= 1, l1 >= 0")
     return opts
@@ -139,10 +141,7 @@ class Slimming(PruningMethod):
         groups = model.channel_groups()
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}
         if ctx.budget >= 1.0:
-            keep = {g: list(range(n)) for g, n in groups.items()}
-            info = {**base_info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
-                    "note": "budget >= 1: dense network returned unchanged, no fine-tune"}
-            return SearchResult(model=model, keep=keep, info=info)
+            return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no fine-tune")
 
         # ctx.model is ours to modify: it becomes the fine-tuned dense network the channels are cut from.
         history = sparsity_finetune(

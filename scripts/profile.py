@@ -5,5 +5,6 @@ from pathlib import Path
 from pruneshot.stages import job_from_snakemake, profile
 
 i = snakemake.input
+adapted = Path(i.adapted) if "adapted" in i.keys() else None
 profile(snakemake.config, Path(i.weights), Path(i.arch), Path(snakemake.output.record),
-        job_from_snakemake(snakemake))
+        job_from_snakemake(snakemake), adapted=adapted)

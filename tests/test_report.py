@@ -228,3 +228,70 @@ def test_no_failures_reads_none_and_figures_handle_empty(tmp_path: Path) -> None
     assert '<p id="failures-none">none</p>' in text
     paths = make_figures(results.assign(status="failed"), tmp_path / "empty")
     assert sorted(paths) == sorted(FIGURE_NAMES) and all(p.stat().st_size > 0 for p in paths.values())
+
+
+# --------------------------------------------------------------------------- method labels and arms
+
+
+def _with_reinit_and_target() -> pd.DataFrame:
+    """The synthetic results plus reinit rows for l1_filter@0.5 and a target-side method."""
+    base = make_results()
+    ft = base[(base["method"] == "l1_filter") & (base["requested_budget"] == 0.5)]
+    reinit = ft.assign(arm="reinit", acc_mean=ft["acc_mean"] - 0.10, acc_ci95=0.03,
+                       row_id=[f"r{i}" for i in range(len(ft))])
+    tgt = base[base["method"] == "random"].assign(
+        method="basis_scaling", method_source="abstract-level", side="target", search_scope="per episode",
+        params_ratio=[0.49, 0.45, 0.24, 0.22], row_id=[f"t{i}" for i in range(4)])
+    out = pd.concat([base.assign(search_scope="once"), reinit, tgt], ignore_index=True)
+    return out
+
+
+def test_methods_table_names_source_and_side():
+    from pruneshot.report import methods_table
+
+    table = methods_table(_with_reinit_and_target()).set_index("method")
+    assert table.loc["l1_filter", "source"] == "reconstruction"
+    assert table.loc["basis_scaling", "side"] == "target"
+    assert table.loc["basis_scaling", "search"].startswith("per episode")
+    assert table.loc["dense", "search"].startswith("once")
+    assert list(table.index[:2]) == ["dense", "linear_probe"]
+
+
+def test_reinit_gap_table_pairs_the_arms():
+    from pruneshot.report import reinit_gap_table
+
+    gaps = reinit_gap_table(_with_reinit_and_target())
+    # only l1_filter@0.5 ran under both arms, at 1 and 5 shots
+    assert list(gaps["method"]) == ["l1_filter", "l1_filter"]
+    assert list(gaps["shots"]) == ["1", "5"]
+    # finetune 59.0 vs reinit 49.0 -> +10.0 pp; ci sqrt(3.2^2 + 3^2) = 4.4
+    assert gaps.iloc[0]["gap (pp)"] == "+10.0 ± 4.4"
+    assert gaps.iloc[0]["finetune %"] == "59.0 ± 3.2"
+
+
+def test_report_shows_methods_achieved_and_reinit_sections(tmp_path):
+    from pruneshot.report import _summary_for_html
+
+    df = _with_reinit_and_target()
+    summary = _summary_for_html(df)
+    row = summary[(summary["method"] == "basis_scaling") & (summary["budget"] == "0.5")].iloc[0]
+    assert row["achieved"] == "0.450–0.490"  # per-shots costs differ: shown as a range
+    assert row["source"] == "abstract-level"
+    assert row["side"] == "target"
+    csv = tmp_path / "results.csv"
+    df.to_csv(csv, index=False)
+    out = tmp_path / "index.html"
+    build_report(csv, make_provenance(), out, tmp_path / "figures")
+    html = out.read_text()
+    assert 'id="methods-table"' in html
+    assert 'id="reinit-gap-table"' in html
+    assert "+10.0 ± 4.4" in html
+    assert "reconstruction" in html.split('id="methods-table"')[1].split("</table>")[0]
+
+
+def test_report_says_when_no_reinit_arm_ran(tmp_path):
+    csv = tmp_path / "results.csv"
+    make_results().to_csv(csv, index=False)
+    out = tmp_path / "index.html"
+    build_report(csv, make_provenance(), out, tmp_path / "figures")
+    assert 'id="reinit-gap-none"' in out.read_text()

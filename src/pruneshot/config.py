@@ -147,6 +147,23 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
                     f"config key '{key}.classes': classes {shared} are also source classes; "
                     "source and target must not share a class within one dataset"
                 )
+    problems += _method_problems(config)
+    return problems
+
+
+def _method_problems(config: dict[str, Any]) -> list[str]:
+    """Every configured method must have a transfer arm among the configured ones."""
+    from pruneshot.methods import get_method
+
+    arms = config.get("transfer", {}).get("arms", ["finetune"])
+    problems = []
+    for name in config["methods"]:
+        method = get_method(name)
+        if not method.arms(list(arms)):
+            problems.append(
+                f"config key 'transfer.arms': method {name!r} ({method.side}-side) has no arm among {arms}; "
+                f"it is evaluated with {method.arms(['finetune', 'linear_probe', 'reinit'])}"
+            )
     return problems
 
 

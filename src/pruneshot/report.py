@@ -50,7 +50,7 @@ _MEAN_COLUMNS = (
 _TEXT_COLUMNS = (
     "row_id", "method", "method_source", "side", "backbone", "source", "target", "arm",
     "budget_metric", "latency_device", "latency_dtype", "search_device", "git_commit",
-    "config_sha256", "data_sha256", "checkpoint_sha256", "mlflow_run_id", "status", "error",
+    "config_sha256", "data_sha256", "checkpoint_sha256", "mlflow_run_id", "status", "error", "search_scope",
 )
 # mkstemp (behind atomic_path) creates 0600 files; reports are meant to be shared and served.
 _FILE_MODE = 0o644
@@ -225,13 +225,17 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
     out["flops ratio"] = df.get("flops_ratio", pd.Series(np.nan, index=df.index)).map(
         lambda v: _fmt_num(v, ".3f")
     )
+    if "budget_gap" in df.columns:
+        out["gap"] = df["budget_gap"].map(lambda v: _fmt_num(v, "+.3f"))
     for c in lat:
         batch = _LATENCY_RE.match(c).group(1)  # type: ignore[union-attr]
         out[f"latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
     if "latency_device" in df.columns:
         out["latency device"] = df["latency_device"].astype(str)
     if "search_seconds" in df.columns:
-        out["search s"] = df["search_seconds"].map(lambda v: _fmt_num(v, ".1f"))
+        out["search s"] = df["search_seconds"].map(lambda v: _fmt_num(v, ".2f"))
+    if "search_scope" in df.columns:
+        out["search scope"] = df["search_scope"].astype(str)
     out["acc %"] = [
         _fmt_num(100 * float(a), ".1f") if ok else "failed"
         for a, ok in zip(pd.to_numeric(df["acc_mean"], errors="coerce"), df["_ok"], strict=True)
@@ -239,6 +243,63 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
     out["status"] = df["status"].astype(str)
     out["row_id"] = df["row_id"].astype(str) if "row_id" in df.columns else ""
     return out
+
+
+def methods_table(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per method: its side, where the algorithm comes from and, for target-side methods,
+    that the search runs per episode. Reconstructions are named as such."""
+    df = _prepared(results)
+    cols = ["method", "side", "source", "search"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    rows = []
+    for method in method_order(df["method"]):
+        sub = df[df["method"] == method]
+        side = ", ".join(sorted(set(sub["side"].astype(str)))) if "side" in sub.columns else MISSING
+        source = ", ".join(sorted(set(sub["method_source"].astype(str)))) if "method_source" in sub.columns \
+            else MISSING
+        scope = ", ".join(sorted(set(sub["search_scope"].astype(str)))) if "search_scope" in sub.columns \
+            else MISSING
+        search = {"once": "once on the source data", "per episode": "per episode, on its support set"}.get(
+            scope, scope)
+        rows.append({"method": method, "side": side or MISSING, "source": source or MISSING, "search": search})
+    return pd.DataFrame(rows, columns=cols)
+
+
+def reinit_gap_table(results: pd.DataFrame) -> pd.DataFrame:
+    """finetune minus reinit accuracy (percentage points) for every configuration run under both arms.
+
+    Same architecture, same episodes, same optimiser and steps; only the starting weights differ
+    (inherited from the source vs freshly initialised). A positive gap means the inherited weights
+    help; DAP claims the architecture alone transfers (gap near 0). The ± is the unpaired
+    sqrt(ci_f^2 + ci_r^2) half-width (conservative; the per-episode pairing is in episodes.csv).
+    """
+    agg = _aggregate_ok(results)
+    cols = ["method", "budget", "target", "shots", "finetune %", "reinit %", "gap (pp)"]
+    if agg.empty or "arm" not in agg.columns:
+        return pd.DataFrame(columns=cols)
+    keys = [c for c in ("method", "requested_budget", "target", "shots", "replicate") if c in agg.columns]
+    ft = agg[agg["arm"] == "finetune"].set_index(keys)
+    ri = agg[agg["arm"] == "reinit"].set_index(keys)
+    both = ft.index.intersection(ri.index)
+    rows = []
+    for key in both:
+        f, r = ft.loc[key], ri.loc[key]
+        rec = dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True))
+        gap = float(f["acc_mean"]) - float(r["acc_mean"])
+        ci = math.sqrt(float(f["acc_ci95"]) ** 2 + float(r["acc_ci95"]) ** 2)
+        rows.append({
+            "method": rec["method"], "requested_budget": rec["requested_budget"], "target": rec.get("target", ""),
+            "shots": _fmt_num(rec.get("shots"), ".0f"),
+            "finetune %": _fmt_acc(float(f["acc_mean"]), float(f["acc_ci95"])),
+            "reinit %": _fmt_acc(float(r["acc_mean"]), float(r["acc_ci95"])),
+            "gap (pp)": f"{100 * gap:+.1f} ± {100 * ci:.1f}",
+        })
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    out = _sorted(pd.DataFrame(rows), extra=["target", "shots"])
+    out["requested_budget"] = out["requested_budget"].map(_fmt_budget)
+    return out.rename(columns={"requested_budget": "budget"})[cols]
 
 
 def failures_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -581,11 +642,39 @@ def _kv_table(items: Iterable[tuple[str, Any]], table_id: str, mono_values: bool
     return f'<div class="scroll"><table id="{_esc(table_id)}">\n<tbody>\n{rows}\n</tbody></table></div>'
 
 
+def _achieved_text(results: pd.DataFrame) -> dict[tuple[str, str], str]:
+    """(method, formatted budget) -> achieved ratio on the budget metric (mean over rows; a range
+    when rows differ, as for target-side methods whose cost differs per shots)."""
+    df = _prepared(results)
+    out: dict[tuple[str, str], str] = {}
+    if "budget_metric" not in df.columns:
+        return out
+    for (method, budget), g in df.groupby(["method", "requested_budget"], sort=False):
+        vals = [float(r[f"{r['budget_metric']}_ratio"]) for _, r in g.iterrows()
+                if f"{r['budget_metric']}_ratio" in g.columns]
+        vals = [v for v in vals if math.isfinite(v)]
+        if not vals:
+            continue
+        lo, hi = min(vals), max(vals)
+        out[str(method), _fmt_budget(budget)] = f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}"
+    return out
+
+
 def _summary_for_html(results: pd.DataFrame) -> pd.DataFrame:
     table = summary_table(results)
-    return table.assign(requested_budget=table["requested_budget"].map(_fmt_budget)).rename(
+    table = table.assign(requested_budget=table["requested_budget"].map(_fmt_budget)).rename(
         columns={"requested_budget": "budget"}
     )
+    achieved = _achieved_text(results)
+    if achieved:
+        table.insert(table.columns.get_loc("budget") + 1, "achieved",
+                     [achieved.get((m, b), MISSING) for m, b in zip(table["method"], table["budget"], strict=True)])
+    meta = methods_table(results).set_index("method")
+    if not meta.empty:
+        table.insert(1, "source", table["method"].map(meta["source"]).fillna(MISSING))
+        if "side" not in table.columns:
+            table.insert(2, "side", table["method"].map(meta["side"]).fillna(MISSING))
+    return table
 
 
 def _how_to_read(results: pd.DataFrame) -> str:
@@ -672,11 +761,32 @@ def _tables_html(results: pd.DataFrame) -> str:
     fail_html = (
         _html_table(failures, "failures-table") if not failures.empty else '<p id="failures-none">none</p>'
     )
+    methods = methods_table(results)
+    gaps = reinit_gap_table(results)
+    gap_html = _html_table(gaps, "reinit-gap-table") if not gaps.empty else \
+        '<p id="reinit-gap-none">no configuration ran under both the finetune and reinit arms</p>'
     return "\n".join([
         TABLES_BEGIN,
+        '<section id="methods"><h2>Methods</h2>',
+        "<p>Where each method comes from: <em>official code</em> follows the authors' released code, "
+        "<em>abstract-level</em> follows what the paper's abstract (or patent) forces with the unstated "
+        "choices filled in as documented options, <em>reconstruction</em> is our reconstruction from the "
+        "abstract alone (no code exists): read those rows as such. Source-side methods search once on the "
+        "source data and hand one architecture to every episode; target-side methods prune each episode's "
+        "network on its support set.</p>",
+        _html_table(methods, "methods-table"),
+        "</section>",
         '<section id="summary"><h2>Summary: accuracy (%) by shots</h2>',
-        "<p>Mean ± 95% CI half-width, in percentage points.</p>",
+        "<p>Mean ± 95% CI half-width, in percentage points. <em>budget</em> is the requested fraction of the "
+        "dense network's cost, <em>achieved</em> the fraction the physically pruned network has (a range "
+        "where rows differ, e.g. per-episode pruning).</p>",
         _html_table(summary, "summary-table"),
+        "</section>",
+        '<section id="reinit-gap"><h2>Inherited weights vs fresh initialisation</h2>',
+        "<p>Source-side methods, same architecture and episodes: <em>finetune</em> starts from the source "
+        "weights of the kept channels, <em>reinit</em> from a fresh seeded initialisation. Gap = finetune − "
+        "reinit in percentage points ± the unpaired combined 95% CI half-width.</p>",
+        gap_html,
         "</section>",
         '<section id="details"><h2>Detail: cost of each run</h2>',
         "<p>Requested budget against the achieved fraction of dense parameters and FLOPs, median latency "

@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 
-AXES = ("data", "pretrain", "search", "episode", "finetune", "profile")
+AXES = ("data", "pretrain", "search", "episode", "finetune", "adapt", "profile")
 
 
 def derive_seed(root_seed: int, axis: str, *values: object) -> int:

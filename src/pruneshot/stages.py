@@ -298,8 +298,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         t0 = time.perf_counter()
         result = method.search(SearchContext(
             model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
-            seed=seeds["search"], options=config.get(method_name, {}) if isinstance(
-                config.get(method_name), dict) else {},
+            seed=seeds["search"], options=method_options(config, method),
             log=job.log, log_metrics=run.log_metrics))
         seconds = time.perf_counter() - t0
         pruned = result.model.eval()
@@ -330,17 +329,64 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
 
 # --- transfer --------------------------------------------------------------------------------
 
+def method_options(config: dict[str, Any], method: Any) -> dict[str, Any]:
+    """The method's config section, plus the sections of other methods it builds on
+    (``method.option_sections``), nested under their names."""
+    own = config.get(method.name)
+    options = dict(own) if isinstance(own, dict) else {}
+    for section in getattr(method, "option_sections", ()):
+        options[section] = dict(config.get(section) or {})
+    return options
+
+
+def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
+                  arm: str) -> dict[str, int]:
+    """Seeds of one episode's transfer. ``head`` (new classifier) and ``adapt`` (target-side pruning)
+    are shared by every method and arm, so arms and methods are paired; ``finetune`` (mini-batch
+    order, and the fresh weights of the reinit arm) is per arm."""
+    root = config["study"]["root_seed"]
+    return {
+        "head": derive_seed(root, "finetune", replicate, target, ways, shots, episode, "head"),
+        "adapt": derive_seed(root, "adapt", replicate, target, ways, shots, episode),
+        "finetune": derive_seed(root, "finetune", replicate, target, ways, shots, episode, arm),
+    }
+
+
+def _fresh_weights(spec: dict[str, Any], seed: int):
+    """The architecture ``spec`` with a fresh initialisation drawn under ``seed`` (reinit arm)."""
+    import torch
+
+    from pruneshot.models import build_model
+
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build_model(spec)
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, target: str, replicate: int,
              weights: Path, arch: Path, search_record: Path, source_manifest: Path, target_manifest: Path,
              episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
-    """Fine-tune the pruned network on every saved episode's support set; score its query set."""
+    """Transfer one searched network to every saved episode and score each query set.
+
+    Per episode: the network gets a new seeded ``ways``-way head; a target-side method then prunes
+    it on the support set (``method.adapt``); the arm trains it ('finetune': all kept weights,
+    'linear_probe': the head only, 'reinit': the same architecture freshly initialised, then as
+    finetune). A target-side method's achieved cost and seconds are recorded per episode."""
     import torch
 
     from pruneshot import data
-    from pruneshot.metrics import mean_ci
+    from pruneshot.methods import AdaptContext, get_method
+    from pruneshot.metrics import cost, count_flops, count_params, input_shape, mean_ci
     from pruneshot.models import load_model
     from pruneshot.training import accuracy, finetune_episode
 
+    method = get_method(method_name)
+    allowed = method.arms(["finetune", "linear_probe", "reinit"])
+    if arm not in allowed:
+        raise ValueError(f"{method_name} ({method.side}-side) has no transfer arm {arm!r}; allowed: {allowed}")
     seeds = _seeds_for(config, replicate)
     rec = read_json(search_record)
     spec = read_json(arch)
@@ -350,28 +396,50 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
     eps = read_json(episodes_path)
     tc = config["transfer"]
     ways = eps["ways"]
+    metric = config["budget"]["metric"]
+    budget = float(rec["requested_budget"])
+    options = method_options(config, method)
     inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
     params = {"method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
-              "budget": rec["requested_budget"], "replicate": replicate,
+              "budget": rec["requested_budget"], "replicate": replicate, "side": method.side,
               **{f"transfer.{k}": v for k, v in tc.items()}}
-    accs = []
-    ft_seeds = []
+    accs: list[float] = []
+    seed_lists: dict[str, list[int]] = {"head": [], "adapt": [], "finetune": []}
+    adapted: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
         pruned = load_model(str(weights), spec)
         overhead = process_age_s()
         job.log(f"process start to first training step: {overhead}s")
         for ep in eps["episodes"]:
-            seed = derive_seed(config["study"]["root_seed"], "finetune", replicate, target, ways, shots,
-                               ep["index"], arm)
-            ft_seeds.append(seed)
-            torch.manual_seed(seed)
-            model = copy.deepcopy(pruned)
-            model.reset_classifier(ways, torch.Generator().manual_seed(seed))
+            es = episode_seeds(config, replicate, target, ways, shots, ep["index"], arm)
+            for k, v in es.items():
+                seed_lists[k].append(v)
+            torch.manual_seed(es["finetune"])
+            model = _fresh_weights(spec, es["finetune"]) if arm == "reinit" else copy.deepcopy(pruned)
+            model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
+            model.eval()
             sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
             qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
-            finetune_episode(model, sx, sy, arm=arm, steps=tc["steps"], lr=tc["lr"], momentum=tc["momentum"],
-                             weight_decay=tc["weight_decay"], batch_size=tc["batch_size"], seed=seed)
+            if method.side == "target":
+                dense_cost = cost(model, metric)
+                ta = time.perf_counter()
+                res = method.adapt(AdaptContext(model=model, budget=budget, metric=metric, support_x=sx,
+                                                support_y=sy, seed=es["adapt"], dense_cost=dense_cost,
+                                                options=options, log=job.log))
+                model = res.model.eval()
+                ratio = cost(model, metric) / dense_cost
+                adapted.append({
+                    "episode": ep["index"], "adapt_seconds": time.perf_counter() - ta,
+                    "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
+                    "achieved_ratio": ratio, "spec": model.spec,
+                    "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
+                })
+                run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]},
+                                ep["index"])
+            finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
+                             lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
+                             batch_size=tc["batch_size"], seed=es["finetune"])
             acc = accuracy(model, qx, qy)
             accs.append(acc)
             run.log_metrics({"episode_acc": acc}, ep["index"])
@@ -384,14 +452,23 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
         run.log_metrics({"acc_mean": summary["mean"], "acc_ci95": summary["ci95"]}, None)
         run_id = run.run_id
     record = {
-        "method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
-        "replicate": replicate, "requested_budget": rec["requested_budget"],
-        "episode_accuracies": accs, "finetune_seeds": ft_seeds, "summary": summary,
+        "method": method_name, "side": method.side, "arm": arm, "shots": shots, "ways": ways,
+        "target": target, "replicate": replicate, "requested_budget": rec["requested_budget"],
+        "episode_accuracies": accs, "finetune_seeds": seed_lists["finetune"], "head_seeds": seed_lists["head"],
+        "summary": summary,
         "seconds": time.perf_counter() - t0, "overhead_s": overhead, "search_record_sha256": sha256_file(search_record),
         "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
         "upstream_run_id": rec.get("mlflow_run_id"),
         "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]}),
     }
+    if method.side == "target":
+        record["adapt_seeds"] = seed_lists["adapt"]
+        record["adapted"] = adapted
+        record["achieved"] = {
+            key: sum(a[key] for a in adapted) / len(adapted) for key in ("params", "flops", "achieved_ratio")
+        } | {"adapt_seconds_mean": sum(a["adapt_seconds"] for a in adapted) / len(adapted),
+             "ratio_min": min(a["achieved_ratio"] for a in adapted),
+             "ratio_max": max(a["achieved_ratio"] for a in adapted)}
     write_json(out, record)
     job.log(f"{method_name}/{arm} {shots}-shot: {summary['mean']:.4f} +- {summary['ci95']:.4f} "
             f"over {summary['n']} episodes")
@@ -400,8 +477,13 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
 
 # --- profile ---------------------------------------------------------------------------------
 
-def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: Job) -> dict[str, Any]:
-    """Measured CPU latency of the pruned network at each configured batch size."""
+def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: Job,
+            adapted: Path | None = None) -> dict[str, Any]:
+    """Measured CPU latency of the pruned network at each configured batch size.
+
+    ``adapted``: for a target-side method, a transfer record whose per-episode networks differ;
+    the one with the median parameter count is timed (its architecture, with seeded weights:
+    the timing of dense float32 layers does not depend on the weight values)."""
     import torch
 
     from pruneshot.metrics import input_shape, measure_latency
@@ -410,16 +492,30 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
 
     pc = config["profile"]
     torch.set_num_threads(pc["threads"])
-    spec = read_json(arch)
-    model = load_model(str(weights), spec)
+    inputs = [weights, arch]
+    network: dict[str, Any] = {"from": "search"}
+    if adapted is None:
+        spec = read_json(arch)
+        model = load_model(str(weights), spec)
+    else:
+        eps = sorted(read_json(adapted)["adapted"], key=lambda a: (a["params"], a["episode"]))
+        chosen = eps[(len(eps) - 1) // 2]
+        spec = chosen["spec"]
+        model = _fresh_weights(spec, derive_seed(config["study"]["root_seed"], "profile", chosen["episode"]))
+        network = {"from": "per-episode target-side pruning (median params)", "transfer_record": str(adapted),
+                    "episode": chosen["episode"], "params": chosen["params"], "flops": chosen["flops"],
+                    "weights": "seeded initialisation"}
+        inputs.append(adapted)
+        job.log(f"timing the median-size episode network (episode {chosen['episode']}, {chosen['params']} params)")
+    model.eval()
     results = {}
     for bs in pc["batch_sizes"]:
         results[str(bs)] = measure_latency(model, input_shape(spec), bs, device="cpu", warmup=pc["warmup"],
                                            repeats=pc["repeats"])
         job.log(f"batch {bs}: median {results[str(bs)]['median_ms']:.3f} ms")
     record = {"device": device_name("cpu"), "dtype": "float32", "threads": torch.get_num_threads(),
-              "latency": results, "weights_sha256": sha256_file(weights),
-              "provenance": job.provenance([weights, arch], {})}
+              "latency": results, "network": network, "weights_sha256": sha256_file(weights),
+              "provenance": job.provenance(inputs, {})}
     write_json(out, record)
     return record
 
@@ -452,17 +548,33 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
         seeds = prov["seeds"]
         row_id = _row_id(tr["method"], budget_label(tr["requested_budget"]), tr["target"], tr["ways"],
                          tr["shots"], tr["arm"], tr["replicate"], prov["config_sha256"], prov["git_commit"])
+        if "achieved" in tr:  # target-side: pruned per episode, cost averaged over this cell's episodes
+            ach = tr["achieved"]
+            cost_cols = {
+                "achieved_params": ach["params"], "achieved_flops": ach["flops"],
+                "params_ratio": ach["params"] / se["dense_params"], "flops_ratio": ach["flops"] / se["dense_flops"],
+                "search_seconds": ach["adapt_seconds_mean"], "search_scope": "per episode",
+            }
+        else:
+            cost_cols = {
+                "achieved_params": se["achieved_params"], "achieved_flops": se["achieved_flops"],
+                "params_ratio": se["params_ratio"], "flops_ratio": se["flops_ratio"],
+                "search_seconds": se["search_seconds"], "search_scope": "once",
+            }
+        cost_cols["budget_gap"] = se["requested_budget"] - cost_cols[f"{se['budget_metric']}_ratio"]
         row = {
             "row_id": row_id, "method": tr["method"], "method_source": se["method_provenance"],
             "side": se["side"], "backbone": config["backbone"]["name"],
             "source": config["data"]["source"]["dataset"], "target": tr["target"], "ways": tr["ways"],
             "shots": tr["shots"], "arm": tr["arm"], "budget_metric": se["budget_metric"],
-            "requested_budget": se["requested_budget"], "achieved_params": se["achieved_params"],
-            "achieved_flops": se["achieved_flops"], "dense_params": se["dense_params"],
-            "dense_flops": se["dense_flops"], "params_ratio": se["params_ratio"],
-            "flops_ratio": se["flops_ratio"], "latency_device": pr["device"], "latency_dtype": pr["dtype"],
+            "requested_budget": se["requested_budget"], "achieved_params": cost_cols["achieved_params"],
+            "achieved_flops": cost_cols["achieved_flops"], "dense_params": se["dense_params"],
+            "dense_flops": se["dense_flops"], "params_ratio": cost_cols["params_ratio"],
+            "flops_ratio": cost_cols["flops_ratio"], "budget_gap": cost_cols["budget_gap"],
+            "latency_device": pr["device"], "latency_dtype": pr["dtype"],
             **{f"latency_ms_b{bs}": v["median_ms"] for bs, v in pr["latency"].items()},
-            "search_seconds": se["search_seconds"], "search_device": se["search_device"],
+            "search_seconds": cost_cols["search_seconds"], "search_scope": cost_cols["search_scope"],
+            "search_device": se["search_device"],
             "acc_mean": tr["summary"]["mean"], "acc_ci95": tr["summary"]["ci95"],
             "acc_std": tr["summary"]["std"], "n_episodes": tr["summary"]["n"],
             "replicate": tr["replicate"], "seed_pretrain": seeds["pretrain"], "seed_search": seeds["search"],

@@ -73,6 +73,38 @@ def pretrain(
                    "epochs_run": len(history), "history": history}
 
 
+class SGD:
+    """Plain SGD with momentum and L2 weight decay, the same update as ``torch.optim.SGD``
+    (dampening 0, no Nesterov): g = grad + wd * p; b = g on the first step, else m * b + g;
+    p -= lr * b. Written out because ``torch.optim`` imports ``torch._dynamo`` on its first
+    step (~2 s per process), which every short transfer job would pay."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0,
+                 weight_decay: float = 0.0) -> None:
+        self.params = [p for p in params if p.requires_grad]
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
+        self.buffers: list[torch.Tensor | None] = [None] * len(self.params)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            g = p.grad.add(p, alpha=self.weight_decay) if self.weight_decay else p.grad
+            if self.momentum:
+                buf = self.buffers[i]
+                if buf is None:
+                    buf = self.buffers[i] = g.detach().clone()
+                else:
+                    buf.mul_(self.momentum).add_(g)
+                g = buf
+            p.add_(g, alpha=-self.lr)
+
+
 def finetune_episode(
     model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, arm: str, steps: int,
     lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
@@ -92,7 +124,7 @@ def finetune_episode(
     elif arm != "finetune":
         raise ValueError(f"unknown transfer arm {arm!r}; allowed: finetune, linear_probe")
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     model.eval()
     for _ in range(steps):
         if len(support_y) > batch_size:
@@ -101,7 +133,7 @@ def finetune_episode(
         else:
             xb, yb = support_x, support_y
         loss = F.cross_entropy(model(xb), yb)
-        opt.zero_grad(set_to_none=True)
+        opt.zero_grad()
         loss.backward()
         opt.step()
     return model

@@ -59,12 +59,27 @@ wildcard_constraints:
     target=_alts(TARGETS),
     shots=_alts(SHOTS),
     ways=_alts([WAYS]),
-    arm=_alts(["finetune", "linear_probe"]),
+    arm=_alts(["finetune", "linear_probe", "reinit"]),
 
 
 TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.json"
 SEARCH_RECORD = "results/search/{method}/b{budget}/r{replicate}/record.json"
 PROFILE = "results/profile/{method}/b{budget}/r{replicate}.json"
+
+
+def profile_inputs(wildcards):
+    """The searched network; for a target-side method also one transfer record, whose
+    per-episode pruned networks are what gets timed (the method declares its side)."""
+    w = dict(method=wildcards.method, budget=wildcards.budget, replicate=wildcards.replicate)
+    inputs = {
+        "weights": "results/search/{method}/b{budget}/r{replicate}/model.safetensors".format(**w),
+        "arch": "results/search/{method}/b{budget}/r{replicate}/arch.json".format(**w),
+    }
+    if METHODS[wildcards.method].side == "target":
+        inputs["adapted"] = TRANSFER.format(
+            **w, target=TARGETS[0], shots=max(SHOTS), arm=method_arms(wildcards.method)[0]
+        )
+    return inputs
 
 
 def transfer_outputs():

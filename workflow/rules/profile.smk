@@ -1,9 +1,9 @@
 # Latency is measured with the whole machine reserved (threads = all cores), so no other
 # job disturbs the timings; the timed forward passes themselves use profile.threads.
+# A target-side method prunes per episode: its timed network comes from a transfer record.
 rule profile:
     input:
-        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
-        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
+        unpack(profile_inputs),
     output:
         record=PROFILE,
     log:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult
+from pruneshot.methods.base import AdaptContext, PruningMethod, SearchContext, SearchResult, TargetMethod
 
 REGISTRY: dict[str, type[PruningMethod]] = {}
 
@@ -48,4 +48,5 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["REGISTRY", "PruningMethod", "SearchContext", "SearchResult", "available", "get_method", "register"]
+__all__ = ["REGISTRY", "AdaptContext", "PruningMethod", "SearchContext", "SearchResult", "TargetMethod", "available",
+           "get_method", "register"]

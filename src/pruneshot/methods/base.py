@@ -39,12 +39,39 @@ class SearchResult:
     """A physically pruned network and how it was obtained.
 
     ``keep`` maps channel groups to kept indices of the dense network (None when the
-    method keeps everything); ``info`` holds method-specific facts for the record.
+    method keeps everything or its units are not channels); ``info`` holds method-specific
+    facts for the record. ``masked`` (optional) is the network before physical removal with
+    the removed units zeroed (masks, zero scales); its outputs must equal ``model``'s. Methods
+    whose masked form is the dense network under ``keep``'s channel masks may leave it None.
     """
 
     model: nn.Module
     keep: dict[str, list[int]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    masked: nn.Module | None = None
+
+
+@dataclass
+class AdaptContext:
+    """What a target-side method gets for one episode.
+
+    ``model`` is a fresh copy of the pretrained network whose classifier is already a new,
+    seeded ``ways``-way head; BatchNorm is in eval mode and must stay so. ``support_x`` is
+    (N, C, H, W) normalised images, ``support_y`` (N,) labels in [0, ways). ``budget`` is the
+    fraction of ``dense_cost`` (the ``metric`` of ``model`` as given, head included) to keep.
+    ``seed`` is the episode's derived seed. The method returns a physically pruned network
+    with its trained head; the transfer arm (finetune / linear_probe) then runs on it.
+    """
+
+    model: nn.Module
+    budget: float
+    metric: Literal["params", "flops"]
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    seed: int
+    dense_cost: float
+    options: dict[str, Any] = field(default_factory=dict)
+    log: Callable[[str], None] = print
 
 
 class PruningMethod(ABC):
@@ -53,7 +80,8 @@ class PruningMethod(ABC):
     name: config name; side: 'source' (searched once on source data, one architecture for
     every episode) or 'target' (prunes while adapting to each episode); provenance: where
     the algorithm comes from ('baseline', 'official code', 'abstract-level', 'reconstruction');
-    budget_free: the method ignores the budget (runs at budget 1 only).
+    budget_free: the method ignores the budget (runs at budget 1 only). Source-side methods are
+    evaluated with every configured arm, reinit included; see ``TargetMethod`` for the other side.
     """
 
     name: ClassVar[str]
@@ -61,6 +89,9 @@ class PruningMethod(ABC):
     provenance: ClassVar[str] = "baseline"
     reference: ClassVar[str] = ""
     budget_free: ClassVar[bool] = False
+    #: Config sections of other methods this one builds on; the pipeline passes them nested in
+    #: ``options`` under their names (e.g. double pruning reads channel_scaling and basis_scaling).
+    option_sections: ClassVar[tuple[str, ...]] = ()
 
     def arms(self, configured: list[str]) -> list[str]:
         """Transfer arms this method is evaluated with, given the configured ones."""
@@ -69,6 +100,34 @@ class PruningMethod(ABC):
     @abstractmethod
     def search(self, ctx: SearchContext) -> SearchResult:
         """Return a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        """Target-side methods: prune while adapting to one episode's support set."""
+        raise NotImplementedError(f"{self.name} is a {self.side}-side method: it has no per-episode adapt()")
+
+
+class TargetMethod(PruningMethod):
+    """A method that prunes per episode on the target support set (side 'target').
+
+    Its source-side ``search`` hands the pretrained network on unchanged (the starting point of
+    every episode); the pruning happens in ``adapt``, which at budget >= 1 must return
+    ``ctx.model`` unchanged (no training either), so budget 1 equals the dense method exactly.
+    Target methods have no ``reinit`` arm: their units are defined by the pretrained weights.
+    """
+
+    side: ClassVar[Literal["source", "target"]] = "target"
+
+    def arms(self, configured: list[str]) -> list[str]:
+        return [a for a in configured if a != "reinit"]
+
+    def search(self, ctx: SearchContext) -> SearchResult:
+        return dense_result(ctx, {"requested_budget": ctx.budget, "metric": ctx.metric},
+                            "target-side method: the pretrained network is handed to every episode, "
+                            "which prunes it on its support set")
+
+    @abstractmethod
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        """Prune ``ctx.model`` on the support set to ``ctx.budget``; return the physically pruned network."""
 
 
 def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cost: float) -> float:

@@ -1,0 +1,145 @@
+"""The search and transfer stages without Snakemake: every registered method on real digits data,
+tiny sizes. Budget 1 must reproduce the dense method exactly; target-side methods prune per
+episode; the reinit arm starts from fresh weights; arms a method does not have are refused."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from pruneshot import stages
+from pruneshot.config import load_config
+from pruneshot.io import read_json
+from pruneshot.methods import available, get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = 2
+
+
+def _job(rule: str, **wildcards: str) -> stages.Job:
+    return stages.Job(rule=rule, wildcards=wildcards, config={}, log_path=None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Data, episodes and a pretrained tiny backbone, made by the real stage functions."""
+    tmp = tmp_path_factory.mktemp("stages")
+    cfg = load_config(ROOT / "tests/configs/tiny.yaml")
+    cfg["episodes"]["count"] = 3
+    cfg["transfer"]["steps"] = 4
+    cfg["data"]["cache_dir"] = str(tmp / "cache")
+    src, tgt = tmp / "source", tmp / "target"
+    stages.prepare_source(cfg, src, _job("prepare_source"))
+    stages.prepare_target(cfg, "digits_5to9", tgt, _job("prepare_target"))
+    episodes = tmp / "episodes.json"
+    stages.make_episodes(cfg, "digits_5to9", 5, SHOTS, tgt / "manifest.json", episodes, _job("make_episodes"))
+    pre = tmp / "pretrain"
+    stages.pretrain(cfg, 0, src / "manifest.json", pre / "model.safetensors", pre / "arch.json",
+                    pre / "metrics.json", _job("pretrain"))
+    return {"cfg": cfg, "tmp": tmp, "src": src, "tgt": tgt, "episodes": episodes, "pre": pre}
+
+
+def _search(world: dict, method: str, budget: float) -> Path:
+    out = world["tmp"] / "search" / method / str(budget)
+    if not (out / "record.json").exists():
+        pre = world["pre"]
+        stages.search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+                      pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
+                      out / "record.json", _job("search", method=method))
+    return out
+
+
+def _transfer(world: dict, method: str, budget: float, arm: str, cfg: dict | None = None) -> dict:
+    s = _search(world, method, budget)
+    out = world["tmp"] / "transfer" / f"{method}_{budget}_{arm}.json"
+    return stages.transfer(cfg or world["cfg"], method, arm, SHOTS, "digits_5to9", 0, s / "model.safetensors",
+                           s / "arch.json", s / "record.json", world["src"] / "manifest.json",
+                           world["tgt"] / "manifest.json", world["episodes"], out, _job("transfer", method=method))
+
+
+@pytest.mark.parametrize("method", [m for m in available() if m != "linear_probe"])
+def test_budget_one_transfers_exactly_like_dense(world, method):
+    """At budget 1 a method keeps the dense network, so the paired episodes give identical accuracies."""
+    dense = _transfer(world, "dense", 1.0, "finetune")
+    rec = _transfer(world, method, 1.0, "finetune")
+    assert rec["episode_accuracies"] == dense["episode_accuracies"]
+    assert rec["finetune_seeds"] == dense["finetune_seeds"]
+    srec = read_json(_search(world, method, 1.0) / "record.json")
+    dense_rec = read_json(_search(world, "dense", 1.0) / "record.json")
+    assert (srec["achieved_params"], srec["achieved_flops"]) == (dense_rec["achieved_params"],
+                                                                  dense_rec["achieved_flops"])
+    if get_method(method).side == "target":
+        assert all(a["params"] == rec["adapted"][0]["params"] for a in rec["adapted"])
+        assert rec["achieved"]["achieved_ratio"] == pytest.approx(1.0)
+
+
+def test_arms_share_the_head_seed_but_not_the_training_seed(world):
+    ft = _transfer(world, "random", 0.5, "finetune")
+    lp = _transfer(world, "random", 0.5, "linear_probe")
+    assert ft["head_seeds"] == lp["head_seeds"]
+    assert ft["finetune_seeds"] != lp["finetune_seeds"]
+
+
+def test_reinit_arm_starts_from_fresh_weights(world):
+    ft = _transfer(world, "l1_filter", 0.5, "finetune")
+    ri = _transfer(world, "l1_filter", 0.5, "reinit")
+    assert ri["arm"] == "reinit"
+    assert ri["episode_accuracies"] != ft["episode_accuracies"]
+    again = _transfer(world, "l1_filter", 0.5, "reinit")
+    assert again["episode_accuracies"] == ri["episode_accuracies"]
+
+
+def test_fresh_weights_are_seeded_and_differ_from_pretrained(world):
+    import torch
+
+    spec = read_json(world["pre"] / "arch.json")
+    a, b = stages._fresh_weights(spec, 7), stages._fresh_weights(spec, 7)
+    c = stages._fresh_weights(spec, 8)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    assert not torch.equal(a.features[0][0].weight, c.features[0][0].weight)
+    state = torch.random.get_rng_state()
+    stages._fresh_weights(spec, 9)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
+
+
+def test_arms_a_method_lacks_are_refused(world):
+    with pytest.raises(ValueError, match="reinit"):
+        _transfer(world, "linear_probe", 1.0, "reinit")
+    targets = [m for m in available() if get_method(m).side == "target"]
+    for m in targets:
+        assert "reinit" not in get_method(m).arms(["finetune", "reinit"])
+
+
+@pytest.mark.parametrize("method", [m for m in available() if get_method(m).side == "target"])
+def test_target_side_methods_prune_every_episode(world, method):
+    rec = _transfer(world, method, 0.5, "finetune")
+    assert len(rec["adapted"]) == world["cfg"]["episodes"]["count"]
+    assert len(set(rec["adapt_seeds"])) == len(rec["adapt_seeds"])
+    for a in rec["adapted"]:
+        assert a["achieved_ratio"] <= 0.5 + 0.02
+        assert a["adapt_seconds"] > 0
+    srec = read_json(_search(world, method, 0.5) / "record.json")
+    assert srec["side"] == "target"
+    assert srec["params_ratio"] == 1.0  # the source side hands on the dense network
+    # the timed network is a per-episode one
+    prof = stages.profile({**world["cfg"], "profile": {"batch_sizes": [1], "warmup": 0, "repeats": 2,
+                                                       "threads": 1}},
+                          _search(world, method, 0.5) / "model.safetensors",
+                          _search(world, method, 0.5) / "arch.json", world["tmp"] / f"profile_{method}.json",
+                          _job("profile"), adapted=world["tmp"] / "transfer" / f"{method}_0.5_finetune.json")
+    assert prof["network"]["episode"] in {a["episode"] for a in rec["adapted"]}
+
+
+def test_method_options_nest_the_sections_a_method_builds_on(world):
+    cfg = copy.deepcopy(world["cfg"])
+    for name in available():
+        method = get_method(name)
+        opts = stages.method_options(cfg, method)
+        for section in method.option_sections:
+            assert opts[section] == cfg.get(section, {})
+        own = cfg.get(name)
+        if isinstance(own, dict):
+            assert {k: opts[k] for k in own} == own

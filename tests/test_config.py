@@ -45,7 +45,11 @@ def _error(cfg, schema) -> str:
 
 def test_default_config_is_valid(cfg, schema):
     out = validate_config(cfg, schema)
-    assert out["methods"] == ["dense", "linear_probe", "random", "l1_filter"]
+    from pruneshot.methods import available
+
+    # the embedded default runs every registered method, with every transfer arm
+    assert sorted(out["methods"]) == available()
+    assert out["transfer"]["arms"] == ["finetune", "linear_probe", "reinit"]
     assert out["data"]["targets"]["digits_5to9"]["classes"] == [5, 6, 7, 8, 9]
 
 
@@ -272,3 +276,9 @@ def test_cli_validate_good_file(tmp_path, cfg, capsys):
     path.write_text(yaml.safe_dump(cfg))
     assert _run_cli(["validate", str(path)]) == 0
     assert "valid" in capsys.readouterr().out
+
+
+def test_a_method_without_any_configured_arm_is_an_error(cfg, schema):
+    bad = {**cfg, "methods": ["basis_scaling"], "transfer": {"arms": ["reinit"]}}
+    msg = _error(bad, schema)
+    assert "transfer.arms" in msg and "basis_scaling" in msg and "target-side" in msg

@@ -246,3 +246,38 @@ def test_every_method_at_budget_one_is_the_dense_network(dense, name, metric):
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(pruned(x), dense.eval()(x), atol=1e-6)
+
+
+def _masked_output(res, fallback, x):
+    masked = (res.masked if res.masked is not None else fallback).eval()
+    with torch.no_grad():
+        if res.keep is None:
+            return masked(x)
+        with surgery.channel_masks(masked, surgery.keep_to_masks(masked, res.keep)):
+            return masked(x)
+
+
+@pytest.mark.parametrize("name", available())
+def test_every_method_physical_network_equals_its_masked_form(dense, name):
+    """What is saved (smaller tensors, no masks) computes exactly what the masked network computes."""
+    from pruneshot.methods import AdaptContext
+
+    method = get_method(name)
+    model = copy.deepcopy(dense).eval()
+    x = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    if method.side == "target":
+        model.reset_classifier(5, torch.Generator().manual_seed(0))
+        support = _split(10, 3)
+        res = method.adapt(AdaptContext(model=model, budget=0.5, metric="params", support_x=support.x,
+                                        support_y=support.y, seed=4, dense_cost=metrics.count_params(model),
+                                        options={}, log=lambda _m: None))
+    else:
+        res = method.search(_ctx(model, 0.5))
+    physical = res.model.eval()
+    if not method.budget_free:
+        assert metrics.count_params(physical) < metrics.count_params(dense)
+    # no masks remain: no hooks on any module of the saved network
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in physical.modules())
+    with torch.no_grad():
+        out = physical(x)
+    assert torch.allclose(out, _masked_output(res, model, x), atol=1e-5)

@@ -232,3 +232,159 @@ def test_randomised_model_has_nontrivial_bn():
     with torch.no_grad():
         out = model(torch.randn(6, 1, 8, 8))
     assert 1e-2 < out.abs().max().item() < 100
+
+
+# ------------------------------------------------------------ low-rank blocks (basis-pruned networks)
+
+
+def _randomise_lowrank(model: SmallCNN, seed: int) -> SmallCNN:
+    """``_randomise`` for networks with LowRankConv blocks (basis and coef both random)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for b in model.blocks():
+            convs = [b[0].basis, b[0].coef] if isinstance(b[0], models.LowRankConv) else [b[0]]
+            for conv in convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * conv.weight[0].numel() ** -0.5)
+            bn = b[1]
+            bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) * 1.5 + 0.25)
+            bn.bias.copy_(torch.randn(bn.bias.shape, generator=gen) * 0.5)
+            bn.running_mean.copy_(torch.randn(bn.running_mean.shape, generator=gen))
+            bn.running_var.copy_(torch.rand(bn.running_var.shape, generator=gen) * 2.0 + 0.1)
+        model.classifier.weight.copy_(torch.randn(model.classifier.weight.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+LOWRANK_SPEC = {"name": "small_cnn", "in_channels": 2, "input_size": 8, "widths": [6, 10, 8], "num_classes": 4,
+                "ranks": [3, None, 5]}
+
+
+def test_spec_without_ranks_builds_the_same_network_as_before():
+    spec = {"name": "small_cnn", "in_channels": 1, "input_size": 8, "widths": [4, 6], "num_classes": 3}
+    model = models.build_model(spec)
+    assert model.spec == spec and "ranks" not in model.spec
+    assert list(model.state_dict()) == [
+        "features.0.0.weight", "features.0.1.weight", "features.0.1.bias", "features.0.1.running_mean",
+        "features.0.1.running_var", "features.0.1.num_batches_tracked",
+        "features.2.0.weight", "features.2.1.weight", "features.2.1.bias", "features.2.1.running_mean",
+        "features.2.1.running_var", "features.2.1.num_batches_tracked",
+        "classifier.weight", "classifier.bias"]
+    assert all(type(b[0]) is nn.Conv2d for b in model.blocks())
+    # all-null ranks are the same as no ranks
+    same = models.build_model({**spec, "ranks": [None, None]})
+    assert same.spec == spec
+    assert list(same.state_dict()) == list(model.state_dict())
+
+
+def test_low_rank_spec_builds_low_rank_blocks():
+    model = models.build_model(LOWRANK_SPEC)
+    assert model.spec == LOWRANK_SPEC
+    b0, b1, b2 = (b[0] for b in model.blocks())
+    assert isinstance(b0, models.LowRankConv) and isinstance(b2, models.LowRankConv)
+    assert type(b1) is nn.Conv2d
+    assert (b0.in_channels, b0.rank, b0.out_channels) == (2, 3, 6)
+    assert b0.basis.kernel_size == (3, 3) and b0.basis.padding == (1, 1) and b0.basis.bias is None
+    assert b0.coef.kernel_size == (1, 1) and b0.coef.bias is None
+    assert {"features.0.0.basis.weight", "features.0.0.coef.weight", "features.2.0.weight",
+            "features.4.0.basis.weight"} <= set(model.state_dict())
+    assert model.channel_groups() == {"block0": 6, "block1": 10, "block2": 8}
+    assert model.group_convs()["block0"] == [b0.coef]
+    assert model.group_convs()["block1"] == [b1]
+    assert model.group_consumers() == {"block0": b1, "block1": b2.basis, "block2": model.classifier}
+    assert model.spec_with_widths({"block1": 4})["ranks"] == [3, None, 5]
+    assert model.spec_with_ranks({"block0": None, "block2": None}).get("ranks") is None
+    assert model.spec_with_ranks({"block1": 2})["ranks"] == [3, 2, 5]
+
+
+@pytest.mark.parametrize(("widths", "ranks"), [([4], [1, 2]), ([4, 6], [0, None]), ([4, 6], [None]),
+                                               ([4, 6], ["3", None]), ([4, 6], [True, None])])
+def test_bad_ranks_are_rejected(widths, ranks):
+    with pytest.raises(ValueError, match="rank"):
+        models.build_model({"name": "small_cnn", "in_channels": 1, "input_size": 8, "widths": widths,
+                            "num_classes": 3, "ranks": ranks})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_low_rank_pruned_equals_masked(seed):
+    model = _randomise_lowrank(models.build_model(LOWRANK_SPEC), seed)
+    gen = torch.Generator().manual_seed(seed)
+    keep = _random_keep(model, gen, "block2" if seed == 1 else None)
+    pruned = model.pruned(keep).eval()
+    x = torch.randn((5, 2, 8, 8), generator=gen)
+    with torch.no_grad():
+        with surgery.channel_masks(model, surgery.keep_to_masks(model, keep)):
+            masked = model(x)
+        assert (pruned(x) - masked).abs().max().item() < 1e-5
+    assert pruned.spec["ranks"] == LOWRANK_SPEC["ranks"]
+    assert pruned.spec["widths"] == [len(keep[g]) for g in ("block0", "block1", "block2")]
+    k0, k1 = (torch.as_tensor(sorted(keep[g].tolist())) for g in ("block0", "block1"))
+    old0, new0 = model.blocks()[0][0], pruned.blocks()[0][0]
+    assert torch.equal(new0.basis.weight, old0.basis.weight)  # input is the image: nothing to slice
+    assert torch.equal(new0.coef.weight, old0.coef.weight[k0])
+    old2, new2 = model.blocks()[2][0], pruned.blocks()[2][0]
+    k2 = torch.as_tensor(sorted(keep["block2"].tolist()))
+    assert torch.equal(new2.basis.weight, old2.basis.weight[:, k1])
+    assert torch.equal(new2.coef.weight, old2.coef.weight[k2])
+    assert torch.equal(pruned.blocks()[1][0].weight, model.blocks()[1][0].weight[k1][:, k0])
+
+
+def test_low_rank_round_trip_through_safetensors(tmp_path):
+    import json
+
+    model = _randomise_lowrank(models.build_model(LOWRANK_SPEC), 3)
+    pruned = model.pruned({"block1": torch.tensor([0, 3, 7])}).eval()
+    path = tmp_path / "lowrank.safetensors"
+    save_tensors(path, models.state_dict_for_save(pruned))
+    spec = json.loads(json.dumps(pruned.spec))
+    loaded = models.load_model(str(path), spec).eval()
+    assert loaded.spec == pruned.spec
+    x = torch.randn(3, 2, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), pruned(x))
+    with pytest.raises(RuntimeError):  # the plain spec does not fit low-rank weights
+        models.load_model(str(path), {k: v for k, v in spec.items() if k != "ranks"})
+
+
+def test_scaling_at_the_consumer_equals_scaling_after_the_activation():
+    """A positive per-channel scale after ReLU commutes with max-pooling: putting it on the
+    consumer's input (or folding it into the consumer's weights) gives the same network."""
+    model = _randomise_lowrank(models.build_model(LOWRANK_SPEC), 5)
+    gen = torch.Generator().manual_seed(5)
+    scales = {g: torch.rand(n, generator=gen) + 0.1 for g, n in model.channel_groups().items()}
+    x = torch.randn(4, 2, 8, 8, generator=gen)
+    points, consumers = model.mask_points(), model.group_consumers()
+
+    def post(s):
+        return lambda _m, _i, out: out * s.view(1, -1, 1, 1)
+
+    def pre(s):
+        return lambda _m, args: (args[0] * s.view((1, -1) + (1,) * (args[0].dim() - 2)),)
+
+    with torch.no_grad():
+        hs = [points[g][0].register_forward_hook(post(s)) for g, s in scales.items()]
+        ref = model(x)
+        for h in hs:
+            h.remove()
+        hs = [consumers[g].register_forward_pre_hook(pre(s)) for g, s in scales.items()]
+        at_consumer = model(x)
+        for h in hs:
+            h.remove()
+        for g, s in scales.items():
+            w = consumers[g].weight
+            w.mul_(s.view((1, -1) + (1,) * (w.dim() - 2)))
+        folded = model(x)
+    assert (at_consumer - ref).abs().max().item() < 1e-5
+    assert (folded - ref).abs().max().item() < 1e-5
+
+
+SPEC_COST_CASES = [
+    {"name": "small_cnn", "in_channels": 1, "input_size": 8, "widths": [32, 64, 128], "num_classes": 5},
+    {"name": "small_cnn", "in_channels": 3, "input_size": 5, "widths": [4, 6, 2, 3], "num_classes": 7},
+    LOWRANK_SPEC,
+    {"name": "small_cnn", "in_channels": 1, "input_size": 16, "widths": [8, 16], "num_classes": 2, "ranks": [1, 40]},
+]
+
+
+@pytest.mark.parametrize("spec", SPEC_COST_CASES)
+@pytest.mark.parametrize("metric", ["params", "flops"])
+def test_spec_cost_equals_the_counters(spec, metric):
+    assert SmallCNN.spec_cost(spec, metric) == metrics.cost(models.build_model(spec), metric)

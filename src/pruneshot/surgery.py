@@ -21,6 +21,21 @@ def slice_conv(old: nn.Conv2d, new: nn.Conv2d, out_idx: torch.Tensor, in_idx: to
 
 
 @torch.no_grad()
+def slice_block_conv(old: nn.Module, new: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
+    """``slice_conv`` for a block's conv, plain or ``LowRankConv``: a low-rank conv keeps every basis,
+    its output channels slice ``coef`` and its input channels slice ``basis``."""
+    from pruneshot.models import LowRankConv
+
+    if isinstance(old, LowRankConv) != isinstance(new, LowRankConv):
+        raise ValueError(f"cannot slice a {type(old).__name__} into a {type(new).__name__}")
+    if isinstance(old, LowRankConv):
+        slice_conv(old.basis, new.basis, torch.arange(old.rank), in_idx)
+        slice_conv(old.coef, new.coef, out_idx, None)
+    else:
+        slice_conv(old, new, out_idx, in_idx)
+
+
+@torch.no_grad()
 def slice_bn(old: nn.BatchNorm2d, new: nn.BatchNorm2d, idx: torch.Tensor) -> None:
     """Copy affine parameters and running statistics of channels ``idx``."""
     new.weight.copy_(old.weight[idx])

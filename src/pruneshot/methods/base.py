@@ -40,9 +40,10 @@ class SearchResult:
 
     ``keep`` maps channel groups to kept indices of the dense network (None when the
     method keeps everything or its units are not channels); ``info`` holds method-specific
-    facts for the record. ``masked`` (optional) is the network before physical removal with
-    the removed units zeroed (masks, zero scales); its outputs must equal ``model``'s. Methods
-    whose masked form is the dense network under ``keep``'s channel masks may leave it None.
+    facts for the record. ``masked`` is the network before physical removal (removed units
+    zeroed where the method has its own zeroing, e.g. scales); under ``keep``'s channel masks
+    (when ``keep`` is given) its outputs must equal ``model``'s. None means the search's input
+    network (``ctx.model`` as the method left it).
     """
 
     model: nn.Module

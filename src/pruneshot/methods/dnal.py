@@ -262,4 +262,4 @@ class DNAL(PruningMethod):
         }
         ctx.log(f"dnal: lambda_a {best['lambda_a']:.3g}, {ctx.metric} ratio {best['ratio']:.4f} for requested "
                 f"{ctx.budget:g} (gap {info['gap']:+.4f}); source val acc of the pruned net {val_acc:.4f}")
-        return SearchResult(model=pruned, keep=keep, info=info)
+        return SearchResult(model=pruned, keep=keep, info=info, masked=best["model"])

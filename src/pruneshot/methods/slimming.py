@@ -170,4 +170,4 @@ class Slimming(PruningMethod):
         ctx.log(f"slimming: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; "
                 f"global |gamma| cut after {n_global} channels")
-        return SearchResult(model=pruned, keep=keep, info=info)
+        return SearchResult(model=pruned, keep=keep, info=info, masked=model)

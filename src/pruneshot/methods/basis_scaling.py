@@ -1,0 +1,297 @@
+"""`basis_scaling`: basis scaling (Wong et al. 2021), a target-side method.
+
+Source read: the abstracts of both arXiv versions and claim 1 of the IBM patent. The layer algebra
+(``pruneshot.basis``) is forced by that description: every block conv of the pretrained network
+is split by SVD into a frozen k x k basis conv and a 1x1 BasisScalingConv whose only trainable
+part is the per-basis scale s (init 1); s and the new classifier head train on the support set
+(BatchNorm stays in eval mode, every other weight is frozen). Everything else is a
+*reconstruction* (the importance formula, the schedule and the thresholds are not in the sources):
+
+- importance of basis i after a round of ``steps_per_round`` SGD steps: ``taylor``
+  ``(sum over the round's steps of grad_s_i * s_i)^2`` (one batch per step; full batch when the
+  support has <= 64 images, else 64 drawn at random) or ``mean_abs``, the mean of |grad_s_i * s_i|;
+- ``rounds`` rounds; after round j the least important bases are pruned (s_i = 0, frozen) until
+  the cost of the network as it would be physically built is <= c0 * (target / c0) ** (j / rounds)
+  (c0: the starting cost, the dense cost here, so round j's target is dense * budget ** (j/rounds));
+  ``global`` ranking across layers, or ``per_layer`` (every layer keeps the same fraction of its
+  bases); a layer's last basis is never pruned. With global ranking, the bases pruned in the round
+  are then re-added, most important first, wherever one fits under the target (budget fill), so the
+  last round meets the budget from below as closely as the unit sizes allow;
+- physical network: low-rank blocks (``LowRankConv``, s folded in) where that is smaller than the
+  dense conv, dense convs of the original shape with the kept bases summed back elsewhere
+  (``revert_when_larger``); BatchNorm and the trained head are copied.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pruneshot.methods import register
+from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+
+# Keep in sync with the `basis_scaling` section of config/schema.yaml.
+DEFAULTS: dict[str, Any] = {
+    "importance": "taylor",
+    "ranking": "global",
+    "rounds": 5,
+    "steps_per_round": 10,
+    "lr": 0.01,
+    "momentum": 0.9,
+    "revert_when_larger": True,
+}
+
+#: Support sets up to this size are used whole at every step; larger ones are sampled.
+BATCH_SIZE = 64
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    opts = merge_options("basis_scaling", DEFAULTS, options)
+    if opts["importance"] not in ("taylor", "mean_abs"):
+        raise ValueError(f"basis_scaling: option 'importance' must be taylor or mean_abs, got {opts['importance']!r}")
+    if opts["ranking"] not in ("global", "per_layer"):
+        raise ValueError(f"basis_scaling: option 'ranking' must be global or per_layer, got {opts['ranking']!r}")
+    for key in ("rounds", "steps_per_round"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise ValueError(f"basis_scaling: option '{key}' must be an integer >= 1, got {opts[key]!r}")
+    if not opts["lr"] > 0:
+        raise ValueError(f"basis_scaling: option 'lr' must be > 0, got {opts['lr']!r}")
+    if not 0 <= opts["momentum"] <= 1:
+        raise ValueError(f"basis_scaling: option 'momentum' must be in [0, 1], got {opts['momentum']!r}")
+    if not isinstance(opts["revert_when_larger"], bool):
+        raise ValueError("basis_scaling: option 'revert_when_larger' must be true or false")
+    return opts
+
+
+# --- shared by the scaling methods (channel_scaling, double_pruning) ------------------------
+
+
+def round_targets(start_cost: float, final_cost: float, rounds: int) -> list[float]:
+    """Cost target after each round: start * (final / start) ** (j / rounds), j = 1..rounds (the last
+    one is ``final_cost`` exactly)."""
+    ratio = final_cost / start_cost
+    return [final_cost if j == rounds else start_cost * ratio ** (j / rounds) for j in range(1, rounds + 1)]
+
+
+def fit_steps(
+    forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+    steps: int, gen: torch.Generator, *, penalty: Callable[[], torch.Tensor] | None = None,
+    after_backward: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
+) -> list[float]:
+    """``steps`` SGD steps on CE (+ ``penalty()``); full batch when len(y) <= BATCH_SIZE, else a random
+    batch of BATCH_SIZE per step drawn from ``gen``. ``after_backward`` sees the gradients before the
+    step (importance accumulation), ``after_step`` runs after it (re-zeroing pruned units).
+    Returns the CE of every step."""
+    losses = []
+    for _ in range(steps):
+        if len(y) > BATCH_SIZE:
+            idx = torch.randperm(len(y), generator=gen)[:BATCH_SIZE]
+            xb, yb = x[idx], y[idx]
+        else:
+            xb, yb = x, y
+        ce = F.cross_entropy(forward(xb), yb)
+        loss = ce if penalty is None else ce + penalty()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        opt.step()
+        if after_step is not None:
+            after_step()
+        losses.append(float(ce.item()))
+    return losses
+
+
+def greedy_prune(
+    scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], cost_of: Callable[[dict[str, int]], float],
+    target: float,
+) -> tuple[list[tuple[str, int]], list[tuple[str, int]], float]:
+    """Global ranking: remove alive units in ascending score order (stable, ties in group order)
+    while the cost exceeds ``target``, never a group's last unit; then re-add the removed units, most
+    important first, wherever one fits with the cost still <= ``target`` (budget fill). ``alive``
+    (group -> bool tensor) is updated in place. Returns (removed, re-added, final cost)."""
+    groups = list(scores)
+    counts = {g: int(alive[g].sum()) for g in groups}
+    flat = torch.cat([scores[g].detach().to(torch.float64) for g in groups])
+    owner = [(g, i) for g in groups for i in range(len(scores[g]))]
+    cost = cost_of(counts)
+    removed: list[tuple[str, int]] = []
+    for j in torch.argsort(flat, stable=True).tolist():
+        if cost <= target:
+            break
+        g, i = owner[j]
+        if not alive[g][i] or counts[g] <= 1:
+            continue
+        alive[g][i] = False
+        counts[g] -= 1
+        removed.append((g, i))
+        cost = cost_of(counts)
+    readded = []
+    for g, i in reversed(removed):
+        counts[g] += 1
+        trial = cost_of(counts)
+        if trial <= target:
+            alive[g][i] = True
+            cost = trial
+            readded.append((g, i))
+        else:
+            counts[g] -= 1
+    back = set(readded)
+    return [u for u in removed if u not in back], readded, cost
+
+
+def per_layer_prune(
+    scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], sizes: dict[str, int],
+    cost_of: Callable[[dict[str, int]], float], target: float, iters: int = 40,
+) -> tuple[list[tuple[str, int]], float]:
+    """Per-layer ranking: every group keeps the same fraction f of its ``sizes[g]`` units (at least one,
+    never more than are alive), f the largest with cost <= ``target`` (bisection; 0 when even one unit
+    per group exceeds it); each group drops its lowest-score alive units. Returns (removed, cost)."""
+    current = {g: int(alive[g].sum()) for g in scores}
+
+    def counts(f: float) -> dict[str, int]:
+        return {g: min(current[g], max(1, math.floor(f * sizes[g] + 1e-9))) for g in scores}
+
+    if cost_of(current) <= target:
+        return [], cost_of(current)
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if cost_of(counts(mid)) <= target:
+            lo = mid
+        else:
+            hi = mid
+    want = counts(lo)
+    removed = []
+    for g, s in scores.items():
+        idx = torch.nonzero(alive[g]).flatten()
+        order = idx[torch.argsort(s.detach()[idx], stable=True)]
+        for i in order[: current[g] - want[g]].tolist():
+            alive[g][i] = False
+            removed.append((g, i))
+    return removed, cost_of(want)
+
+
+# --- the basis scaling stage ---------------------------------------------------------------
+
+
+def basis_scaling_stage(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target_cost: float, metric: str, opts: dict[str, Any],
+    gen: torch.Generator, log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Basis-scale a copy of ``model`` (a plain SmallCNN, BN in eval mode) on (x, y) until its physical
+    cost is <= ``target_cost``. Returns {"physical", "masked", "info", "cost"}; ``model`` is untouched."""
+    from pruneshot.basis import BasisCost, basis_layers, decompose, fold_network, physical_ranks
+
+    masked = decompose(model)
+    layers = basis_layers(masked)
+    cost_of = BasisCost(masked, metric, opts["revert_when_larger"])
+    full = {g: m.rank for g, m in layers.items()}
+    start = cost_of(full)
+    scales = [m.s for m in layers.values()]
+    head = list(masked.classifier.parameters())
+    for p in masked.parameters():
+        p.requires_grad_(False)
+    for p in scales + head:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(scales + head, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
+    masked.eval()
+
+    history = []
+    for j, target in enumerate(round_targets(start, target_cost, opts["rounds"]), start=1):
+        acc = {g: torch.zeros(m.rank, dtype=torch.float64, device=m.s.device) for g, m in layers.items()}
+
+        def accumulate(acc: dict[str, torch.Tensor] = acc) -> None:
+            for g, m in layers.items():
+                gs = (m.s.grad * m.s).detach().to(torch.float64)
+                acc[g] += gs if opts["importance"] == "taylor" else gs.abs()
+
+        def rezero() -> None:
+            for m in layers.values():
+                m.rezero()
+
+        losses = fit_steps(masked, opt, x, y, opts["steps_per_round"], gen, after_backward=accumulate,
+                           after_step=rezero)
+        if opts["importance"] == "taylor":
+            importance = {g: a.cpu() ** 2 for g, a in acc.items()}
+        else:
+            importance = {g: a.cpu() / opts["steps_per_round"] for g, a in acc.items()}
+        alive = {g: (m.mask > 0).cpu() for g, m in layers.items()}
+        readded: list = []
+        if opts["ranking"] == "global":
+            removed, readded, cost = greedy_prune(importance, alive, cost_of, target)
+        else:
+            removed, cost = per_layer_prune(importance, alive, full, cost_of, target)
+        for g, m in layers.items():
+            idx = [i for gg, i in removed if gg == g]
+            if idx:
+                m.prune(idx)
+        kept = {g: m.n_kept() for g, m in layers.items()}
+        row = {"round": j, "target_cost": target, "cost": cost, "pruned": len(removed), "refilled": len(readded),
+               "ce_first": losses[0], "ce_last": losses[-1], "kept_ranks": kept}
+        history.append(row)
+        log(f"basis_scaling round {j}/{opts['rounds']}: ce {losses[-1]:.4f}, pruned {len(removed)} bases, "
+            f"{metric} {cost:.0f} (target {target:.0f}); kept ranks {list(kept.values())}")
+
+    for p in scales + head:
+        p.requires_grad_(False)
+    kept = {g: m.n_kept() for g, m in layers.items()}
+    physical = fold_network(masked, opts["revert_when_larger"])
+    ranks = physical_ranks(masked, kept, opts["revert_when_larger"])
+    final_cost = cost_of(kept)
+    info = {
+        "importance": opts["importance"],
+        "ranking": opts["ranking"],
+        "reconstruction of importance/schedule": True,
+        "full_ranks": full,
+        "kept_ranks": kept,
+        "reverted_layers": [g for g, r in ranks.items() if r is None],
+        "physical_ranks": ranks,
+        "start_cost": start,
+        "target_cost": target_cost,
+        "accounted_cost": final_cost,
+        "met_from_below": final_cost <= target_cost,
+        "rounds_history": history,
+    }
+    return {"physical": physical, "masked": masked, "info": info, "cost": final_cost}
+
+
+def budget_one_result(ctx: AdaptContext, info: dict[str, Any]) -> SearchResult:
+    """``ctx.model`` unchanged (no training), every channel kept: what budget >= 1 returns."""
+    keep = {g: list(range(n)) for g, n in ctx.model.channel_groups().items()}
+    return SearchResult(model=ctx.model, keep=keep, masked=None,
+                        info={**info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
+                              "note": "budget >= 1: the network is returned unchanged, no training"})
+
+
+@register
+class BasisScaling(TargetMethod):
+    name = "basis_scaling"
+    provenance = "abstract-level"
+    reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
+                 "importance and schedule reconstructed")
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        from pruneshot.metrics import cost
+
+        opts = _options(ctx.options)
+        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
+                     "provenance_note": "layer algebra from the abstracts/patent; importance, schedule and "
+                                        "thresholds are reconstructions"}
+        if ctx.budget >= 1.0:
+            return budget_one_result(ctx, base_info)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        out = basis_scaling_stage(ctx.model, ctx.support_x, ctx.support_y,
+                                  target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric, opts=opts, gen=gen,
+                                  log=ctx.log)
+        achieved = cost(out["physical"], ctx.metric) / ctx.dense_cost
+        info = {**base_info, **out["info"], "achieved_ratio": achieved, "gap": ctx.budget - achieved}
+        ctx.log(f"basis_scaling: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
+                f"(gap {info['gap']:+.4f}); kept ranks {list(info['kept_ranks'].values())}, "
+                f"reverted {info['reverted_layers']}")
+        return SearchResult(model=out["physical"], keep=None, info=info, masked=out["masked"])

@@ -1,0 +1,263 @@
+"""`channel_scaling`: channel scaling (Wong et al.; abstract and patent abstract read), target-side.
+
+Every pretrained conv and BatchNorm stays frozen (BN in eval mode); a trainable per-channel scale
+(init 1) multiplies each channel group's channels where the group's consumer reads them (the next
+block's conv, its basis conv when low-rank, or the classifier). The sources put the scale after
+the activation; putting it at the consumer input is the same thing after pooling for positive
+scales (max-pool commutes with a positive per-channel factor, average pooling with any) and makes
+folding exact for every scale: consumer ``weight[:, c] *= scale_c``. The scales and the new head
+train on ``CE + l1 * sum |scale|``. Each of ``rounds`` rounds trains ``steps_per_round`` SGD steps,
+then removes the channels with |scale| < ``threshold``, and, if the round's cost target
+c0 * (target / c0) ** (j / rounds) (dense * budget ** (j / rounds) here) is not met, the smallest
+|scale| channels until it is (``global`` ranking with a budget fill that re-adds the largest
+removed ones that still fit, or ``per_layer``: every group keeps the same fraction); every group
+keeps at least one channel. Removed channels get scale 0 (masked form). The physical network is
+``pruned(keep)`` with the scales folded into the consumers. The l1 weight, threshold, schedule and
+ranking are reconstructions (the sources give none of them).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruneshot.methods import register
+from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+from pruneshot.methods.basis_scaling import budget_one_result, fit_steps, greedy_prune, per_layer_prune, round_targets
+
+# Keep in sync with the `channel_scaling` section of config/schema.yaml.
+DEFAULTS: dict[str, Any] = {
+    "l1": 0.001,
+    "threshold": 0.01,
+    "ranking": "global",
+    "rounds": 5,
+    "steps_per_round": 10,
+    "lr": 0.01,
+    "momentum": 0.9,
+}
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    opts = merge_options("channel_scaling", DEFAULTS, options)
+    if opts["ranking"] not in ("global", "per_layer"):
+        raise ValueError(f"channel_scaling: option 'ranking' must be global or per_layer, got {opts['ranking']!r}")
+    for key in ("rounds", "steps_per_round"):
+        if not isinstance(opts[key], int) or opts[key] < 1:
+            raise ValueError(f"channel_scaling: option '{key}' must be an integer >= 1, got {opts[key]!r}")
+    for key in ("l1", "threshold"):
+        if not opts[key] >= 0:
+            raise ValueError(f"channel_scaling: option '{key}' must be >= 0, got {opts[key]!r}")
+    if not opts["lr"] > 0:
+        raise ValueError(f"channel_scaling: option 'lr' must be > 0, got {opts['lr']!r}")
+    if not 0 <= opts["momentum"] <= 1:
+        raise ValueError(f"channel_scaling: option 'momentum' must be in [0, 1], got {opts['momentum']!r}")
+    return opts
+
+
+class ChannelScaled(nn.Module):
+    """``net`` with a per-channel scale on every channel group, applied to the input of the group's
+    consumer (``net.group_consumers()``). The effective scale is ``scales[g] * mask_g``; a removed
+    channel has mask 0 and scale 0. The hooks exist only during ``forward``, so the wrapped network
+    and copies of this module stay plain."""
+
+    def __init__(self, net: nn.Module, scales: dict[str, torch.Tensor] | None = None,
+                 masks: dict[str, torch.Tensor] | None = None) -> None:
+        super().__init__()
+        self.net = net
+        sizes = net.channel_groups()
+        dev = next(net.parameters()).device
+        self.scales = nn.ParameterDict({
+            g: nn.Parameter(torch.ones(n, device=dev) if scales is None else scales[g].detach().clone().float())
+            for g, n in sizes.items()})
+        for g, n in sizes.items():
+            self.register_buffer(f"mask_{g}", torch.ones(n, device=dev) if masks is None
+                                 else masks[g].detach().clone().float())
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        return self.net.spec
+
+    @property
+    def classifier(self) -> nn.Module:
+        return self.net.classifier
+
+    def channel_groups(self) -> dict[str, int]:
+        return self.net.channel_groups()
+
+    def mask_points(self) -> dict[str, list[nn.Module]]:
+        """The wrapped network's mask points (channel masks there are redundant with zero scales)."""
+        return self.net.mask_points()
+
+    def mask(self, group: str) -> torch.Tensor:
+        return getattr(self, f"mask_{group}")
+
+    def effective(self, group: str) -> torch.Tensor:
+        return self.scales[group] * self.mask(group)
+
+    @torch.no_grad()
+    def remove(self, group: str, idx: list[int]) -> None:
+        """Remove channels ``idx`` of ``group``: mask 0 and scale 0."""
+        t = torch.as_tensor(idx, dtype=torch.long)
+        self.mask(group)[t] = 0.0
+        self.scales[group][t] = 0.0
+
+    @torch.no_grad()
+    def rezero(self) -> None:
+        for g in self.scales:
+            self.scales[g].mul_(self.mask(g))
+
+    def _hook(self, group: str) -> Callable:
+        def hook(_m: nn.Module, args: tuple) -> tuple:
+            x = args[0]
+            scale = self.effective(group).to(x.dtype)
+            return (x * scale.view((1, -1) + (1,) * (x.dim() - 2)), *args[1:])
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        consumers = self.net.group_consumers()
+        handles = [consumers[g].register_forward_pre_hook(self._hook(g)) for g in self.scales]
+        try:
+            return self.net(x)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def keep(self) -> dict[str, list[int]]:
+        return {g: torch.nonzero(self.mask(g) > 0).flatten().tolist() for g in self.scales}
+
+    @torch.no_grad()
+    def fold(self) -> tuple[nn.Module, dict[str, list[int]]]:
+        """The physically pruned network (``net.pruned(keep)``, each kept channel's scale multiplied
+        into its consumer's input weights) and the kept channel indices."""
+        keep = self.keep()
+        physical = self.net.pruned({g: torch.tensor(i, dtype=torch.long) for g, i in keep.items()})
+        consumers = physical.group_consumers()
+        for g, idx in keep.items():
+            w = consumers[g].weight
+            scale = self.effective(g).detach()[torch.tensor(idx, dtype=torch.long)].to(w.device, w.dtype)
+            w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
+        return physical.eval(), keep
+
+
+def channel_scaling_stage(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target_cost: float, metric: str, opts: dict[str, Any],
+    gen: torch.Generator, log: Callable[[str], None] = print, revert_larger: bool = False,
+) -> dict[str, Any]:
+    """Channel-scale a copy of ``model`` (a SmallCNN, plain or with low-rank blocks) on (x, y) until its
+    physical cost is <= ``target_cost``. With ``revert_larger`` a low-rank block whose channels shrink
+    so far that it is no longer smaller than a dense conv is counted, and built, as that dense conv.
+    Returns {"physical", "masked", "keep", "info", "cost"}; ``model`` is untouched."""
+    from pruneshot.basis import revert_larger_blocks, reverted_spec
+    from pruneshot.models import SmallCNN
+
+    net = copy.deepcopy(model).eval()
+    scaled = ChannelScaled(net)
+    sizes = net.channel_groups()
+
+    def cost_of(counts: dict[str, int]) -> int:
+        spec = net.spec_with_widths(counts)
+        return SmallCNN.spec_cost(reverted_spec(spec) if revert_larger else spec, metric)
+
+    start = cost_of(sizes)
+    scales = list(scaled.scales.values())
+    head = list(net.classifier.parameters())
+    for p in scaled.parameters():
+        p.requires_grad_(False)
+    for p in scales + head:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(scales + head, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
+
+    def penalty() -> torch.Tensor:
+        return opts["l1"] * sum(scaled.effective(g).abs().sum() for g in sizes)
+
+    history = []
+    by_threshold = by_ranking = 0
+    for j, target in enumerate(round_targets(start, target_cost, opts["rounds"]), start=1):
+        losses = fit_steps(scaled, opt, x, y, opts["steps_per_round"], gen, penalty=penalty, after_step=scaled.rezero)
+        mags = {g: scaled.effective(g).detach().abs().cpu() for g in sizes}
+        alive = {g: (scaled.mask(g) > 0).cpu() for g in sizes}
+        thr = []
+        for g in sizes:
+            below = alive[g] & (mags[g] < opts["threshold"])
+            if torch.equal(below, alive[g]):  # keep the group's largest |scale| channel
+                idx = torch.nonzero(alive[g]).flatten()
+                below[idx[torch.argmax(mags[g][idx])]] = False
+            for i in torch.nonzero(below).flatten().tolist():
+                alive[g][i] = False
+                thr.append((g, i))
+        counts = {g: int(a.sum()) for g, a in alive.items()}
+        cost = cost_of(counts)
+        ranked: list[tuple[str, int]] = []
+        if cost > target:
+            if opts["ranking"] == "global":
+                ranked, _, cost = greedy_prune(mags, alive, cost_of, target)
+            else:
+                ranked, cost = per_layer_prune(mags, alive, sizes, cost_of, target)
+        for g in sizes:
+            idx = [i for gg, i in thr + ranked if gg == g]
+            if idx:
+                scaled.remove(g, idx)
+        by_threshold += len(thr)
+        by_ranking += len(ranked)
+        widths = {g: len(i) for g, i in scaled.keep().items()}
+        row = {"round": j, "target_cost": target, "cost": cost, "removed_by_threshold": len(thr),
+               "removed_by_ranking": len(ranked), "ce_first": losses[0], "ce_last": losses[-1], "widths": widths,
+               "scale_min": min(float(m[a].min()) for m, a in zip(mags.values(), alive.values(), strict=True)),
+               "scale_max": max(float(m.max()) for m in mags.values())}
+        history.append(row)
+        log(f"channel_scaling round {j}/{opts['rounds']}: ce {losses[-1]:.4f}, removed {len(thr)} by threshold, "
+            f"{len(ranked)} by ranking; {metric} {cost:.0f} (target {target:.0f}); widths {list(widths.values())}")
+
+    for p in scales + head:
+        p.requires_grad_(False)
+    physical, keep = scaled.fold()
+    if revert_larger:
+        physical = revert_larger_blocks(physical)
+    widths = {g: len(i) for g, i in keep.items()}
+    final_cost = cost_of(widths)
+    info = {
+        "ranking": opts["ranking"],
+        "reconstruction of l1/threshold/schedule": True,
+        "widths": widths,
+        "removed_by_threshold": by_threshold,
+        "removed_by_ranking": by_ranking,
+        "start_cost": start,
+        "target_cost": target_cost,
+        "accounted_cost": final_cost,
+        "met_from_below": final_cost <= target_cost,
+        "rounds_history": history,
+        "scale_placement": "consumer input (after activation and pooling); folded into the consumer's weights",
+    }
+    return {"physical": physical, "masked": scaled.eval(), "keep": keep, "info": info, "cost": final_cost}
+
+
+@register
+class ChannelScaling(TargetMethod):
+    name = "channel_scaling"
+    provenance = "abstract-level"
+    reference = ("Wong et al. 2021, channel scaling (abstract, patent abstract); l1, threshold and schedule "
+                 "reconstructed")
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        from pruneshot.metrics import cost
+
+        opts = _options(ctx.options)
+        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
+                     "provenance_note": "scales, L1 and threshold removal from the abstracts; l1 weight, "
+                                        "threshold, schedule and ranking are reconstructions"}
+        if ctx.budget >= 1.0:
+            return budget_one_result(ctx, base_info)
+        gen = torch.Generator().manual_seed(ctx.seed)
+        out = channel_scaling_stage(ctx.model, ctx.support_x, ctx.support_y, target_cost=ctx.dense_cost * ctx.budget,
+                                    metric=ctx.metric, opts=opts, gen=gen, log=ctx.log)
+        achieved = cost(out["physical"], ctx.metric) / ctx.dense_cost
+        info = {**base_info, **out["info"], "achieved_ratio": achieved, "gap": ctx.budget - achieved}
+        ctx.log(f"channel_scaling: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
+                f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; removed "
+                f"{info['removed_by_threshold']} by threshold, {info['removed_by_ranking']} by ranking")
+        return SearchResult(model=out["physical"], keep=out["keep"], info=info, masked=out["masked"])

@@ -1,0 +1,170 @@
+"""`double_pruning`: channel scaling and basis scaling on the same network (Wong et al. 2021).
+
+Source read: the abstracts and claim 1 of the patent, which combine both kinds of unit. The split
+of the budget between the stages is a reconstruction: the first stage prunes to
+``budget ** first_stage_exponent`` of the dense cost, the second to ``budget`` (both measured
+against the dense network the episode started from). ``order`` picks the stages:
+
+- ``channel_first`` (default): channel scaling of the pretrained network, physical removal with
+  the scales folded in, then basis scaling (SVD) of that narrower network;
+- ``basis_first``: basis scaling, physical removal (low-rank blocks where they pay), then channel
+  scaling of the low-rank network (a low-rank block's channels are its ``coef`` outputs; its
+  consumer is the next block's ``basis`` conv or the classifier). With the basis section's
+  ``revert_when_larger``, a low-rank block that channel removal makes no smaller than a dense conv
+  is counted and built as that dense conv.
+
+The head keeps training across both stages. Stage options: this section holds only ``order`` and
+``first_stage_exponent``; the pipeline passes the two stages' own sections as the optional nested
+keys ``options["channel_scaling"]`` and ``options["basis_scaling"]`` (each validated by that
+method's own option check; missing means that method's defaults).
+
+Masked form (``SearchResult.masked``, at the dense widths; under ``keep``'s channel masks its
+outputs equal the physical network's): for ``basis_first`` the basis stage's masked network (zeroed
+scales s) with the channel stage's scales (zero for removed channels) at the consumer inputs and
+the final head. For ``channel_first`` the SVD is of the channel-pruned convs (with the channel
+scales folded in), so the basis stage's masked layers are embedded in the dense widths: their
+basis filters read only the kept input channels (zero weights elsewhere), their outputs are zero
+on removed channels, the head's columns of removed channels are zero. ``info["stage_equality"]``
+also records, on a few support images, how far each stage's physical network is from its own
+masked form.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pruneshot.methods import basis_scaling as bs
+from pruneshot.methods import channel_scaling as cs
+from pruneshot.methods import register
+from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+
+# Keep in sync with the `double_pruning` section of config/schema.yaml.
+DEFAULTS: dict[str, Any] = {
+    "order": "channel_first",
+    "first_stage_exponent": 0.5,
+}
+
+#: Optional nested keys carrying the stages' own option sections (passed by the pipeline).
+STAGE_KEYS = ("channel_scaling", "basis_scaling")
+
+
+def _options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(double_pruning options, channel_scaling options, basis_scaling options), each merged with its defaults."""
+    own = {k: v for k, v in options.items() if k not in STAGE_KEYS}
+    stages = {k: options.get(k) or {} for k in STAGE_KEYS}
+    for k, v in stages.items():
+        if not isinstance(v, dict):
+            raise ValueError(f"double_pruning: option '{k}' must be a mapping of {k} options, got {type(v).__name__}")
+    opts = merge_options("double_pruning", DEFAULTS, own)
+    if opts["order"] not in ("channel_first", "basis_first"):
+        raise ValueError(f"double_pruning: option 'order' must be channel_first or basis_first, got {opts['order']!r}")
+    if not 0 < opts["first_stage_exponent"] < 1:
+        raise ValueError("double_pruning: option 'first_stage_exponent' must be in (0, 1), got "
+                         f"{opts['first_stage_exponent']!r}")
+    return opts, cs._options(stages["channel_scaling"]), bs._options(stages["basis_scaling"])
+
+
+@torch.no_grad()
+def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    return float((a.eval()(x) - b.eval()(x)).abs().max().item())
+
+
+@torch.no_grad()
+def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
+    """A decomposed network at ``dense``'s widths computing, on the kept channels, what ``narrow`` (a
+    decomposed network of the channel-pruned widths) computes: each BasisScalingConv embedded with
+    zero weights on removed input channels and zero outputs on removed channels, BatchNorm of the kept
+    channels from ``narrow``, the head's removed columns zero."""
+    net = copy.deepcopy(dense).eval()
+    sizes = dense.channel_groups()
+    prev, prev_n = torch.arange(dense.spec["in_channels"]), dense.spec["in_channels"]
+    for i, (b_wide, b_narrow) in enumerate(zip(net.blocks(), narrow.blocks(), strict=True)):
+        out = torch.as_tensor(keep[f"block{i}"], dtype=torch.long)
+        b_wide[0] = b_narrow[0].embedded(prev, prev_n, out, sizes[f"block{i}"])
+        bn_w, bn_n = b_wide[1], b_narrow[1]
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(bn_w, name)[out] = getattr(bn_n, name)
+        prev, prev_n = out, sizes[f"block{i}"]
+    head = nn.Linear(prev_n, narrow.classifier.out_features, bias=narrow.classifier.bias is not None)
+    head.weight.zero_()
+    head.weight[:, prev] = narrow.classifier.weight
+    if head.bias is not None:
+        head.bias.copy_(narrow.classifier.bias)
+    head.requires_grad_(False)
+    net.classifier = head
+    return net
+
+
+def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any], b_opts: dict[str, Any],
+                 ) -> dict[str, Any]:
+    """Both stages on a copy of ``ctx.model``: {"first", "second" (stage results), "masked", "keep"}."""
+    gen = torch.Generator().manual_seed(ctx.seed)
+    first_target = ctx.dense_cost * ctx.budget ** opts["first_stage_exponent"]
+    final_target = ctx.dense_cost * ctx.budget
+    common = {"metric": ctx.metric, "gen": gen, "log": ctx.log}
+    x, y = ctx.support_x, ctx.support_y
+    if opts["order"] == "channel_first":
+        first = cs.channel_scaling_stage(ctx.model, x, y, target_cost=first_target, opts=c_opts, **common)
+        second = bs.basis_scaling_stage(first["physical"], x, y, target_cost=final_target, opts=b_opts, **common)
+        return {"first": first, "second": second, "masked": embed_in_dense(ctx.model, second["masked"], first["keep"]),
+                "keep": first["keep"],
+                "masked_form": "embedded: the basis stage's masked layers placed in the dense widths"}
+    first = bs.basis_scaling_stage(ctx.model, x, y, target_cost=first_target, opts=b_opts, **common)
+    second = cs.channel_scaling_stage(first["physical"], x, y, target_cost=final_target, opts=c_opts,
+                                      revert_larger=b_opts["revert_when_larger"], **common)
+    # compose: the basis stage's masked network, the channel stage's head, its scales at the consumers
+    net = copy.deepcopy(first["masked"])
+    net.classifier.load_state_dict(second["masked"].net.classifier.state_dict(), strict=True)
+    chan = second["masked"]
+    masked = cs.ChannelScaled(net, scales={g: chan.scales[g] for g in chan.scales},
+                              masks={g: chan.mask(g) for g in chan.scales}).eval()
+    return {"first": first, "second": second, "masked": masked, "keep": second["keep"],
+            "masked_form": "composed: basis-scaled dense network with zeroed bases and channel scales"}
+
+
+@register
+class DoublePruning(TargetMethod):
+    name = "double_pruning"
+    option_sections = STAGE_KEYS
+    provenance = "abstract-level"
+    reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
+                 "budget split between the stages reconstructed")
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        from pruneshot.metrics import cost
+
+        opts, c_opts, b_opts = _options(ctx.options)
+        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
+                     "channel_scaling_options": c_opts, "basis_scaling_options": b_opts,
+                     "provenance_note": "both unit kinds from the abstracts/patent; the budget split, the "
+                                        "importance and the schedules are reconstructions"}
+        if ctx.budget >= 1.0:
+            return bs.budget_one_result(ctx, base_info)
+        out = double_prune(ctx, opts, c_opts, b_opts)
+        first, second = out["first"], out["second"]
+        physical = second["physical"]
+        achieved = cost(physical, ctx.metric) / ctx.dense_cost
+        x = ctx.support_x[:8]
+        stage_equality = {"first_stage_physical_vs_masked": _max_diff(first["physical"], first["masked"], x),
+                          "second_stage_physical_vs_masked": _max_diff(physical, second["masked"], x)}
+        info = {
+            **base_info,
+            "achieved_ratio": achieved,
+            "gap": ctx.budget - achieved,
+            "first_stage_target_ratio": ctx.budget ** opts["first_stage_exponent"],
+            "first_stage_ratio": first["cost"] / ctx.dense_cost,
+            "accounted_cost": second["cost"],
+            "met_from_below": second["cost"] <= ctx.dense_cost * ctx.budget,
+            "first_stage": first["info"],
+            "second_stage": second["info"],
+            "masked_form": out["masked_form"],
+            "stage_equality": stage_equality,
+        }
+        ctx.log(f"double_pruning ({opts['order']}): {ctx.metric} ratio {achieved:.4f} for requested "
+                f"{ctx.budget:g} (gap {info['gap']:+.4f}); first stage ratio {info['first_stage_ratio']:.4f}")
+        return SearchResult(model=physical, keep={g: list(i) for g, i in out["keep"].items()}, info=info,
+                            masked=out["masked"])

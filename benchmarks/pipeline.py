@@ -1,5 +1,6 @@
-"""Benchmark the whole pipeline: wall time of a cold run and of a no-op rerun, and per-job
-overhead (process start to first training step), on a clean copy of this working tree.
+"""Benchmark the whole pipeline: wall time of a cold run and of a no-op rerun, per-job
+overhead (process start to first training step), and the per-method results of the cold run
+(accuracy, achieved params/FLOPs, search seconds), on a clean copy of this working tree.
 
     python benchmarks/pipeline.py [--config config/config.yaml] [--cores 2] [--out benchmarks/results/pipeline.json]
 
@@ -39,6 +40,26 @@ def timed(cmd: list[str], cwd: Path) -> float:
     return time.perf_counter() - t0
 
 
+def method_rows(results_csv: Path) -> list[dict]:
+    """One entry per results row: method, side, source, budget, shots, arm, accuracy (%), cost ratios."""
+    import csv
+
+    out = []
+    with open(results_csv, newline="") as f:
+        for r in csv.DictReader(f):
+            out.append({
+                "method": r["method"], "side": r["side"], "source": r["method_source"],
+                "budget": float(r["requested_budget"]), "shots": int(r["shots"]), "arm": r["arm"],
+                "acc_pct": round(100 * float(r["acc_mean"]), 2), "ci95_pct": round(100 * float(r["acc_ci95"]), 2),
+                "params_ratio": round(float(r["params_ratio"]), 4), "flops_ratio": round(float(r["flops_ratio"]), 4),
+                "achieved_params": round(float(r["achieved_params"])),
+                "achieved_flops": round(float(r["achieved_flops"])),
+                "search_seconds": round(float(r["search_seconds"]), 3), "search_scope": r["search_scope"],
+                "latency_ms_b1": float(r["latency_ms_b1"]) if r.get("latency_ms_b1") else None,
+            })
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="config/config.yaml")
@@ -67,6 +88,7 @@ def main() -> int:
             header, values = lines[0].split("\t"), lines[-1].split("\t")
             jobs[str(tsv.relative_to(work / "logs/benchmarks"))] = dict(zip(header, values, strict=False))
         n_jobs = len(jobs)
+        methods = method_rows(work / "results/tables/results.csv")
     ov = list(overheads.values())
     result = {
         "config": args.config, "cores": args.cores, "python": platform.python_version(),
@@ -76,6 +98,7 @@ def main() -> int:
         "overhead_process_start_to_first_step_s": {
             "median": round(statistics.median(ov), 2) if ov else None,
             "max": round(max(ov), 2) if ov else None, "n": len(ov)},
+        "methods": methods,
         "job_wall_s": {k: float(v["s"]) for k, v in sorted(jobs.items())},
         "job_max_rss_mb": {k: float(v["max_rss"]) for k, v in sorted(jobs.items()) if v.get("max_rss") not in
                            (None, "-", "NA")},

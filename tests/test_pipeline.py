@@ -137,8 +137,14 @@ def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path)
         assert rows["method_source"].astype(str).str.len().min() > 0
         if method not in ("dense", "linear_probe"):
             assert (rows["search_seconds"] > 0).all(), method
-            # budget met from below (gate methods may fall short: that gap is reported, never exceeded)
-            assert (rows["budget_gap"] >= -0.02).all(), method
+            # the gap is the requested budget minus the achieved ratio on the budget metric, always shown;
+            # methods that can hit a budget exactly do so from below, within 2 points
+            assert (rows["budget_gap"] - (rows["requested_budget"] - rows["params_ratio"])).abs().max() < 1e-9
+            # dnal is a gate method: its lambda bisection (3 steps in tiny) may fall short. Tiny widths
+            # [8, 16] make one unit up to ~6% of the params, so "close" is 6 points here; the 2-point
+            # guarantee at realistic widths is tested per method in the unit tests.
+            if method != "dnal":
+                assert rows["budget_gap"].between(0, 0.06).all(), (method, rows["budget_gap"].tolist())
     assert set(df.loc[df["method"] == "dap", "method_source"]) == {"reconstruction"}
     assert set(df.loc[df["method"] == "dnal", "method_source"]) == {"official code"}
     html = (project / "results/report/index.html").read_text()

@@ -51,12 +51,18 @@ def _search(world: dict, method: str, budget: float) -> Path:
     return out
 
 
-def _transfer(world: dict, method: str, budget: float, arm: str, cfg: dict | None = None) -> dict:
+def _transfer_job(world: dict, method: str, budget: float, arms: list[str], cfg: dict | None = None) -> dict:
     s = _search(world, method, budget)
-    out = world["tmp"] / "transfer" / f"{method}_{budget}_{arm}.json"
-    return stages.transfer(cfg or world["cfg"], method, arm, SHOTS, "digits_5to9", 0, s / "model.safetensors",
+    out = world["tmp"] / "transfer" / f"{method}_{budget}_{'-'.join(arms)}.json"
+    return stages.transfer(cfg or world["cfg"], method, arms, SHOTS, "digits_5to9", 0, s / "model.safetensors",
                            s / "arch.json", s / "record.json", world["src"] / "manifest.json",
                            world["tgt"] / "manifest.json", world["episodes"], out, _job("transfer", method=method))
+
+
+def _transfer(world: dict, method: str, budget: float, arm: str) -> dict:
+    """One arm's results merged with the job's record."""
+    rec = _transfer_job(world, method, budget, [arm])
+    return {**rec, **rec["arms"][arm], "arm": arm}
 
 
 @pytest.mark.parametrize("method", [m for m in available() if m != "linear_probe"])
@@ -80,6 +86,23 @@ def test_arms_share_the_head_seed_but_not_the_training_seed(world):
     lp = _transfer(world, "random", 0.5, "linear_probe")
     assert ft["head_seeds"] == lp["head_seeds"]
     assert ft["finetune_seeds"] != lp["finetune_seeds"]
+
+
+def test_one_job_with_several_arms_equals_one_job_per_arm(world):
+    """Running the arms together (one job) gives each arm exactly what it gets alone."""
+    both = _transfer_job(world, "l1_filter", 0.5, ["finetune", "reinit"])
+    for arm in ("finetune", "reinit"):
+        alone = _transfer(world, "l1_filter", 0.5, arm)
+        assert both["arms"][arm]["episode_accuracies"] == alone["episode_accuracies"]
+        assert both["arms"][arm]["finetune_seeds"] == alone["finetune_seeds"]
+
+
+@pytest.mark.parametrize("method", [m for m in available() if get_method(m).side == "target"])
+def test_target_side_arms_share_the_per_episode_pruned_network(world, method):
+    both = _transfer_job(world, method, 0.5, ["finetune", "linear_probe"])
+    alone = _transfer(world, method, 0.5, "linear_probe")
+    assert [a["spec"] for a in both["adapted"]] == [a["spec"] for a in alone["adapted"]]
+    assert both["arms"]["linear_probe"]["episode_accuracies"] == alone["episode_accuracies"]
 
 
 def test_reinit_arm_starts_from_fresh_weights(world):
@@ -130,6 +153,13 @@ def test_target_side_methods_prune_every_episode(world, method):
                           _search(world, method, 0.5) / "model.safetensors",
                           _search(world, method, 0.5) / "arch.json", world["tmp"] / f"profile_{method}.json",
                           _job("profile"), adapted=world["tmp"] / "transfer" / f"{method}_0.5_finetune.json")
+    # the cost recorded per episode is the cost of the network it describes
+    from pruneshot.metrics import cost
+    from pruneshot.models import build_model
+
+    for a in rec["adapted"]:
+        net = build_model(a["spec"])
+        assert (cost(net, "params"), cost(net, "flops")) == (a["params"], a["flops"])
     assert prof["network"]["episode"] in {a["episode"] for a in rec["adapted"]}
 
 

@@ -366,27 +366,30 @@ def _fresh_weights(spec: dict[str, Any], seed: int):
         torch.random.set_rng_state(state)
 
 
-def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, target: str, replicate: int,
+def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: int, target: str, replicate: int,
              weights: Path, arch: Path, search_record: Path, source_manifest: Path, target_manifest: Path,
              episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
-    """Transfer one searched network to every saved episode and score each query set.
+    """Transfer one searched network to every saved episode under each of ``arms``; score each query set.
 
     Per episode: the network gets a new seeded ``ways``-way head; a target-side method then prunes
-    it on the support set (``method.adapt``); the arm trains it ('finetune': all kept weights,
-    'linear_probe': the head only, 'reinit': the same architecture freshly initialised, then as
-    finetune). A target-side method's achieved cost and seconds are recorded per episode."""
+    it on the support set (``method.adapt``, once per episode, shared by the arms); each arm trains
+    its own copy ('finetune': all kept weights, 'linear_probe': the head only, 'reinit': the same
+    architecture freshly initialised, then as finetune). A target-side method's achieved cost and
+    seconds are recorded per episode. One MLflow run per job; metrics are prefixed by the arm."""
     import torch
 
     from pruneshot import data
     from pruneshot.methods import AdaptContext, get_method
-    from pruneshot.metrics import cost, count_flops, count_params, input_shape, mean_ci
+    from pruneshot.metrics import cost, mean_ci
     from pruneshot.models import load_model
     from pruneshot.training import accuracy, finetune_episode
 
     method = get_method(method_name)
     allowed = method.arms(["finetune", "linear_probe", "reinit"])
-    if arm not in allowed:
-        raise ValueError(f"{method_name} ({method.side}-side) has no transfer arm {arm!r}; allowed: {allowed}")
+    bad = [a for a in arms if a not in allowed]
+    if bad or not arms:
+        raise ValueError(f"{method_name} ({method.side}-side) cannot run transfer arm(s) {bad or arms}; "
+                         f"allowed: {allowed}")
     seeds = _seeds_for(config, replicate)
     rec = read_json(search_record)
     spec = read_json(arch)
@@ -400,69 +403,90 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
     budget = float(rec["requested_budget"])
     options = method_options(config, method)
     inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
-    params = {"method": method_name, "arm": arm, "shots": shots, "ways": ways, "target": target,
+    params = {"method": method_name, "arms": ",".join(arms), "shots": shots, "ways": ways, "target": target,
               "budget": rec["requested_budget"], "replicate": replicate, "side": method.side,
               **{f"transfer.{k}": v for k, v in tc.items()}}
-    accs: list[float] = []
-    seed_lists: dict[str, list[int]] = {"head": [], "adapt": [], "finetune": []}
+    per_arm: dict[str, dict[str, Any]] = {a: {"episode_accuracies": [], "finetune_seeds": [], "seconds": 0.0}
+                                          for a in arms}
+    head_seeds: list[int] = []
+    adapt_seeds: list[int] = []
     adapted: list[dict[str, Any]] = []
     t0 = time.perf_counter()
+    n_eps = len(eps["episodes"])
     with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
         pruned = load_model(str(weights), spec)
         overhead = process_age_s()
-        job.log(f"process start to first training step: {overhead}s")
+        job.log(f"process start to first training step: {overhead}s; arms {arms}")
         for ep in eps["episodes"]:
-            es = episode_seeds(config, replicate, target, ways, shots, ep["index"], arm)
-            for k, v in es.items():
-                seed_lists[k].append(v)
-            torch.manual_seed(es["finetune"])
-            model = _fresh_weights(spec, es["finetune"]) if arm == "reinit" else copy.deepcopy(pruned)
-            model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
-            model.eval()
+            i = ep["index"]
             sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
             qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+            es = episode_seeds(config, replicate, target, ways, shots, i, arms[0])
+            head_seeds.append(es["head"])
+            start = None
             if method.side == "target":
+                model = copy.deepcopy(pruned)
+                model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
+                model.eval()
                 dense_cost = cost(model, metric)
                 ta = time.perf_counter()
+                torch.manual_seed(es["adapt"])
                 res = method.adapt(AdaptContext(model=model, budget=budget, metric=metric, support_x=sx,
                                                 support_y=sy, seed=es["adapt"], dense_cost=dense_cost,
                                                 options=options, log=job.log))
-                model = res.model.eval()
-                ratio = cost(model, metric) / dense_cost
+                start = res.model.eval()
+                a_cost = {m: type(start).spec_cost(start.spec, m) for m in ("params", "flops")} \
+                    if hasattr(type(start), "spec_cost") else {"params": cost(start, "params"),
+                                                                "flops": cost(start, "flops")}
+                ratio = a_cost[metric] / dense_cost
+                adapt_seeds.append(es["adapt"])
                 adapted.append({
-                    "episode": ep["index"], "adapt_seconds": time.perf_counter() - ta,
-                    "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
-                    "achieved_ratio": ratio, "spec": model.spec,
+                    "episode": i, "adapt_seconds": time.perf_counter() - ta,
+                    "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": ratio,
+                    "spec": start.spec,
                     "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
                 })
-                run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]},
-                                ep["index"])
-            finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
-                             lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
-                             batch_size=tc["batch_size"], seed=es["finetune"])
-            acc = accuracy(model, qx, qy)
-            accs.append(acc)
-            run.log_metrics({"episode_acc": acc}, ep["index"])
-            if (ep["index"] + 1) % 10 == 0 or ep["index"] + 1 == len(eps["episodes"]):
-                done = ep["index"] + 1
+                run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]}, i)
+            for arm in arms:
+                ta = time.perf_counter()
+                seed = episode_seeds(config, replicate, target, ways, shots, i, arm)["finetune"]
+                torch.manual_seed(seed)
+                if start is not None:
+                    model = copy.deepcopy(start)
+                else:
+                    model = _fresh_weights(spec, seed) if arm == "reinit" else copy.deepcopy(pruned)
+                    model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
+                model.eval()
+                finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
+                                 lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
+                                 batch_size=tc["batch_size"], seed=seed)
+                acc = accuracy(model, qx, qy)
+                per_arm[arm]["episode_accuracies"].append(acc)
+                per_arm[arm]["finetune_seeds"].append(seed)
+                per_arm[arm]["seconds"] += time.perf_counter() - ta
+                run.log_metrics({f"{arm}/episode_acc": acc}, i)
+            if (i + 1) % 10 == 0 or i + 1 == n_eps:
                 el = time.perf_counter() - t0
-                job.log(f"episode {done}/{len(eps['episodes'])} mean acc {sum(accs) / len(accs):.4f} "
-                        f"elapsed {el:.1f}s left~{el / done * (len(eps['episodes']) - done):.1f}s")
-        summary = mean_ci(accs)
-        run.log_metrics({"acc_mean": summary["mean"], "acc_ci95": summary["ci95"]}, None)
+                means = ", ".join(f"{a} {sum(r['episode_accuracies']) / len(r['episode_accuracies']):.4f}"
+                                  for a, r in per_arm.items())
+                job.log(f"episode {i + 1}/{n_eps} mean acc {means} elapsed {el:.1f}s "
+                        f"left~{el / (i + 1) * (n_eps - i - 1):.1f}s")
+        for arm, r in per_arm.items():
+            r["summary"] = mean_ci(r["episode_accuracies"])
+            run.log_metrics({f"{arm}/acc_mean": r["summary"]["mean"], f"{arm}/acc_ci95": r["summary"]["ci95"]},
+                            None)
         run_id = run.run_id
     record = {
-        "method": method_name, "side": method.side, "arm": arm, "shots": shots, "ways": ways,
+        "method": method_name, "side": method.side, "shots": shots, "ways": ways,
         "target": target, "replicate": replicate, "requested_budget": rec["requested_budget"],
-        "episode_accuracies": accs, "finetune_seeds": seed_lists["finetune"], "head_seeds": seed_lists["head"],
-        "summary": summary,
+        "arms": per_arm, "head_seeds": head_seeds,
         "seconds": time.perf_counter() - t0, "overhead_s": overhead, "search_record_sha256": sha256_file(search_record),
         "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
         "upstream_run_id": rec.get("mlflow_run_id"),
         "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]}),
     }
     if method.side == "target":
-        record["adapt_seeds"] = seed_lists["adapt"]
+        record["adapt_seeds"] = adapt_seeds
         record["adapted"] = adapted
         record["achieved"] = {
             key: sum(a[key] for a in adapted) / len(adapted) for key in ("params", "flops", "achieved_ratio")
@@ -470,8 +494,9 @@ def transfer(config: dict[str, Any], method_name: str, arm: str, shots: int, tar
              "ratio_min": min(a["achieved_ratio"] for a in adapted),
              "ratio_max": max(a["achieved_ratio"] for a in adapted)}
     write_json(out, record)
-    job.log(f"{method_name}/{arm} {shots}-shot: {summary['mean']:.4f} +- {summary['ci95']:.4f} "
-            f"over {summary['n']} episodes")
+    for arm, r in per_arm.items():
+        job.log(f"{method_name}/{arm} {shots}-shot: {r['summary']['mean']:.4f} +- {r['summary']['ci95']:.4f} "
+                f"over {r['summary']['n']} episodes")
     return record
 
 
@@ -541,13 +566,22 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
     data_sha = {"source": sha256_file(source_manifest),
                 **{t: sha256_file(p) for t, p in target_manifests.items()}}
     rows, episode_rows = [], []
+    cache: dict[str, dict[str, Any]] = {}
+
+    def load(path: Any) -> dict[str, Any]:
+        if str(path) not in cache:
+            cache[str(path)] = read_json(path)
+        return cache[str(path)]
+
     for cell in cells:
-        tr, se, pr = read_json(cell["transfer"]), read_json(cell["search"]), read_json(cell["profile"])
-        pre = read_json(cell["pretrain"])
+        job_rec, se, pr = load(cell["transfer"]), load(cell["search"]), load(cell["profile"])
+        pre = load(cell["pretrain"])
+        arm = cell["arm"]
+        tr = {**job_rec, **job_rec["arms"][arm], "arm": arm}
         prov = tr["provenance"]
         seeds = prov["seeds"]
         row_id = _row_id(tr["method"], budget_label(tr["requested_budget"]), tr["target"], tr["ways"],
-                         tr["shots"], tr["arm"], tr["replicate"], prov["config_sha256"], prov["git_commit"])
+                         tr["shots"], arm, tr["replicate"], prov["config_sha256"], prov["git_commit"])
         if "achieved" in tr:  # target-side: pruned per episode, cost averaged over this cell's episodes
             ach = tr["achieved"]
             cost_cols = {
@@ -584,6 +618,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "checkpoint_sha256": se["weights_sha256"], "pretrain_sha256": pre["weights_sha256"],
             "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "ok", "error": "",
             "transfer_record": str(cell["transfer"]),
+            "transfer_seconds": tr["seconds"],
         }
         rows.append(row)
         episode_rows += [{"row_id": row_id, "episode": i, "accuracy": a}

@@ -59,10 +59,10 @@ wildcard_constraints:
     target=_alts(TARGETS),
     shots=_alts(SHOTS),
     ways=_alts([WAYS]),
-    arm=_alts(["finetune", "linear_probe", "reinit"]),
 
 
-TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.json"
+# One transfer job per (network, target, shots) runs every arm of the method on the same episodes.
+TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.json"
 SEARCH_RECORD = "results/search/{method}/b{budget}/r{replicate}/record.json"
 PROFILE = "results/profile/{method}/b{budget}/r{replicate}.json"
 
@@ -76,21 +76,25 @@ def profile_inputs(wildcards):
         "arch": "results/search/{method}/b{budget}/r{replicate}/arch.json".format(**w),
     }
     if METHODS[wildcards.method].side == "target":
-        inputs["adapted"] = TRANSFER.format(
-            **w, target=TARGETS[0], shots=max(SHOTS), arm=method_arms(wildcards.method)[0]
-        )
+        inputs["adapted"] = TRANSFER.format(**w, target=TARGETS[0], shots=max(SHOTS))
     return inputs
 
 
+def aggregate_inputs():
+    """Every record aggregate reads, once."""
+    return sorted({path for cell in aggregate_cells() for key, path in cell.items() if key != "arm"})
+
+
 def transfer_outputs():
-    return [TRANSFER.format(**c) for c in cells()]
+    return sorted({TRANSFER.format(**c) for c in cells()})
 
 
 def aggregate_cells():
-    """Per cell, the records aggregate reads (passed as plain paths)."""
+    """Per cell (one row of results.csv), its arm and the records aggregate reads (plain paths)."""
     out = []
     for c in cells():
         out.append({
+            "arm": c["arm"],
             "transfer": TRANSFER.format(**c),
             "search": SEARCH_RECORD.format(**c),
             "profile": PROFILE.format(**c),

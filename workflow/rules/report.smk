@@ -1,6 +1,6 @@
 rule aggregate:
     input:
-        cells=[path for cell in aggregate_cells() for path in cell.values()],
+        cells=aggregate_inputs(),
         source_manifest="results/data/source/manifest.json",
         target_manifests=expand("results/data/target/{target}/manifest.json", target=TARGETS),
     output:

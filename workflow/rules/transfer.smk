@@ -11,9 +11,11 @@ rule transfer:
     output:
         record=TRANSFER,
     log:
-        "logs/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.log",
+        "logs/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.log",
     benchmark:
-        "logs/benchmarks/transfer/{target}/{method}/b{budget}/{shots}shot/{arm}/r{replicate}.tsv"
+        "logs/benchmarks/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.tsv"
+    params:
+        arms=lambda w: method_arms(w.method),
     threads: 1
     conda:
         "../../envs/pruneshot.yaml"

@@ -141,10 +141,11 @@ def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path)
             # methods that can hit a budget exactly do so from below, within 2 points
             assert (rows["budget_gap"] - (rows["requested_budget"] - rows["params_ratio"])).abs().max() < 1e-9
             # dnal is a gate method: its lambda bisection (3 steps in tiny) may fall short. Tiny widths
-            # [8, 16] make one unit up to ~6% of the params, so "close" is 6 points here; the 2-point
-            # guarantee at realistic widths is tested per method in the unit tests.
+            # [8, 16] make one channel of block 0 (9 + 2 + 16 * 9 params) 11.4% of the 1357 dense params,
+            # so "close" is one such unit here; the 2-point guarantee at realistic widths is tested per
+            # method in the unit tests.
             if method != "dnal":
-                assert rows["budget_gap"].between(0, 0.06).all(), (method, rows["budget_gap"].tolist())
+                assert rows["budget_gap"].between(0, 0.12).all(), (method, rows["budget_gap"].tolist())
     assert set(df.loc[df["method"] == "dap", "method_source"]) == {"reconstruction"}
     assert set(df.loc[df["method"] == "dnal", "method_source"]) == {"official code"}
     html = (project / "results/report/index.html").read_text()

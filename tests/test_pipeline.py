@@ -292,3 +292,39 @@ def test_native_snakemake_report_with_captions(project: Path) -> None:
     assert "One row per (method" in html  # caption of results.csv (workflow/report/results.rst)
     assert "bars = 95% CI" in html  # caption of the figures (workflow/report/figures.rst)
     assert any(n.endswith("results.csv") for n in names)
+
+
+def _dry_run_counts(project: Path, cfg: dict, tmp_path: Path) -> dict[str, int]:
+    """Job count per rule that `snakemake -n` plans for ``cfg`` (given as --configfile)."""
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--configfile", str(path)], project).stdout
+    counts: dict[str, int] = {}
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0].isidentifier() and parts[0] not in ("total", "job"):
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_a_changed_setting_reruns_exactly_the_rules_that_read_it(project: Path, tmp_path: Path) -> None:
+    cfg = tiny_config()
+    # same settings: no computing rule reruns (earlier tests may have left aggregate/report to redo)
+    upstream = {"prepare_source", "prepare_target", "make_episodes", "pretrain", "search", "transfer", "profile"}
+    assert not upstream & set(_dry_run_counts(project, cfg, tmp_path))
+
+    steps = {**cfg, "transfer": {**cfg["transfer"], "steps": cfg["transfer"]["steps"] + 1}}
+    counts = _dry_run_counts(project, steps, tmp_path)
+    n_transfer = len({(c["method"], c["requested_budget"], c["shots"]) for c in expected_cells()})
+    assert counts.get("transfer") == n_transfer
+    assert not {"prepare_source", "pretrain", "search", "make_episodes"} & set(counts), counts
+
+    dap = {**cfg, "dap": {**cfg["dap"], "steps": cfg["dap"]["steps"] + 1}}
+    counts = _dry_run_counts(project, dap, tmp_path)
+    assert counts.get("search") == len(cfg["budget"]["levels"]), counts  # dap's searches only
+    assert "pretrain" not in counts
+
+    seed = {**cfg, "study": {**cfg["study"], "root_seed": cfg["study"]["root_seed"] + 1}}
+    counts = _dry_run_counts(project, seed, tmp_path)
+    assert counts.get("prepare_source") == 1 and counts.get("pretrain") == 1, counts
+    assert counts.get("make_episodes") == len(cfg["episodes"]["shots"])

@@ -85,6 +85,48 @@ def aggregate_inputs():
     return sorted({path for cell in aggregate_cells() for key, path in cell.items() if key != "arm"})
 
 
+# --- settings each rule reads ----------------------------------------------------------------
+# A rule's params carry a hash of exactly the config settings it reads, so editing one setting
+# reruns the rules that read it (Snakemake's params trigger) and, through their outputs, what
+# depends on them, and nothing else. Without this, a changed seed or option would silently
+# reuse results computed under the old value.
+
+
+def settings_hash(*parts):
+    """16-hex sha256 of JSON-serialised config parts."""
+    import hashlib
+    import json
+
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+ROOT_SEED = config["study"]["root_seed"]
+SOURCE_SETTINGS = settings_hash(config["data"]["source"], ROOT_SEED)
+PRETRAIN_SETTINGS = settings_hash(SOURCE_SETTINGS, config["backbone"], config["pretrain"])
+PROFILE_SETTINGS = settings_hash(config["profile"])
+
+
+def target_settings(wildcards):
+    return settings_hash(config["data"]["targets"][wildcards.target])
+
+
+def episode_settings(wildcards):
+    return settings_hash(config["data"]["targets"][wildcards.target], config["episodes"], ROOT_SEED)
+
+
+def search_settings(wildcards):
+    from pruneshot.stages import method_options
+
+    method = METHODS[wildcards.method]
+    return settings_hash(PRETRAIN_SETTINGS, config["budget"]["metric"], method_options(config, method))
+
+
+def transfer_settings(wildcards):
+    return settings_hash(search_settings(wildcards), config["transfer"], config["episodes"], method_arms(
+        wildcards.method))
+
+
 def transfer_outputs():
     return sorted({TRANSFER.format(**c) for c in cells()})
 

@@ -3,6 +3,8 @@ rule prepare_source:
         manifest="results/data/source/manifest.json",
         train="results/data/source/train.safetensors",
         val="results/data/source/val.safetensors",
+    params:
+        settings=SOURCE_SETTINGS,
     log:
         "logs/prepare_source.log",
     conda:
@@ -15,6 +17,8 @@ rule prepare_target:
     output:
         manifest="results/data/target/{target}/manifest.json",
         pool="results/data/target/{target}/pool.safetensors",
+    params:
+        settings=target_settings,
     log:
         "logs/prepare_target/{target}.log",
     conda:
@@ -29,6 +33,8 @@ rule make_episodes:
         pool="results/data/target/{target}/pool.safetensors",
     output:
         episodes="results/episodes/{target}/{ways}way_{shots}shot.json",
+    params:
+        settings=episode_settings,
     log:
         "logs/make_episodes/{target}/{ways}way_{shots}shot.log",
     conda:

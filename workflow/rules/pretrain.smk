@@ -8,6 +8,8 @@ rule pretrain:
         weights="results/pretrain/r{replicate}/model.safetensors",
         arch="results/pretrain/r{replicate}/arch.json",
         metrics="results/pretrain/r{replicate}/metrics.json",
+    params:
+        settings=PRETRAIN_SETTINGS,
     log:
         "logs/pretrain/r{replicate}.log",
     benchmark:

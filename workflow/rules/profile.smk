@@ -6,6 +6,8 @@ rule profile:
         unpack(profile_inputs),
     output:
         record=PROFILE,
+    params:
+        settings=PROFILE_SETTINGS,
     log:
         "logs/profile/{method}/b{budget}/r{replicate}.log",
     benchmark:

@@ -14,6 +14,7 @@ rule aggregate:
     params:
         cells=aggregate_cells(),
         targets=TARGETS,
+        settings=CONFIG_SHA256,
     log:
         "logs/aggregate.log",
     conda:
@@ -43,6 +44,7 @@ rule report:
         ),
     params:
         targets=TARGETS,
+        settings=CONFIG_SHA256,
     log:
         "logs/report.log",
     conda:

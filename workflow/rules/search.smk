@@ -11,6 +11,8 @@ rule search:
         weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
         arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
         record="results/search/{method}/b{budget}/r{replicate}/record.json",
+    params:
+        settings=search_settings,
     log:
         "logs/search/{method}/b{budget}/r{replicate}.log",
     benchmark:

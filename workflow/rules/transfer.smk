@@ -16,6 +16,7 @@ rule transfer:
         "logs/benchmarks/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.tsv"
     params:
         arms=lambda w: method_arms(w.method),
+        settings=transfer_settings,
     threads: 1
     conda:
         "../../envs/pruneshot.yaml"

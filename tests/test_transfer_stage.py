@@ -173,3 +173,13 @@ def test_method_options_nest_the_sections_a_method_builds_on(world):
         own = cfg.get(name)
         if isinstance(own, dict):
             assert {k: opts[k] for k in own} == own
+
+
+def test_pretrained_weights_do_not_depend_on_the_cores_snakemake_grants(world):
+    """The job's core reservation (Snakemake scales it down under --cores 1) must not change the weights."""
+    pre = world["pre"]
+    other = world["tmp"] / "pretrain_more_cores"
+    job = stages.Job(rule="pretrain", wildcards={}, config={}, threads=3)
+    rec = stages.pretrain(world["cfg"], 0, world["src"] / "manifest.json", other / "model.safetensors",
+                          other / "arch.json", other / "metrics.json", job)
+    assert rec["weights_sha256"] == read_json(pre / "metrics.json")["weights_sha256"]

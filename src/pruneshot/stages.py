@@ -245,6 +245,10 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
               "widths": bb["widths"], "replicate": replicate}
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
+        import torch
+
+        # A setting, not the job's core reservation: float sums depend on the thread count.
+        torch.set_num_threads(pc["threads"])
         overhead = process_age_s()
         job.log(f"process start to first training step: {overhead}s")
         model, info = train(model, train_split, val_split, epochs=pc["epochs"], batch_size=pc["batch_size"],

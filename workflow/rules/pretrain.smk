@@ -14,7 +14,7 @@ rule pretrain:
         "logs/pretrain/r{replicate}.log",
     benchmark:
         "logs/benchmarks/pretrain/r{replicate}.tsv"
-    threads: 2
+    threads: config["pretrain"]["threads"]
     resources:
         gpu=0,
     conda:

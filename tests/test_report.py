@@ -295,3 +295,18 @@ def test_report_says_when_no_reinit_arm_ran(tmp_path):
     out = tmp_path / "index.html"
     build_report(csv, make_provenance(), out, tmp_path / "figures")
     assert 'id="reinit-gap-none"' in out.read_text()
+
+
+def test_cli_summary_prints_side_source_and_accuracy(tmp_path, capsys):
+    from pruneshot.cli import main
+
+    csv = tmp_path / "results.csv"
+    _with_reinit_and_target().to_csv(csv, index=False)
+    assert main(["summary", str(csv)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:3] == ["method", "side", "source"]
+    row = next(line for line in lines if line.split()[0] == "basis_scaling")
+    assert row.split()[1:3] == ["target", "abstract-level"]
+    assert "59.0 ± 3.2" in "\n".join(lines)  # l1_filter@0.5 1-shot finetune
+    assert not any(line.split()[0] == "l1_filter" and "nan" in line for line in lines)  # the failed row is left out

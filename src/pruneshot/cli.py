@@ -12,9 +12,9 @@ def _summary(args: argparse.Namespace) -> int:
 
     df = pd.read_csv(args.results)
     df = df[df["status"] == "ok"]
-    cols = ["method", "requested_budget", "params_ratio", "target", "shots", "arm", "acc_mean", "acc_ci95",
-            "n_episodes"]
-    view = df[cols].copy()
+    cols = ["method", "side", "method_source", "requested_budget", "params_ratio", "target", "shots", "arm",
+            "acc_mean", "acc_ci95", "n_episodes"]
+    view = df[[c for c in cols if c in df.columns]].rename(columns={"method_source": "source"})
     view["acc"] = [f"{100 * m:.1f} ± {100 * c:.1f}" for m, c in zip(view.acc_mean, view.acc_ci95, strict=True)]
     view["params_ratio"] = view["params_ratio"].map(lambda v: f"{v:.3f}")
     print(view.drop(columns=["acc_mean", "acc_ci95"]).to_string(index=False))

@@ -344,15 +344,16 @@ def method_options(config: dict[str, Any], method: Any) -> dict[str, Any]:
 
 
 def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
-                  arm: str) -> dict[str, int]:
+                  arms: list[str]) -> dict[str, Any]:
     """Seeds of one episode's transfer. ``head`` (new classifier) and ``adapt`` (target-side pruning)
-    are shared by every method and arm, so arms and methods are paired; ``finetune`` (mini-batch
+    are shared by every method and arm, so arms and methods are paired; ``finetune[arm]`` (mini-batch
     order, and the fresh weights of the reinit arm) is per arm."""
     root = config["study"]["root_seed"]
+    axis = (replicate, target, ways, shots, episode)
     return {
-        "head": derive_seed(root, "finetune", replicate, target, ways, shots, episode, "head"),
-        "adapt": derive_seed(root, "adapt", replicate, target, ways, shots, episode),
-        "finetune": derive_seed(root, "finetune", replicate, target, ways, shots, episode, arm),
+        "head": derive_seed(root, "finetune", *axis, "head"),
+        "adapt": derive_seed(root, "adapt", *axis),
+        "finetune": {arm: derive_seed(root, "finetune", *axis, arm) for arm in arms},
     }
 
 
@@ -421,27 +422,28 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
         pruned = load_model(str(weights), spec)
         overhead = process_age_s()
         job.log(f"process start to first training step: {overhead}s; arms {arms}")
+        if method.side == "target":  # the budget's reference: the dense network with a ways-way head
+            probe = copy.deepcopy(pruned)
+            probe.reset_classifier(ways)
+            dense_cost = cost(probe, metric)
         for ep in eps["episodes"]:
             i = ep["index"]
             sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
             qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
-            es = episode_seeds(config, replicate, target, ways, shots, i, arms[0])
+            es = episode_seeds(config, replicate, target, ways, shots, i, arms)
             head_seeds.append(es["head"])
             start = None
             if method.side == "target":
                 model = copy.deepcopy(pruned)
                 model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
                 model.eval()
-                dense_cost = cost(model, metric)
                 ta = time.perf_counter()
                 torch.manual_seed(es["adapt"])
                 res = method.adapt(AdaptContext(model=model, budget=budget, metric=metric, support_x=sx,
                                                 support_y=sy, seed=es["adapt"], dense_cost=dense_cost,
                                                 options=options, log=job.log))
                 start = res.model.eval()
-                a_cost = {m: type(start).spec_cost(start.spec, m) for m in ("params", "flops")} \
-                    if hasattr(type(start), "spec_cost") else {"params": cost(start, "params"),
-                                                                "flops": cost(start, "flops")}
+                a_cost = {m: cost(start, m) for m in ("params", "flops")}
                 ratio = a_cost[metric] / dense_cost
                 adapt_seeds.append(es["adapt"])
                 adapted.append({
@@ -453,7 +455,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                 run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]}, i)
             for arm in arms:
                 ta = time.perf_counter()
-                seed = episode_seeds(config, replicate, target, ways, shots, i, arm)["finetune"]
+                seed = es["finetune"][arm]
                 torch.manual_seed(seed)
                 if start is not None:
                     model = copy.deepcopy(start)

@@ -39,6 +39,16 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return factory(spec)
 
 
+def backbone_spec(backbone: dict[str, Any], in_channels: int, input_size: int, num_classes: int) -> dict[str, Any]:
+    """The architecture spec of the configured ``backbone`` section (``name`` plus its options) for
+    inputs (in_channels, input_size, input_size) and ``num_classes`` outputs."""
+    name = backbone["name"]
+    if name == "small_cnn":
+        return {"name": name, "in_channels": int(in_channels), "input_size": int(input_size),
+                "widths": [int(w) for w in backbone["widths"]], "num_classes": int(num_classes)}
+    raise ValueError(f"unknown backbone {name!r}; allowed: {', '.join(BACKBONES)}")
+
+
 def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 

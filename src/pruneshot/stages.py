@@ -228,7 +228,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
              out_arch: Path, out_metrics: Path, job: Job) -> dict[str, Any]:
     """Train the backbone on the source classes; keep the best-validation epoch."""
     from pruneshot.metrics import count_flops, count_params, input_shape
-    from pruneshot.models import build_model, state_dict_for_save
+    from pruneshot.models import backbone_spec, build_model, state_dict_for_save
     from pruneshot.seeds import seed_everything
     from pruneshot.training import pretrain as train
 
@@ -237,12 +237,10 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     manifest, train_split, val_split = _load_source(manifest_path)
     c, h, _ = manifest["image_shape"]
     bb = config["backbone"]
-    spec = {"name": bb["name"], "in_channels": c, "input_size": h, "widths": bb["widths"],
-            "num_classes": len(manifest["classes"])}
-    model = build_model(spec)
+    model = build_model(backbone_spec(bb, c, h, len(manifest["classes"])))
     pc = config["pretrain"]
     params = {**{f"pretrain.{k}": v for k, v in pc.items()}, "backbone": bb["name"],
-              "widths": bb["widths"], "replicate": replicate}
+              **{f"backbone.{k}": v for k, v in bb.items() if k != "name"}, "replicate": replicate}
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
         import torch

@@ -150,8 +150,8 @@ def test_gate_points_are_the_batchnorms(dense):
     points = dnal_mod.gate_points(dense)
     assert list(points) == GROUPS
     for g, block in zip(GROUPS, dense.blocks(), strict=True):
-        assert points[g] is block[1]
-        assert isinstance(points[g], nn.BatchNorm2d)
+        assert points[g] == [block[1]]
+        assert isinstance(points[g][0], nn.BatchNorm2d)
 
     other = nn.Linear(2, 2)
     other.spec = {"name": "other_net"}
@@ -180,7 +180,7 @@ def test_gates_multiply_bn_output_and_detach_cleanly(dense):
         with surgery.channel_masks(model, {"block1": torch.zeros(WIDTHS[1])}):
             assert torch.allclose(closed, model(x), atol=1e-6)
         assert torch.allclose(model(x), ref)
-    assert all(not bn._forward_hooks for bn in dnal_mod.gate_points(model).values())
+    assert all(not bn._forward_hooks for bns in dnal_mod.gate_points(model).values() for bn in bns)
 
 
 def test_delta_schedule_reaches_1e4_in_the_last_epoch():
@@ -399,7 +399,8 @@ def test_slimming_pruned_equals_masked_finetuned_dense(slim_results, dense, key)
 @pytest.mark.parametrize("key", [(0.5, "params"), (0.25, "params")], ids=str)
 def test_slimming_keeps_globally_largest_gammas(slim_results, key):
     finetuned, res = slim_results[key]
-    gammas = {g: w.detach().abs() for g, w in slim_mod.bn_gammas(finetuned).items()}
+    gammas = {g: ws[0].detach().abs() for g, ws in slim_mod.bn_gammas(finetuned).items()}
+    assert all(torch.equal(gammas[g], s) for g, s in slim_mod.gamma_scores(finetuned).items())
     top = {g: int(torch.argmax(s)) for g, s in gammas.items()}
     kept, dropped = [], []
     for g, s in gammas.items():
@@ -423,7 +424,7 @@ def test_slimming_l1_shrinks_gammas(dense, digits):
     for l1 in (0.0, 0.05):
         model = copy.deepcopy(dense)
         slim_mod.sparsity_finetune(model, digits[0], l1=l1, epochs=3, lr=0.01, momentum=0.9, batch_size=64, seed=0)
-        sums[l1] = sum(float(w.detach().abs().sum()) for w in slim_mod.bn_gammas(model).values())
+        sums[l1] = sum(float(w.detach().abs().sum()) for ws in slim_mod.bn_gammas(model).values() for w in ws)
     assert sums[0.05] < sums[0.0] - 1.0
 
 

@@ -289,7 +289,7 @@ def test_low_rank_spec_builds_low_rank_blocks():
     assert model.channel_groups() == {"block0": 6, "block1": 10, "block2": 8}
     assert model.group_convs()["block0"] == [b0.coef]
     assert model.group_convs()["block1"] == [b1]
-    assert model.group_consumers() == {"block0": b1, "block1": b2.basis, "block2": model.classifier}
+    assert model.group_consumers() == {"block0": [b1], "block1": [b2.basis], "block2": [model.classifier]}
     assert model.spec_with_widths({"block1": 4})["ranks"] == [3, None, 5]
     assert model.spec_with_ranks({"block0": None, "block2": None}).get("ranks") is None
     assert model.spec_with_ranks({"block1": 2})["ranks"] == [3, 2, 5]
@@ -364,13 +364,13 @@ def test_scaling_at_the_consumer_equals_scaling_after_the_activation():
         ref = model(x)
         for h in hs:
             h.remove()
-        hs = [consumers[g].register_forward_pre_hook(pre(s)) for g, s in scales.items()]
+        hs = [m.register_forward_pre_hook(pre(s)) for g, s in scales.items() for m in consumers[g]]
         at_consumer = model(x)
         for h in hs:
             h.remove()
         for g, s in scales.items():
-            w = consumers[g].weight
-            w.mul_(s.view((1, -1) + (1,) * (w.dim() - 2)))
+            for m in consumers[g]:
+                m.weight.mul_(s.view((1, -1) + (1,) * (m.weight.dim() - 2)))
         folded = model(x)
     assert (at_consumer - ref).abs().max().item() < 1e-5
     assert (folded - ref).abs().max().item() < 1e-5

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models import LowRankConv, SmallCNN, build_model, conv_cost, lowrank_pays
+from pruneshot.models import BACKBONES, Backbone, LowRankConv, build_model, conv_cost, lowrank_pays, spec_cost
 
 
 class BasisScalingConv(nn.Module):
@@ -183,111 +183,106 @@ class BasisScalingConv(nn.Module):
 # --- networks ---------------------------------------------------------------
 
 
-def decompose(model: SmallCNN) -> SmallCNN:
-    """A copy of ``model`` whose block convs are replaced by BasisScalingConv layers (s = 1)."""
-    if not isinstance(model, SmallCNN):
+def basis_layer_names(model: nn.Module) -> list[str]:
+    """The layers basis scaling decomposes: every conv except depthwise ones, in table order."""
+    return [ly.name for ly in model.layers() if not ly.depthwise]
+
+
+def decompose(model: Backbone) -> Backbone:
+    """A copy of ``model`` whose convs (depthwise ones excepted) are BasisScalingConv layers (s = 1)."""
+    if not isinstance(model, Backbone):
         raise NotImplementedError(f"basis scaling: no decomposition defined for {type(model).__name__}")
     if model.spec.get("ranks"):
-        raise NotImplementedError("basis scaling: the network already has low-rank blocks; decompose a plain one")
+        raise NotImplementedError("basis scaling: the network already has low-rank layers; decompose a plain one")
     out = copy.deepcopy(model)
-    for b in out.blocks():
-        b[0] = BasisScalingConv(b[0])
+    for name in basis_layer_names(out):
+        out.set_conv(name, BasisScalingConv(out.get_conv(name)))
     return out.eval()
 
 
 def basis_layers(model: nn.Module) -> dict[str, BasisScalingConv]:
-    """The BasisScalingConv of each block of a decomposed SmallCNN, by group name."""
-    layers = {f"block{i}": b[0] for i, b in enumerate(model.blocks())}
+    """The BasisScalingConv of each decomposed layer, by layer name."""
+    layers = {name: model.get_conv(name) for name in basis_layer_names(model)}
     bad = [g for g, m in layers.items() if not isinstance(m, BasisScalingConv)]
     if bad:
-        raise ValueError(f"blocks {bad} are not decomposed (use basis.decompose)")
+        raise ValueError(f"layers {bad} are not decomposed (use basis.decompose)")
     return layers
 
 
 def physical_ranks(model: nn.Module, kept: dict[str, int], revert_when_larger: bool) -> dict[str, int | None]:
-    """Per block, the physical rank for ``kept`` bases, or None where the block reverts to a dense conv."""
-    geo = {f"block{i}": g for i, g in enumerate(model.block_geometry())}
+    """Per layer, the physical rank for ``kept`` bases, or None where the layer reverts to a dense conv."""
+    geo = model.layer_geometry()
     out: dict[str, int | None] = {}
     for g, r in kept.items():
-        pays = lowrank_pays(geo[g]["c_in"], geo[g]["c_out"], geo[g]["kernel"], r)
+        pays = lowrank_pays(geo[g].c_in, geo[g].c_out, geo[g].kernel, r)
         out[g] = None if revert_when_larger and not pays else int(r)
     return out
 
 
 class BasisCost:
     """Params/FLOPs of a network as it would be physically built after basis pruning, from shapes:
-    the fixed part (BN, classifier, anything not decomposed) plus, per block, ``conv_cost`` of its
+    the fixed part (BN, classifier, depthwise convs) plus, per decomposed layer, ``conv_cost`` of its
     conv with the kept rank, or at its dense cost where it reverts (``revert_when_larger``)."""
 
     def __init__(self, model: nn.Module, metric: str, revert_when_larger: bool) -> None:
         self.metric, self.revert = metric, revert_when_larger
-        self.geo = {f"block{i}": g for i, g in enumerate(model.block_geometry())}
+        self.geo = {n: model.layer_geometry()[n] for n in basis_layer_names(model)}
         dense_spec = copy.deepcopy(model.spec)
         dense_spec.pop("ranks", None)
-        self.rest = SmallCNN.spec_cost(dense_spec, metric) - sum(self.layer(g, None) for g in self.geo)
+        self.rest = spec_cost(dense_spec, metric) - sum(self.layer(g, None) for g in self.geo)
 
-    def layer(self, group: str, rank: int | None) -> int:
-        g = self.geo[group]
-        if rank is not None and self.revert and not lowrank_pays(g["c_in"], g["c_out"], g["kernel"], rank):
+    def layer(self, name: str, rank: int | None) -> int:
+        g = self.geo[name]
+        if rank is not None and self.revert and not lowrank_pays(g.c_in, g.c_out, g.kernel, rank):
             rank = None
-        return conv_cost(g["c_in"], g["c_out"], g["kernel"], rank, g["out_hw"], self.metric)
+        return conv_cost(g.c_in, g.c_out, g.kernel, rank, g.out_hw, self.metric)
 
     def __call__(self, kept: dict[str, int]) -> int:
         return self.rest + sum(self.layer(g, kept[g]) for g in self.geo)
 
 
 @torch.no_grad()
-def fold_network(masked: SmallCNN, revert_when_larger: bool = True) -> SmallCNN:
-    """The physically pruned SmallCNN of a decomposed network: low-rank blocks where they pay (or
-    always, without ``revert_when_larger``), dense convs of the original shape elsewhere; BatchNorm
-    and classifier copied. Its spec records the ranks (null for dense blocks)."""
+def fold_network(masked: Backbone, revert_when_larger: bool = True) -> Backbone:
+    """The physically pruned network of a decomposed one: low-rank layers where they pay (or always,
+    without ``revert_when_larger``), dense convs of the original shape elsewhere; everything else
+    copied. Its spec records the ranks."""
     layers = basis_layers(masked)
     ranks = physical_ranks(masked, {g: m.n_kept() for g, m in layers.items()}, revert_when_larger)
+    folded = copy.deepcopy(masked)
+    for g, layer in layers.items():
+        folded.set_conv(g, layer.to_dense() if ranks[g] is None else layer.to_low_rank())
     new = build_model(masked.spec_with_ranks(ranks))
-    for (g, layer), old_b, new_b in zip(layers.items(), masked.blocks(), new.blocks(), strict=True):
-        folded = layer.to_dense() if ranks[g] is None else layer.to_low_rank()
-        new_b[0].load_state_dict(folded.state_dict(), strict=True)
-        new_b[1].load_state_dict(old_b[1].state_dict(), strict=True)
-    new.classifier.load_state_dict(masked.classifier.state_dict(), strict=True)
+    new.load_state_dict(folded.state_dict(), strict=True)
     return new.eval()
 
 
 def reverted_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """``spec`` with every low-rank block that is not smaller than its dense conv made dense."""
-    ranks = spec.get("ranks")
-    if not ranks:
+    """``spec`` with every low-rank layer that is not smaller than its dense conv made dense."""
+    if not spec.get("ranks"):
         return spec
-    out = copy.deepcopy(spec)
-    c_in = spec["in_channels"]
-    new = []
-    for w, r in zip(spec["widths"], ranks, strict=True):
-        new.append(None if r is None or not lowrank_pays(c_in, w, 3, r) else r)
-        c_in = w
-    if any(r is not None for r in new):
-        out["ranks"] = new
-    else:
-        out.pop("ranks")
-    return out
+    cls = BACKBONES[spec["name"]]
+    revert = {ly.name: None for ly in cls.layer_table(spec)
+              if ly.rank is not None and not lowrank_pays(ly.c_in, ly.c_out, ly.kernel, ly.rank)}
+    return cls.with_ranks(spec, revert) if revert else spec
 
 
 @torch.no_grad()
-def revert_larger_blocks(model: SmallCNN) -> SmallCNN:
-    """``model`` with each LowRankConv block that is not smaller than its dense conv replaced by that
+def revert_larger_blocks(model: Backbone) -> Backbone:
+    """``model`` with each LowRankConv layer that is not smaller than its dense conv replaced by that
     dense conv (weight = coef @ basis, exact up to rounding); returns ``model`` itself when none is."""
     spec = reverted_spec(model.spec)
     if spec == model.spec:
         return model
+    tmp = copy.deepcopy(model)
     new = build_model(spec)
-    for old_b, new_b in zip(model.blocks(), new.blocks(), strict=True):
-        old, conv = old_b[0], new_b[0]
+    for ly in model.layers():
+        old, conv = model.get_conv(ly.name), new.get_conv(ly.name)
         if isinstance(old, LowRankConv) and not isinstance(conv, LowRankConv):
             coef = old.coef.weight.to(torch.float64).flatten(1)  # (C_out, r)
             basis = old.basis.weight.to(torch.float64).flatten(1)  # (r, C_in k^2)
             conv.weight.copy_((coef @ basis).reshape(conv.weight.shape).to(conv.weight.dtype))
             if old.coef.bias is not None:
                 conv.bias.copy_(old.coef.bias)
-        else:
-            conv.load_state_dict(old.state_dict(), strict=True)
-        new_b[1].load_state_dict(old_b[1].state_dict(), strict=True)
-    new.classifier.load_state_dict(model.classifier.state_dict(), strict=True)
+            tmp.set_conv(ly.name, conv)
+    new.load_state_dict(tmp.state_dict(), strict=True)
     return new.eval()

@@ -1,7 +1,7 @@
 """`basis_scaling`: basis scaling (Wong et al. 2021), a target-side method.
 
 Source read: the abstracts of both arXiv versions and claim 1 of the IBM patent. The layer algebra
-(``pruneshot.basis``) is forced by that description: every block conv of the pretrained network
+(``pruneshot.basis``) is forced by that description: every conv (depthwise ones excepted) of the pretrained network
 is split by SVD into a frozen k x k basis conv and a 1x1 BasisScalingConv whose only trainable
 part is the per-basis scale s (init 1); s and the new classifier head train on the support set
 (BatchNorm stays in eval mode, every other weight is frozen). Everything else is a
@@ -17,7 +17,7 @@ part is the per-basis scale s (init 1); s and the new classifier head train on t
   bases); a layer's last basis is never pruned. With global ranking, the bases pruned in the round
   are then re-added, most important first, wherever one fits under the target (budget fill), so the
   last round meets the budget from below as closely as the unit sizes allow;
-- physical network: low-rank blocks (``LowRankConv``, s folded in) where that is smaller than the
+- physical network: low-rank layers (``LowRankConv``, s folded in) where that is smaller than the
   dense conv, dense convs of the original shape with the kept bases summed back elsewhere
   (``revert_when_larger``); BatchNorm and the trained head are copied.
 """
@@ -184,8 +184,9 @@ def basis_scaling_stage(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target_cost: float, metric: str, opts: dict[str, Any],
     gen: torch.Generator, log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Basis-scale a copy of ``model`` (a plain SmallCNN, BN in eval mode) on (x, y) until its physical
-    cost is <= ``target_cost``. Returns {"physical", "masked", "info", "cost"}; ``model`` is untouched."""
+    """Basis-scale a copy of ``model`` (any backbone without low-rank layers, BN in eval mode) on (x, y)
+    until its physical cost is <= ``target_cost``. Returns {"physical", "masked", "info", "cost"};
+    ``model`` is untouched."""
     from pruneshot.basis import BasisCost, basis_layers, decompose, fold_network, physical_ranks
 
     masked = decompose(model)

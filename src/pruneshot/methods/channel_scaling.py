@@ -120,7 +120,7 @@ class ChannelScaled(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         consumers = self.net.group_consumers()
-        handles = [consumers[g].register_forward_pre_hook(self._hook(g)) for g in self.scales]
+        handles = [m.register_forward_pre_hook(self._hook(g)) for g in self.scales for m in consumers[g]]
         try:
             return self.net(x)
         finally:
@@ -138,9 +138,10 @@ class ChannelScaled(nn.Module):
         physical = self.net.pruned({g: torch.tensor(i, dtype=torch.long) for g, i in keep.items()})
         consumers = physical.group_consumers()
         for g, idx in keep.items():
-            w = consumers[g].weight
-            scale = self.effective(g).detach()[torch.tensor(idx, dtype=torch.long)].to(w.device, w.dtype)
-            w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
+            for consumer in consumers[g]:
+                w = consumer.weight
+                scale = self.effective(g).detach()[torch.tensor(idx, dtype=torch.long)].to(w.device, w.dtype)
+                w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
         return physical.eval(), keep
 
 
@@ -148,12 +149,12 @@ def channel_scaling_stage(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target_cost: float, metric: str, opts: dict[str, Any],
     gen: torch.Generator, log: Callable[[str], None] = print, revert_larger: bool = False,
 ) -> dict[str, Any]:
-    """Channel-scale a copy of ``model`` (a SmallCNN, plain or with low-rank blocks) on (x, y) until its
+    """Channel-scale a copy of ``model`` (any backbone, plain or with low-rank layers) on (x, y) until its
     physical cost is <= ``target_cost``. With ``revert_larger`` a low-rank block whose channels shrink
     so far that it is no longer smaller than a dense conv is counted, and built, as that dense conv.
     Returns {"physical", "masked", "keep", "info", "cost"}; ``model`` is untouched."""
     from pruneshot.basis import revert_larger_blocks, reverted_spec
-    from pruneshot.models import SmallCNN
+    from pruneshot.models import spec_cost
 
     net = copy.deepcopy(model).eval()
     scaled = ChannelScaled(net)
@@ -161,7 +162,7 @@ def channel_scaling_stage(
 
     def cost_of(counts: dict[str, int]) -> int:
         spec = net.spec_with_widths(counts)
-        return SmallCNN.spec_cost(reverted_spec(spec) if revert_larger else spec, metric)
+        return spec_cost(reverted_spec(spec) if revert_larger else spec, metric)
 
     start = cost_of(sizes)
     scales = list(scaled.scales.values())
@@ -231,7 +232,8 @@ def channel_scaling_stage(
         "accounted_cost": final_cost,
         "met_from_below": final_cost <= target_cost,
         "rounds_history": history,
-        "scale_placement": "consumer input (after activation and pooling); folded into the consumer's weights",
+        "scale_placement": "input of every consumer of the group (after activation and pooling); folded into "
+                           "the consumers' weights",
     }
     return {"physical": physical, "masked": scaled.eval(), "keep": keep, "info": info, "cost": final_cost}
 

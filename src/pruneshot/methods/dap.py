@@ -94,7 +94,7 @@ def logistic_noise(n: int, generator: torch.Generator) -> torch.Tensor:
 
 class ArchitectureGates:
     """Gates ``x_c * sigmoid((theta_c + noise_c) / tau_gate)`` attached by forward hooks on the model's
-    mask points (SmallCNN: the ReLU outputs); gates below ``GATE_FLOOR`` are exactly 0. theta lives
+    mask points (each layer's BatchNorm or activation output); gates below ``GATE_FLOOR`` are exactly 0. theta lives
     here, not in the model, so the model's state dict is untouched; ``remove()`` detaches the hooks
     and leaves the model as it was."""
 

@@ -48,14 +48,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def gate_points(model: nn.Module) -> dict[str, nn.Module]:
-    """The BatchNorm module of each channel group, whose output the gate multiplies (before the activation)."""
-    from pruneshot.models import SmallCNN
+def gate_points(model: nn.Module) -> dict[str, list[nn.Module]]:
+    """Per channel group, the BatchNorm of every layer writing it, whose output the group's gate
+    multiplies (before the activation; a group tied by residual additions is gated at each of them,
+    with the same gate, which equals gating the sum)."""
+    from pruneshot.models import Backbone
 
-    if isinstance(model, SmallCNN):
-        return {f"block{i}": block[1] for i, block in enumerate(model.blocks())}
+    if isinstance(model, Backbone):
+        return model.group_bns()
     name = getattr(model, "spec", {}).get("name", type(model).__name__)
-    raise NotImplementedError(f"dnal: no gate points defined for backbone {name!r}; add them to gate_points()")
+    raise NotImplementedError(f"dnal: no gate points defined for {name!r} (not a pruneshot Backbone)")
 
 
 class ChannelGates:
@@ -72,7 +74,7 @@ class ChannelGates:
             raise ValueError(f"dnal: gate points {sorted(points)} do not match channel groups {sorted(sizes)}")
         self.alpha = {g: nn.Parameter(torch.zeros(sizes[g])) for g in sizes}
         self.delta = 1.0
-        self._handles = [points[g].register_forward_hook(self._hook(g)) for g in sizes]
+        self._handles = [m.register_forward_hook(self._hook(g)) for g in sizes for m in points[g]]
 
     def _hook(self, group: str) -> Callable:
         def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:

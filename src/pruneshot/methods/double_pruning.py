@@ -79,16 +79,31 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
     decomposed network of the channel-pruned widths) computes: each BasisScalingConv embedded with
     zero weights on removed input channels and zero outputs on removed channels, BatchNorm of the kept
     channels from ``narrow``, the head's removed columns zero."""
+    from pruneshot.basis import BasisScalingConv
+
     net = copy.deepcopy(dense).eval()
     sizes = dense.channel_groups()
-    prev, prev_n = torch.arange(dense.spec["in_channels"]), dense.spec["in_channels"]
-    for i, (b_wide, b_narrow) in enumerate(zip(net.blocks(), narrow.blocks(), strict=True)):
-        out = torch.as_tensor(keep[f"block{i}"], dtype=torch.long)
-        b_wide[0] = b_narrow[0].embedded(prev, prev_n, out, sizes[f"block{i}"])
-        bn_w, bn_n = b_wide[1], b_narrow[1]
-        for name in ("weight", "bias", "running_mean", "running_var"):
-            getattr(bn_w, name)[out] = getattr(bn_n, name)
-        prev, prev_n = out, sizes[f"block{i}"]
+    full = {g: torch.as_tensor(keep.get(g, list(range(n))), dtype=torch.long) for g, n in sizes.items()}
+    for ly in dense.layers():
+        out = full[ly.out_group]
+        if ly.in_group is None:
+            in_idx, c_in = torch.arange(dense.spec["in_channels"]), dense.spec["in_channels"]
+        else:
+            in_idx, c_in = full[ly.in_group], sizes[ly.in_group]
+        small = narrow.get_conv(ly.name)
+        if isinstance(small, BasisScalingConv):
+            wide = small.embedded(in_idx, c_in, out, ly.c_out)
+        else:  # a depthwise conv (not decomposed): its kept channels' filters, zero elsewhere
+            wide = copy.deepcopy(dense.get_conv(ly.name))
+            wide.weight.zero_()
+            wide.weight[out] = small.weight
+            wide.weight.requires_grad_(False)
+        net.set_conv(ly.name, wide)
+        if ly.bn is not None:
+            bn_w, bn_n = net.get_submodule(ly.bn), narrow.get_submodule(ly.bn)
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                getattr(bn_w, name)[out] = getattr(bn_n, name)
+    prev, prev_n = full[dense.head_group(dense.spec)], sizes[dense.head_group(dense.spec)]
     head = nn.Linear(prev_n, narrow.classifier.out_features, bias=narrow.classifier.bias is not None)
     head.weight.zero_()
     head.weight[:, prev] = narrow.classifier.weight

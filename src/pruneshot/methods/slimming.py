@@ -37,14 +37,22 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def bn_gammas(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The BatchNorm scale of each channel group (the BN right after the group's conv)."""
-    from pruneshot.models import SmallCNN
+def bn_gammas(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """The BatchNorm scales (gamma) of each channel group: one per layer writing the group (several
+    where residual additions tie layers into one group)."""
+    from pruneshot.models import Backbone
 
-    if isinstance(model, SmallCNN):
-        return {f"block{i}": block[1].weight for i, block in enumerate(model.blocks())}
+    if isinstance(model, Backbone):
+        return {g: [bn.weight for bn in bns] for g, bns in model.group_bns().items()}
     name = getattr(model, "spec", {}).get("name", type(model).__name__)
-    raise NotImplementedError(f"slimming: no BatchNorm scales defined for backbone {name!r}; add them to bn_gammas()")
+    raise NotImplementedError(f"slimming: no BatchNorm scales defined for {name!r} (not a pruneshot Backbone)")
+
+
+def gamma_scores(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Per group, the channel score |gamma|, averaged over the group's BatchNorms (a group written
+    by one layer: that layer's |gamma|; averaging keeps tied groups on the same scale in the global
+    ranking; an extension: the paper prunes single-BN channels only)."""
+    return {g: torch.stack([w.detach().abs() for w in ws]).mean(0).clone() for g, ws in bn_gammas(model).items()}
 
 
 def sparsity_finetune(
@@ -53,7 +61,7 @@ def sparsity_finetune(
 ) -> list[dict[str, float]]:
     """Fine-tune every weight of ``model`` in place (BN in train mode) on ``CE + l1 * sum |gamma|``
     with SGD (no weight decay); mini-batch order from a generator seeded with ``seed``."""
-    gammas = list(bn_gammas(model).values())
+    gammas = [w for ws in bn_gammas(model).values() for w in ws]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
     model.train()
@@ -147,7 +155,7 @@ class Slimming(PruningMethod):
         history = sparsity_finetune(
             model, ctx.source_train, l1=opts["l1"], epochs=opts["epochs"], lr=opts["lr"],
             momentum=opts["momentum"], batch_size=opts["batch_size"], seed=ctx.seed, log_metrics=ctx.log_metrics)
-        scores = {g: w.detach().abs().clone() for g, w in bn_gammas(model).items()}
+        scores = gamma_scores(model)
         keep, n_global = global_keep(model, scores, ctx.budget, ctx.metric)
         pruned = model.pruned(keep)
         achieved = cost(pruned, ctx.metric) / cost(model, ctx.metric)

@@ -69,8 +69,16 @@ def test_missing_section_is_filled_with_schema_defaults(cfg, schema):
     del cfg["pretrain"]
     out = validate_config(cfg, schema)
     props = schema["properties"]["pretrain"]["properties"]
-    expected = {k: v["default"] for k, v in props.items()}
+
+
+    def filled(sub):  # a default that is a mapping gets its own properties' defaults too
+        if "properties" not in sub:
+            return sub["default"]
+        return {**sub["default"], **{k: filled(v) for k, v in sub["properties"].items() if "default" in v}}
+
+    expected = {k: filled(v) for k, v in props.items()}
     assert out["pretrain"] == expected
+    assert out["pretrain"]["augment"] == {"crop_padding": 0, "flip": False}
     assert out["pretrain"]["epochs"] == props["epochs"]["default"]
 
 

@@ -181,3 +181,33 @@ def test_load_split_detects_a_flipped_byte(raw, tmp_path, where):
     assert "sha256" in str(err.value)
     # the intact split still loads
     data.load_split(out / "manifest.json", "train", manifest["normalization"])
+
+
+def test_prepare_is_atomic_on_failure(raw, tmp_path, monkeypatch):
+    """A failure while writing leaves neither the output dir nor a staging dir behind."""
+
+    def broken(path, obj):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(data, "write_json", broken)
+    with pytest.raises(OSError, match="disk full"):
+        data.prepare_source(raw, SOURCE_CLASSES, VAL_FRACTION, seed=1, out_dir=tmp_path / "src")
+    with pytest.raises(OSError, match="disk full"):
+        data.prepare_target(raw, TARGET_CLASSES, out_dir=tmp_path / "tgt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_manifest_records_provenance(raw, source_dir, target_dir):
+    for _, manifest in (source_dir, target_dir):
+        assert manifest["dataset"] == "digits" and manifest["split"] == "all"
+        assert manifest["native_shape"] == manifest["image_shape"] == [1, 8, 8]
+        assert manifest["conversion"] == {"channels": None, "size": None}
+        (entry,) = manifest["source_files"]
+        assert entry["file"] == "sklearn.datasets.load_digits" and len(entry["sha256"]) == 64
+    assert source_dir[1]["class_names"] == [str(c) for c in SOURCE_CLASSES]
+
+
+def test_unknown_class_is_an_error(raw, tmp_path):
+    with pytest.raises(data.DatasetError, match=r"digits.*\[11\] have no images"):
+        data.prepare_target(raw, [5, 11], out_dir=tmp_path / "t")
+    assert list(tmp_path.iterdir()) == []

@@ -310,3 +310,21 @@ def test_cli_summary_prints_side_source_and_accuracy(tmp_path, capsys):
     assert row.split()[1:3] == ["target", "abstract-level"]
     assert "59.0 ± 3.2" in "\n".join(lines)  # l1_filter@0.5 1-shot finetune
     assert not any(line.split()[0] == "l1_filter" and "nan" in line for line in lines)  # the failed row is left out
+
+
+def test_detail_table_shows_cuda_latency_only_where_timed() -> None:
+    from pruneshot.report import detail_table
+
+    df = make_results()
+    df["latency_cuda_device"] = ""
+    df["latency_cuda_ms_b1"] = float("nan")
+    df["latency_cuda_ms_b64"] = float("nan")
+    cols = list(detail_table(df).columns)
+    assert "latency ms (b=1)" in cols and "latency ms (b=64)" in cols
+    assert not any(c.startswith("cuda") for c in cols)
+    df["latency_cuda_device"] = "cuda:NVIDIA H200"
+    df["latency_cuda_ms_b1"] = 0.25
+    table = detail_table(df)
+    assert "cuda latency ms (b=1)" in table.columns and "cuda latency ms (b=64)" not in table.columns
+    assert set(table["cuda device"]) == {"cuda:NVIDIA H200"}
+    assert set(table["cuda latency ms (b=1)"]) == {"0.250"}

@@ -49,3 +49,131 @@ def test_finetune_linear_probe_trains_only_the_head():
     with pytest.raises(ValueError, match="unknown transfer arm"):
         finetune_episode(model, x, y, arm="reinit", steps=1, lr=0.1, momentum=0.0, weight_decay=0.0,
                          batch_size=25, seed=0)
+
+
+# --- pretraining through the device-resident input pipeline -------------------------------------
+
+def _digits_in_memory(n_train: int = 300, n_val: int = 100):
+    """uint8 digits (levels 0..16) of classes 0-2, their normalisation, and load_split-style floats."""
+    import numpy as np
+
+    from pruneshot.data import Split, load_raw
+
+    raw = load_raw("digits")
+    keep = np.flatnonzero(raw.y < 3)[: n_train + n_val]
+    x, y = torch.from_numpy(raw.x[keep]), torch.from_numpy(raw.y[keep])
+    scaled = raw.x[keep[:n_train]].astype(np.float64) / raw.max_value
+    norm = {"mean": float(scaled.mean()), "std": float(scaled.std())}
+
+    def floats(sl: slice) -> Split:
+        return Split(x=(x[sl].float() / raw.max_value - norm["mean"]) / norm["std"], y=y[sl].long())
+
+    return x, y, raw.max_value, norm, floats(slice(0, n_train)), floats(slice(n_train, None))
+
+
+def _reference_pretrain(model, train, val, *, epochs, batch_size, lr, momentum, weight_decay, seed):
+    """The CPU loop pretrain ran before the input pipeline existed (no early stop in these runs)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+    best, history = (-1.0, None), []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(train), generator=gen)
+        total, n = 0.0, 0
+        for i in range(0, len(perm), batch_size):
+            idx = perm[i : i + batch_size]
+            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+            n += len(idx)
+        sched.step()
+        model.eval()
+        with torch.no_grad():
+            correct = sum((model(val.x[i : i + 512]).argmax(1) == val.y[i : i + 512]).sum().item()
+                          for i in range(0, len(val), 512))
+        val_acc = correct / len(val)
+        history.append({"epoch": epoch, "train_loss": total / n, "val_acc": val_acc})
+        if val_acc > best[0]:
+            best = (val_acc, copy.deepcopy(model.state_dict()))
+    model.load_state_dict(best[1])
+    return model.eval(), history
+
+
+HP = {"epochs": 3, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "seed": 11}
+
+
+def _tiny_model():
+    from pruneshot.models import SmallCNN
+
+    torch.manual_seed(0)
+    return SmallCNN(1, 8, [4, 8], 3)
+
+
+def test_pretrain_without_augmentation_reproduces_the_plain_loop_exactly():
+    """Augmentation off: uint8 on the device, normalised per batch, gives the very weights and
+    history of the old float loop (and so does handing pretrain the float Splits)."""
+    from pruneshot.inputs import Augment, BatchSource
+    from pruneshot.training import pretrain
+
+    x, y, max_value, norm, train, val = _digits_in_memory()
+    ref_model, ref_hist = _reference_pretrain(_tiny_model(), train, val, **HP)
+    sources = (BatchSource(x[:300], y[:300], max_value=max_value, **norm),
+               BatchSource(x[300:], y[300:], max_value=max_value, **norm))
+    for tr, va, augment in ((*sources, None), (*sources, Augment()), (train, val, None)):
+        model, info = pretrain(_tiny_model(), tr, va, patience=10, augment=augment, log=lambda _m: None, **HP)
+        assert info["history"] == ref_hist
+        for (k, a), b in zip(model.state_dict().items(), ref_model.state_dict().values(), strict=True):
+            assert torch.equal(a, b), k
+    assert info["applied"] == {"device": "cpu", "device_name": info["applied"]["device_name"], "amp": "none",
+                               "channels_last": False, "augment": {"crop_padding": 0, "flip": False}}
+
+
+def test_pretrain_with_augmentation_is_seeded_and_changes_training():
+    from pruneshot.inputs import Augment, BatchSource
+    from pruneshot.training import pretrain
+
+    x, y, max_value, norm, _, _ = _digits_in_memory()
+    tr = BatchSource(x[:300], y[:300], max_value=max_value, **norm)
+    va = BatchSource(x[300:], y[300:], max_value=max_value, **norm)
+    aug = Augment(crop_padding=1, flip=True)
+    runs = [pretrain(_tiny_model(), tr, va, patience=10, augment=aug, amp="bf16", channels_last=True,
+                     log=lambda _m: None, **{**HP, "seed": s}) for s in (11, 11, 12)]
+    plain, _ = pretrain(_tiny_model(), tr, va, patience=10, log=lambda _m: None, **HP)
+    (a, ia), (b, ib), (c, _) = runs
+    w = "features.0.0.weight"
+    assert ia["history"] == ib["history"]
+    assert torch.equal(a.state_dict()[w], b.state_dict()[w])
+    assert not torch.equal(a.state_dict()[w], c.state_dict()[w])
+    assert not torch.equal(a.state_dict()[w], plain.state_dict()[w])
+    # CPU: float32, no autocast, contiguous weights on the CPU whatever was requested
+    assert ia["applied"]["amp"] == "none" and ia["applied"]["channels_last"] is False
+    assert ia["applied"]["augment"] == {"crop_padding": 1, "flip": True}
+    assert ia["applied"]["device_name"].startswith("cpu:")
+    for v in a.state_dict().values():
+        assert v.device.type == "cpu" and v.is_contiguous()
+        assert not v.is_floating_point() or v.dtype == torch.float32
+
+
+def test_finetune_with_crop_flip_is_seeded_and_differs_from_none():
+    from pruneshot.inputs import Augment
+
+    x, y = torch.randn(10, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+
+    def run(augment, seed=0):
+        model = _tiny_model().eval()
+        finetune_episode(model, x, y, arm="finetune", steps=4, lr=0.1, momentum=0.9, weight_decay=0.0,
+                         batch_size=6, seed=seed, augment=augment, fill=-0.5)
+        return model.classifier.weight.detach().clone()
+
+    aug = Augment(crop_padding=2, flip=True)
+    assert torch.equal(run(aug), run(aug))
+    assert not torch.equal(run(aug), run(None))
+    assert not torch.equal(run(aug), run(aug, seed=1))
+    assert torch.equal(run(Augment()), run(None))  # all off: the old draws exactly

@@ -183,3 +183,89 @@ def test_pretrained_weights_do_not_depend_on_the_cores_snakemake_grants(world):
     rec = stages.pretrain(world["cfg"], 0, world["src"] / "manifest.json", other / "model.safetensors",
                           other / "arch.json", other / "metrics.json", job)
     assert rec["weights_sha256"] == read_json(pre / "metrics.json")["weights_sha256"]
+
+
+NO_GPU = not __import__("torch").cuda.is_available()
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a GPU is present")
+def test_cuda_requested_without_a_gpu_fails_before_any_work(world):
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["pretrain"]["device"] = "cuda"
+    out = world["tmp"] / "pretrain_cuda"
+    with pytest.raises(ValueError, match=r"pretrain\.device is 'cuda' but no CUDA device is usable"):
+        stages.pretrain(cfg, 0, world["src"] / "manifest.json", out / "model.safetensors", out / "arch.json",
+                        out / "metrics.json", _job("pretrain"))
+    assert not out.exists()
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["transfer"]["device"] = "cuda"
+    with pytest.raises(ValueError, match=r"transfer\.device is 'cuda'"):
+        _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
+
+
+def test_pretrain_and_transfer_record_the_device(world):
+    rec = read_json(world["pre"] / "metrics.json")
+    assert rec["applied"]["device"] == "cpu" and rec["applied"]["device_name"].startswith("cpu:")
+    assert rec["applied"]["amp"] == "none" and rec["applied"]["channels_last"] is False
+    assert rec["provenance"]["device"] == rec["applied"]["device_name"]
+    tr = _transfer_job(world, "dense", 1.0, ["finetune"])
+    assert tr["device"]["device"] == "cpu" and tr["device"]["name"].startswith("cpu:")
+    # an explicit cpu is what auto picks here: the same numbers
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["transfer"]["device"] = "cpu"
+    explicit = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
+    assert explicit["arms"]["finetune"]["episode_accuracies"] == tr["arms"]["finetune"]["episode_accuracies"]
+
+
+def test_transfer_crop_flip_is_seeded_and_changes_the_fine_tune(world):
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["transfer"]["augment"] = "crop_flip"
+    cfg["transfer"]["crop_padding"] = 2
+    cfg["transfer"]["steps"] = 8
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg["transfer"]["augment"] = "none"
+    a = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
+    b = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
+    plain = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=plain_cfg)
+    assert a["arms"]["finetune"]["episode_accuracies"] == b["arms"]["finetune"]["episode_accuracies"]
+    assert a["device"]["augment"] == "crop_flip"
+    assert a["arms"]["finetune"]["finetune_seeds"] == plain["arms"]["finetune"]["finetune_seeds"]
+    assert a["arms"]["finetune"]["episode_accuracies"] != plain["arms"]["finetune"]["episode_accuracies"]
+
+
+def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
+    import math
+
+    s = _search(world, "l1_filter", 0.5)
+    cfg = {**world["cfg"], "profile": {"batch_sizes": [1, 4], "devices": ["cpu", "cuda"], "warmup": 0,
+                                       "repeats": 2, "threads": 1}}
+    prof = stages.profile(cfg, s / "model.safetensors", s / "arch.json", world["tmp"] / "profile_l1.json",
+                          _job("profile"))
+    assert read_json(world["tmp"] / "profile_l1.json") == prof
+    cpu = prof["devices"]["cpu"]
+    assert cpu["present"] and cpu["name"].startswith("cpu:") and cpu["name"] == prof["device"]
+    assert set(cpu["latency"]) == {"1", "4"} and prof["latency"] == cpu["latency"]
+    assert prof["batch_sizes"] == [1, 4] and prof["threads"] == 1
+    cols = stages.latency_columns(prof)
+    assert cols["latency_device"] == cpu["name"] and cols["latency_ms_b4"] == cpu["latency"]["4"]["median_ms"]
+    if NO_GPU:
+        cuda = prof["devices"]["cuda"]
+        assert cuda["present"] is False and "cuda" not in cuda.get("name", "") and cuda["reason"]
+        assert cols["latency_cuda_device"] == "" and math.isnan(cols["latency_cuda_ms_b1"])
+        assert math.isnan(cols["latency_cuda_ms_b4"])
+    else:
+        assert prof["devices"]["cuda"]["name"].startswith("cuda:")
+        assert cols["latency_cuda_ms_b1"] > 0
+    # only cuda asked for: the CPU columns are empty, the table keeps its shape
+    only = stages.profile({**cfg, "profile": {**cfg["profile"], "devices": ["cuda"]}}, s / "model.safetensors",
+                          s / "arch.json", world["tmp"] / "profile_cuda_only.json", _job("profile"))
+    assert "cpu" not in only["devices"] and only["latency"] == {} and only["device"] is None
+    cols = stages.latency_columns(only)
+    assert set(cols) == {"latency_device", "latency_dtype", "latency_ms_b1", "latency_ms_b4", "latency_cuda_device",
+                         "latency_cuda_ms_b1", "latency_cuda_ms_b4"}
+    assert math.isnan(cols["latency_ms_b1"])
+    # a record written before devices were timed still aggregates
+    old = {"device": "cpu:x86_64", "dtype": "float32", "threads": 1,
+           "latency": {"1": {"median_ms": 0.5}, "64": {"median_ms": 2.0}}}
+    cols = stages.latency_columns(old)
+    assert cols["latency_ms_b64"] == 2.0 and math.isnan(cols["latency_cuda_ms_b64"])

@@ -104,30 +104,28 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
 
 
 def semantic_problems(config: dict[str, Any]) -> list[str]:
-    """Checks a JSON schema cannot express (class availability, episode sizes)."""
-    problems: list[str] = []
+    """Checks a JSON schema cannot express (datasets, splits, shapes, class availability, episode sizes)."""
+    problems: list[str] = _data_problems(config)
     src = config["data"]["source"]
-    sizes = DATASET_CLASS_SIZES.get(src["dataset"])
-    if sizes is not None:
-        missing = [c for c in src["classes"] if c not in sizes]
-        if missing:
-            problems.append(
-                f"config key 'data.source.classes': classes {missing} do not exist in "
-                f"{src['dataset']}; allowed: {sorted(sizes)}"
-            )
+    missing = _missing_classes(src["dataset"], src["classes"])
+    if missing is not None:
+        problems.append(
+            f"config key 'data.source.classes': classes {missing[0]} do not exist in "
+            f"{src['dataset']}; allowed: {missing[1]}"
+        )
     ways = config["episodes"]["ways"]
     max_shots = max(config["episodes"]["shots"])
     for name, tgt in config["data"]["targets"].items():
         key = f"data.targets.{name}"
+        missing = _missing_classes(tgt["dataset"], tgt["classes"])
+        if missing is not None:
+            problems.append(
+                f"config key '{key}.classes': classes {missing[0]} do not exist in "
+                f"{tgt['dataset']}; allowed: {missing[1]}"
+            )
+            continue
         sizes = DATASET_CLASS_SIZES.get(tgt["dataset"])
         if sizes is not None:
-            missing = [c for c in tgt["classes"] if c not in sizes]
-            if missing:
-                problems.append(
-                    f"config key '{key}.classes': classes {missing} do not exist in "
-                    f"{tgt['dataset']}; allowed: {sorted(sizes)}"
-                )
-                continue
             smallest = min(sizes[c] for c in tgt["classes"])
             if max_shots + 1 > smallest:
                 problems.append(
@@ -140,7 +138,8 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
                 f"config key 'episodes.ways': {ways}-way episodes need at least {ways} classes, "
                 f"target '{name}' has {len(tgt['classes'])}"
             )
-        if tgt["dataset"] == src["dataset"]:
+        same_root = tgt["dataset"] != "imagefolder" or _same_path(tgt.get("root"), src.get("root"))
+        if tgt["dataset"] == src["dataset"] and same_root:
             shared = sorted(set(tgt["classes"]) & set(src["classes"]))
             if shared:
                 problems.append(
@@ -148,6 +147,88 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
                     "source and target must not share a class within one dataset"
                 )
     problems += _method_problems(config)
+    problems += _backbone_problems(config)
+    return problems
+
+
+def _backbone_problems(config: dict[str, Any]) -> list[str]:
+    """Options that belong to another backbone family."""
+    bb = config["backbone"]
+    if bb["name"] == "small_cnn" and "width_mult" in bb:
+        return ["config key 'backbone.width_mult': small_cnn takes 'widths', not 'width_mult'"]
+    if bb["name"] != "small_cnn" and "widths" in bb:
+        return [f"config key 'backbone.widths': {bb['name']} takes 'width_mult' (its widths are fixed by the "
+                "architecture), not 'widths'"]
+    return []
+
+
+def _missing_classes(dataset: str, classes: list[int]) -> tuple[list[int], str] | None:
+    """(classes absent from ``dataset``, text of the allowed ones), or None when all exist or it is unknown."""
+    from pruneshot.datasets import REGISTRY
+
+    sizes = DATASET_CLASS_SIZES.get(dataset)
+    if sizes is not None:
+        allowed, text = set(sizes), str(sorted(sizes))
+    elif REGISTRY[dataset].num_classes is not None:
+        n = REGISTRY[dataset].num_classes
+        allowed, text = set(range(n)), f"0..{n - 1}"
+    else:  # imagefolder: checked against the class folders when the data is prepared
+        return None
+    missing = [c for c in classes if c not in allowed]
+    return (missing, text) if missing else None
+
+
+def _same_path(a: str | None, b: str | None) -> bool:
+    if a is None or b is None:
+        return a == b
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _data_problems(config: dict[str, Any]) -> list[str]:
+    """Splits, imagefolder settings, input-shape agreement and checksum overrides of the data section."""
+    from pruneshot.datasets import REGISTRY, effective_shape
+
+    data = config["data"]
+    image = data.get("image") or {}
+    entries = [("data.source", data["source"])] + [(f"data.targets.{n}", t) for n, t in data["targets"].items()]
+    problems: list[str] = []
+    for key, entry in entries:
+        name = entry["dataset"]
+        spec = REGISTRY[name]
+        split = entry.get("split")
+        if split is not None and split not in spec.splits:
+            problems.append(
+                f"config key '{key}.split': dataset {name} has no split {split!r}; "
+                f"allowed: {', '.join(spec.splits)} (or null)"
+            )
+        if name == "imagefolder":
+            if not entry.get("root"):
+                problems.append(f"config key '{key}.root': dataset imagefolder needs root, the directory of "
+                                "class folders")
+            if not image.get("size"):
+                problems.append(f"config key 'data.image.size': dataset imagefolder ({key}) needs data.image.size, "
+                                "the side its images are resized to")
+        elif entry.get("root") is not None:
+            problems.append(f"config key '{key}.root': only imagefolder reads a root directory, not {name}; "
+                            "remove it")
+    src = data["source"]
+    src_shape = effective_shape(src["dataset"], image)
+    for name, tgt in data["targets"].items():
+        tgt_shape = effective_shape(tgt["dataset"], image)
+        if src_shape is not None and tgt_shape is not None and src_shape != tgt_shape:
+            problems.append(
+                f"config key 'data.image': target '{name}' ({tgt['dataset']}, images {list(tgt_shape)}) and the "
+                f"source ({src['dataset']}, images {list(src_shape)}) differ in input shape [C, H, W]; set "
+                "data.image.channels (1 or 3) and/or data.image.size to reconcile them"
+            )
+    for dataset, files in (data.get("download") or {}).get("checksums", {}).items():
+        known = [f.name for f in REGISTRY[dataset].all_files()]
+        unknown = sorted(set(files) - set(known))
+        if unknown:
+            problems.append(
+                f"config key 'data.download.checksums.{dataset}': unknown file(s) {unknown}; "
+                f"allowed: {', '.join(known)}"
+            )
     return problems
 
 

@@ -112,31 +112,64 @@ def read_svhn_mat(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(x), torch.from_numpy(labels)
 
 
-def read_image_folder(root: Path, image_size: int, channels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read ``root/<class>/<image>`` (classes sorted by name -> 0..K-1), resized bilinearly."""
-    from PIL import Image, UnidentifiedImageError
-
+def image_folder_classes(root: Path) -> list[str]:
+    """Class folder names of ``root/<class>/<image>``, sorted (the label of a folder is its index here)."""
     root = Path(root)
-    if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist")
-    classes = sorted(p for p in root.iterdir() if p.is_dir())
-    if not classes:
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not names:
         raise ValueError(f"image folder {root} has no class folders")
-    mode = "L" if channels == 1 else "RGB"
-    xs, ys = [], []
-    for label, cdir in enumerate(classes):
+    return names
+
+
+def image_folder_files(root: Path, classes: list[int] | None = None) -> list[tuple[int, Path]]:
+    """(label, path) of every image of the selected class indices (all when None), sorted by class, then name.
+
+    Raises ValueError for a missing root, no class folders, an index beyond the folders present, or
+    a selected class folder without images.
+    """
+    root = Path(root)
+    names = image_folder_classes(root)
+    wanted = list(range(len(names))) if classes is None else sorted(set(classes))
+    beyond = [c for c in wanted if not 0 <= c < len(names)]
+    if beyond:
+        raise ValueError(
+            f"image folder {root}: class indices {beyond} do not exist; it has {len(names)} class folders "
+            f"(0..{len(names) - 1}: {', '.join(names)})"
+        )
+    out: list[tuple[int, Path]] = []
+    for label in wanted:
+        cdir = root / names[label]
         files = sorted(p for p in cdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         if not files:
             raise ValueError(f"class folder {cdir} contains no images ({'/'.join(IMAGE_EXTENSIONS)})")
-        for fp in files:
-            try:
-                with Image.open(fp) as im:
-                    im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    a = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, ValueError) as e:
-                raise ValueError(f"unreadable image {fp}: {e}") from e
-            xs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
-            ys.append(label)
+        out.extend((label, fp) for fp in files)
+    return out
+
+
+def read_image_folder(
+    root: Path, image_size: int, channels: int, classes: list[int] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Read ``root/<class>/<image>`` (classes sorted by name -> 0..K-1), resized bilinearly.
+
+    Images are converted by PIL (``L``: ITU-R 601-2 luma, or ``RGB``) and resized to
+    ``image_size`` x ``image_size``. ``classes`` selects folder indices to read (all when None);
+    labels are always the folder index.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    mode = "L" if channels == 1 else "RGB"
+    xs, ys = [], []
+    for label, fp in image_folder_files(root, classes):
+        try:
+            with Image.open(fp) as im:
+                im = im.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+                a = np.asarray(im, dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise ValueError(f"unreadable image {fp}: {e}") from e
+        xs.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+        ys.append(label)
     return torch.from_numpy(np.stack(xs)), torch.tensor(ys, dtype=torch.int64)

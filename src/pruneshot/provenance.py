@@ -60,13 +60,27 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else platform's processor or machine."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    name = line.split(":", 1)[1].strip()
+                    if name:
+                        return name
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name(device: str = "cpu") -> str:
-    """Human-readable name of the compute device."""
+    """Human-readable name of the compute device: 'cpu:<model>' or 'cuda:<GPU name>'."""
     if device.startswith("cuda"):
         import torch
 
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"cpu:{platform.processor() or platform.machine()}"
+        return f"cuda:{torch.cuda.get_device_name(torch.device(device))}"
+    return f"cpu:{cpu_model()}"
 
 
 def provenance(

@@ -49,12 +49,13 @@ _MEAN_COLUMNS = (
 # Columns read as text whatever they look like (a hex id such as "1e5" must not become a float).
 _TEXT_COLUMNS = (
     "row_id", "method", "method_source", "side", "backbone", "source", "target", "arm",
-    "budget_metric", "latency_device", "latency_dtype", "search_device", "git_commit",
+    "budget_metric", "latency_device", "latency_dtype", "latency_cuda_device", "search_device", "git_commit",
     "config_sha256", "data_sha256", "checkpoint_sha256", "mlflow_run_id", "status", "error", "search_scope",
 )
 # mkstemp (behind atomic_path) creates 0600 files; reports are meant to be shared and served.
 _FILE_MODE = 0o644
 _LATENCY_RE = re.compile(r"^latency_ms_b(\d+)$")
+_CUDA_LATENCY_RE = re.compile(r"^latency_cuda_ms_b(\d+)$")
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
 _LINESTYLES = ("-", "--", ":", "-.")
 
@@ -72,9 +73,10 @@ def load_results(results_csv: Path | str) -> pd.DataFrame:
     return df
 
 
-def latency_columns(results: pd.DataFrame) -> list[str]:
-    """The ``latency_ms_b{N}`` columns, ordered by batch size N."""
-    found = [(int(m.group(1)), c) for c in results.columns if (m := _LATENCY_RE.match(str(c)))]
+def latency_columns(results: pd.DataFrame, pattern: re.Pattern[str] = _LATENCY_RE) -> list[str]:
+    """The ``latency_ms_b{N}`` (CPU) columns, or those matching ``pattern`` (e.g. the CUDA ones,
+    ``latency_cuda_ms_b{N}``), ordered by batch size N."""
+    found = [(int(m.group(1)), c) for c in results.columns if (m := pattern.match(str(c)))]
     return [c for _, c in sorted(found)]
 
 
@@ -232,6 +234,13 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
         out[f"latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
     if "latency_device" in df.columns:
         out["latency device"] = df["latency_device"].astype(str)
+    # CUDA timings only where some row has them (a CPU-only run leaves these columns empty)
+    cuda_lat = [c for c in latency_columns(df, _CUDA_LATENCY_RE) if pd.to_numeric(df[c], errors="coerce").notna().any()]
+    for c in cuda_lat:
+        batch = _CUDA_LATENCY_RE.match(c).group(1)  # type: ignore[union-attr]
+        out[f"cuda latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
+    if cuda_lat and "latency_cuda_device" in df.columns:
+        out["cuda device"] = df["latency_cuda_device"].astype(str)
     if "search_seconds" in df.columns:
         out["search s"] = df["search_seconds"].map(lambda v: _fmt_num(v, ".2f"))
     if "search_scope" in df.columns:
@@ -790,7 +799,8 @@ def _tables_html(results: pd.DataFrame) -> str:
         "</section>",
         '<section id="details"><h2>Detail: cost of each run</h2>',
         "<p>Requested budget against the achieved fraction of dense parameters and FLOPs, median latency "
-        "per batch (ms, batch size b), time spent searching for the pruned network, and the row_id that "
+        "per batch (ms, batch size b; on the CPU and, where one was present, on CUDA), time spent searching "
+        "for the pruned network, and the row_id that "
         "identifies the row in results.csv.</p>",
         _html_table(detail, "detail-table"),
         "</section>",

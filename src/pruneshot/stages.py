@@ -169,26 +169,32 @@ def sync_tracking(study_path: Path, out: Path) -> dict[str, Any]:
 # --- data ------------------------------------------------------------------------------------
 
 def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str, Any]:
-    """Source classes -> train/val shards + manifest."""
+    """Source classes -> train/val shards + manifest.
+
+    Downloads (cache ``data.cache_dir``, settings ``data.download``) or reads the source dataset,
+    converts it to ``data.image`` and writes ``out_dir`` atomically (nothing on failure)."""
     from pruneshot import data
 
     src = config["data"]["source"]
-    raw = data.load_raw(src["dataset"], Path(config["data"]["cache_dir"]))
+    raw = data.load_entry(src, "source", config["data"])
     seed = derive_seed(config["study"]["root_seed"], "data", "source_val")
-    manifest = data.prepare_source(raw, src["classes"], src["val_fraction"], seed, out_dir)
-    job.log(f"source {src['dataset']} classes {src['classes']}: "
-            f"{manifest['splits']['train']['n']} train / {manifest['splits']['val']['n']} val")
+    manifest = data.prepare_source(raw, src["classes"], src["val_fraction"], seed, out_dir,
+                                   image=config["data"].get("image"))
+    job.log(f"source {src['dataset']} ({manifest['split']}) classes {src['classes']}: "
+            f"{manifest['splits']['train']['n']} train / {manifest['splits']['val']['n']} val, "
+            f"images {manifest['image_shape']} (native {manifest['native_shape']})")
     return manifest
 
 
 def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job) -> dict[str, Any]:
-    """Target classes -> one pool shard + manifest."""
+    """Target classes -> one pool shard + manifest (data handling as in :func:`prepare_source`)."""
     from pruneshot import data
 
     tgt = config["data"]["targets"][target]
-    raw = data.load_raw(tgt["dataset"], Path(config["data"]["cache_dir"]))
-    manifest = data.prepare_target(raw, tgt["classes"], out_dir)
-    job.log(f"target {target}: {manifest['splits']['pool']['n']} images, classes {tgt['classes']}")
+    raw = data.load_entry(tgt, "target", config["data"])
+    manifest = data.prepare_target(raw, tgt["classes"], out_dir, image=config["data"].get("image"))
+    job.log(f"target {target}: {tgt['dataset']} ({manifest['split']}), {manifest['splits']['pool']['n']} images, "
+            f"classes {tgt['classes']}, images {manifest['image_shape']} (native {manifest['native_shape']})")
     return manifest
 
 
@@ -226,20 +232,38 @@ def _load_source(manifest_path: Path):
 
 def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_weights: Path,
              out_arch: Path, out_metrics: Path, job: Job) -> dict[str, Any]:
-    """Train the backbone on the source classes; keep the best-validation epoch."""
+    """Train the backbone on the source classes; keep the best-validation epoch. Runs on
+    ``pretrain.device`` (a requested but absent GPU is an error before any work) with the data held
+    there as uint8; what was applied (device name, amp, channels_last, augment) goes into the
+    record and the MLflow params."""
+    from pruneshot.inputs import Augment, BatchSource, load_raw_split, resolve_device
     from pruneshot.metrics import count_flops, count_params, input_shape
     from pruneshot.models import backbone_spec, build_model, state_dict_for_save
     from pruneshot.seeds import seed_everything
+    from pruneshot.training import device_description
     from pruneshot.training import pretrain as train
 
+    pc = config["pretrain"]
+    device = resolve_device(pc.get("device", "auto"), "pretrain.device")  # a missing GPU fails before any work
+    on_cuda = device.type == "cuda"
+    channels_last = bool(pc.get("channels_last", True)) and on_cuda
+    amp = pc.get("amp", "none")
+    augment = Augment.from_config(pc.get("augment"))
     seeds = _seeds_for(config, replicate)
     seed_everything(seeds["pretrain"])
-    manifest, train_split, val_split = _load_source(manifest_path)
+    manifest = read_json(manifest_path)
+    # uint8 images held on the training device, normalised (and augmented) there per batch
+    train_split, val_split = (BatchSource.from_raw(load_raw_split(manifest_path, split), manifest["normalization"],
+                                                   device=device, channels_last=channels_last)
+                              for split in ("train", "val"))
     c, h, _ = manifest["image_shape"]
     bb = config["backbone"]
     model = build_model(backbone_spec(bb, c, h, len(manifest["classes"])))
-    pc = config["pretrain"]
-    params = {**{f"pretrain.{k}": v for k, v in pc.items()}, "backbone": bb["name"],
+    applied = {"pretrain.device_used": str(device), "pretrain.device_name": device_description(device),
+               "pretrain.amp_used": amp if on_cuda else "none", "pretrain.channels_last_used": channels_last}
+    params = {**{f"pretrain.{k}": v for k, v in pc.items() if not isinstance(v, dict)},
+              **{f"pretrain.augment.{k}": v for k, v in (pc.get("augment") or {}).items()}, **applied,
+              "backbone": bb["name"],
               **{f"backbone.{k}": v for k, v in bb.items() if k != "name"}, "replicate": replicate}
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
@@ -248,10 +272,12 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
         # A setting, not the job's core reservation: float sums depend on the thread count.
         torch.set_num_threads(pc["threads"])
         overhead = process_age_s()
-        job.log(f"process start to first training step: {overhead}s")
+        job.log(f"process start to first training step: {overhead}s; device {applied['pretrain.device_name']}, "
+                f"amp {applied['pretrain.amp_used']}, channels_last {channels_last}, augment {augment}")
         model, info = train(model, train_split, val_split, epochs=pc["epochs"], batch_size=pc["batch_size"],
                             lr=pc["lr"], momentum=pc["momentum"], weight_decay=pc["weight_decay"],
-                            patience=pc["patience"], seed=seeds["pretrain"], log=job.log,
+                            patience=pc["patience"], seed=seeds["pretrain"], augment=augment, device=device,
+                            amp=amp, channels_last=channels_last, log=job.log,
                             log_metrics=run.log_metrics)
         seconds = time.perf_counter() - t0
         run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds}, None)
@@ -261,10 +287,10 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     record = {
         "replicate": replicate, "best_epoch": info["best_epoch"], "best_val_acc": info["best_val_acc"],
         "epochs_run": info["epochs_run"], "history": info["history"], "seconds": seconds,
-        "overhead_s": overhead,
+        "overhead_s": overhead, "applied": info["applied"],
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
         "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
-        "provenance": job.provenance([manifest_path], seeds),
+        "provenance": job.provenance([manifest_path], seeds, device=str(device)),
     }
     write_json(out_metrics, record)
     return record
@@ -378,13 +404,19 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     it on the support set (``method.adapt``, once per episode, shared by the arms); each arm trains
     its own copy ('finetune': all kept weights, 'linear_probe': the head only, 'reinit': the same
     architecture freshly initialised, then as finetune). A target-side method's achieved cost and
-    seconds are recorded per episode. One MLflow run per job; metrics are prefixed by the arm."""
+    seconds are recorded per episode. One MLflow run per job; metrics are prefixed by the arm.
+
+    The arms train and score on ``transfer.device`` (the model and the episode's support and query
+    tensors are moved there; every random draw stays on the CPU, so the seeds mean the same on any
+    device). Target-side pruning (``method.adapt``) and all cost counting stay on the CPU."""
     import torch
 
     from pruneshot import data
+    from pruneshot.inputs import Augment, resolve_device, zero_level
     from pruneshot.methods import AdaptContext, get_method
     from pruneshot.metrics import cost, mean_ci
     from pruneshot.models import load_model
+    from pruneshot.provenance import device_name
     from pruneshot.training import accuracy, finetune_episode
 
     method = get_method(method_name)
@@ -393,6 +425,8 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     if bad or not arms:
         raise ValueError(f"{method_name} ({method.side}-side) cannot run transfer arm(s) {bad or arms}; "
                          f"allowed: {allowed}")
+    tc = config["transfer"]
+    device = resolve_device(tc.get("device", "auto"), "transfer.device")  # a missing GPU fails before any work
     seeds = _seeds_for(config, replicate)
     rec = read_json(search_record)
     spec = read_json(arch)
@@ -400,7 +434,12 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     norm = read_json(source_manifest)["normalization"]
     pool = data.load_split(target_manifest, "pool", norm)
     eps = read_json(episodes_path)
-    tc = config["transfer"]
+    augment_mode = tc.get("augment", "none")
+    if augment_mode not in ("none", "crop_flip"):
+        raise ValueError(f"transfer.augment: unknown mode {augment_mode!r}; allowed: none, crop_flip")
+    augment = Augment(crop_padding=int(tc.get("crop_padding", 4)), flip=True) if augment_mode == "crop_flip" else None
+    # crop padding of normalised images: the value a level-0 pixel has after normalisation
+    fill = zero_level(read_json(target_manifest)["max_value"], norm)
     ways = eps["ways"]
     metric = config["budget"]["metric"]
     budget = float(rec["requested_budget"])
@@ -408,7 +447,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
     params = {"method": method_name, "arms": ",".join(arms), "shots": shots, "ways": ways, "target": target,
               "budget": rec["requested_budget"], "replicate": replicate, "side": method.side,
-              **{f"transfer.{k}": v for k, v in tc.items()}}
+              **{f"transfer.{k}": v for k, v in tc.items()}, "transfer.device_used": str(device)}
     per_arm: dict[str, dict[str, Any]] = {a: {"episode_accuracies": [], "finetune_seeds": [], "seconds": 0.0}
                                           for a in arms}
     head_seeds: list[int] = []
@@ -428,6 +467,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
             i = ep["index"]
             sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
             qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+            sxd, syd, qxd, qyd = (t.to(device) for t in (sx, sy, qx, qy))  # the arms' copies
             es = episode_seeds(config, replicate, target, ways, shots, i, arms)
             head_seeds.append(es["head"])
             start = None
@@ -460,11 +500,11 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                 else:
                     model = _fresh_weights(spec, seed) if arm == "reinit" else copy.deepcopy(pruned)
                     model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
-                model.eval()
-                finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
+                model = model.to(device).eval()  # built and seeded on the CPU, then moved
+                finetune_episode(model, sxd, syd, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
                                  lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
-                                 batch_size=tc["batch_size"], seed=seed)
-                acc = accuracy(model, qx, qy)
+                                 batch_size=tc["batch_size"], seed=seed, augment=augment, fill=fill)
+                acc = accuracy(model, qxd, qyd)
                 per_arm[arm]["episode_accuracies"].append(acc)
                 per_arm[arm]["finetune_seeds"].append(seed)
                 per_arm[arm]["seconds"] += time.perf_counter() - ta
@@ -484,10 +524,13 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
         "method": method_name, "side": method.side, "shots": shots, "ways": ways,
         "target": target, "replicate": replicate, "requested_budget": rec["requested_budget"],
         "arms": per_arm, "head_seeds": head_seeds,
+        "device": {"device": str(device), "name": device_name(str(device)), "dtype": "float32",
+                   "augment": augment_mode},
         "seconds": time.perf_counter() - t0, "overhead_s": overhead, "search_record_sha256": sha256_file(search_record),
         "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
         "upstream_run_id": rec.get("mlflow_run_id"),
-        "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]}),
+        "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]},
+                                     device=str(device)),
     }
     if method.side == "target":
         record["adapt_seeds"] = adapt_seeds
@@ -508,13 +551,19 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
 
 def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: Job,
             adapted: Path | None = None) -> dict[str, Any]:
-    """Measured CPU latency of the pruned network at each configured batch size.
+    """Measured latency of the pruned network at each configured batch size on each of
+    ``profile.devices``: the CPU (``profile.threads`` threads) and, when present, CUDA (synchronised
+    around every timed pass). Both time float32 forward passes in contiguous memory format. A
+    configured CUDA that is absent is recorded as not present with the reason, never an error.
+    The top-level ``device``/``dtype``/``threads``/``latency`` keys describe the CPU timing (None/{}
+    when the CPU is not among the devices); ``devices`` has one entry per configured device.
 
     ``adapted``: for a target-side method, a transfer record whose per-episode networks differ;
     the one with the median parameter count is timed (its architecture, with seeded weights:
     the timing of dense float32 layers does not depend on the weight values)."""
     import torch
 
+    from pruneshot.inputs import cuda_absence_reason
     from pruneshot.metrics import input_shape, measure_latency
     from pruneshot.models import load_model
     from pruneshot.provenance import device_name
@@ -537,13 +586,30 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
         inputs.append(adapted)
         job.log(f"timing the median-size episode network (episode {chosen['episode']}, {chosen['params']} params)")
     model.eval()
-    results = {}
-    for bs in pc["batch_sizes"]:
-        results[str(bs)] = measure_latency(model, input_shape(spec), bs, device="cpu", warmup=pc["warmup"],
-                                           repeats=pc["repeats"])
-        job.log(f"batch {bs}: median {results[str(bs)]['median_ms']:.3f} ms")
-    record = {"device": device_name("cpu"), "dtype": "float32", "threads": torch.get_num_threads(),
-              "latency": results, "network": network, "weights_sha256": sha256_file(weights),
+    batch_sizes = [int(b) for b in pc["batch_sizes"]]
+    devices: dict[str, dict[str, Any]] = {}
+    for dev in pc.get("devices", ["cpu", "cuda"]):
+        if dev not in ("cpu", "cuda"):
+            raise ValueError(f"profile.devices: unknown device {dev!r}; allowed: cpu, cuda")
+        if dev == "cuda" and not torch.cuda.is_available():
+            devices[dev] = {"present": False, "reason": cuda_absence_reason()}
+            job.log(f"cuda: not present ({devices[dev]['reason']}); not timed")
+            continue
+        timed = model if dev == "cpu" else copy.deepcopy(model)  # measure_latency moves the model
+        results = {}
+        for bs in batch_sizes:
+            results[str(bs)] = measure_latency(timed, input_shape(spec), bs, device=dev, warmup=pc["warmup"],
+                                               repeats=pc["repeats"])
+            job.log(f"{dev} batch {bs}: median {results[str(bs)]['median_ms']:.3f} ms")
+        devices[dev] = {"present": True, "name": device_name(dev), "dtype": "float32", "latency": results,
+                        **({"threads": torch.get_num_threads()} if dev == "cpu" else {})}
+        if dev == "cuda":
+            del timed
+            torch.cuda.empty_cache()
+    cpu = devices.get("cpu", {})
+    record = {"device": cpu.get("name"), "dtype": "float32", "threads": cpu.get("threads"),
+              "latency": cpu.get("latency", {}), "batch_sizes": batch_sizes, "devices": devices,
+              "network": network, "weights_sha256": sha256_file(weights),
               "provenance": job.provenance(inputs, {})}
     write_json(out, record)
     return record
@@ -555,6 +621,27 @@ def _row_id(*parts: object) -> str:
     import hashlib
 
     return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:10]
+
+
+def latency_columns(record: dict[str, Any]) -> dict[str, Any]:
+    """The results-table latency columns of one profile record (median ms per batch size N).
+
+    CPU: ``latency_device``, ``latency_dtype``, ``latency_ms_b{N}`` (the names they had before CUDA
+    was timed). CUDA: ``latency_cuda_device`` and ``latency_cuda_ms_b{N}``, present for every batch
+    size even when CUDA was not timed (then '' and NaN), so tables from machines with and without a
+    GPU have the same columns. Reads records written before ``devices`` existed too."""
+    nan = float("nan")
+    cpu_lat = record.get("latency") or {}
+    sizes = record.get("batch_sizes") or sorted(int(b) for b in cpu_lat)
+    cuda = (record.get("devices") or {}).get("cuda") or {}
+    cuda_lat = cuda.get("latency", {}) if cuda.get("present") else {}
+    return {
+        "latency_device": record.get("device") or "", "latency_dtype": record.get("dtype") or "float32",
+        **{f"latency_ms_b{bs}": cpu_lat[str(bs)]["median_ms"] if str(bs) in cpu_lat else nan for bs in sizes},
+        "latency_cuda_device": cuda.get("name", "") if cuda.get("present") else "",
+        **{f"latency_cuda_ms_b{bs}": cuda_lat[str(bs)]["median_ms"] if str(bs) in cuda_lat else nan
+           for bs in sizes},
+    }
 
 
 def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
@@ -609,8 +696,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "achieved_flops": cost_cols["achieved_flops"], "dense_params": se["dense_params"],
             "dense_flops": se["dense_flops"], "params_ratio": cost_cols["params_ratio"],
             "flops_ratio": cost_cols["flops_ratio"], "budget_gap": cost_cols["budget_gap"],
-            "latency_device": pr["device"], "latency_dtype": pr["dtype"],
-            **{f"latency_ms_b{bs}": v["median_ms"] for bs, v in pr["latency"].items()},
+            **latency_columns(pr),
             "search_seconds": cost_cols["search_seconds"], "search_scope": cost_cols["search_scope"],
             "search_device": se["search_device"],
             "acc_mean": tr["summary"]["mean"], "acc_ci95": tr["summary"]["ci95"],
@@ -667,7 +753,8 @@ def report(config: dict[str, Any], results_csv: Path, study_path: Path, sync_pat
         "data_sha256": {"source": read_json(source_manifest)["splits"],
                         **{t: read_json(p)["splits"] for t, p in target_manifests.items()}},
         "packages": package_versions(),
-        "devices": sorted(set(results["latency_device"].astype(str))),
+        "devices": sorted({d for col in ("latency_device", "latency_cuda_device") if col in results
+                           for d in results[col].dropna().astype(str) if d}),
         "mlflow": read_json(study_path), "mlflow_sync": read_json(sync_path).get("spool", {}),
         "generated_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }

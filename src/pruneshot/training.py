@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneshot.data import Split
+from pruneshot.inputs import Augment, BatchSource, autocast, crop_flip, draw_augmentation
 
 LogFn = Callable[[str], None]
 MetricsFn = Callable[[dict[str, float], int | None], None]
@@ -19,21 +20,69 @@ MetricsFn = Callable[[dict[str, float], int | None], None]
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy (fraction) of ``model`` in eval mode on (x, y)."""
+    """Top-1 accuracy (fraction) of ``model`` in eval mode on (x, y), all on the model's device."""
     model.eval()
-    correct = 0
+    correct = torch.zeros((), dtype=torch.long, device=y.device)
     for i in range(0, len(y), batch_size):
-        correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum().item()
-    return correct / max(1, len(y))
+        correct += (model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()
+    return int(correct.item()) / max(1, len(y))
+
+
+@torch.no_grad()
+def source_accuracy(model: nn.Module, source: BatchSource, batch_size: int = 512, amp: str = "none") -> float:
+    """Top-1 accuracy (fraction) of ``model`` in eval mode on a device-resident split, in order,
+    never augmented; under ``amp`` (bf16 autocast on CUDA only). One host sync at the end."""
+    model.eval()
+    correct = torch.zeros((), dtype=torch.long, device=source.device)
+    with autocast(source.device, amp):
+        for xb, yb in source.epoch(batch_size):
+            correct += (model(xb).argmax(1) == yb).sum()
+    return int(correct.item()) / max(1, len(source))
+
+
+def device_description(device: torch.device | str) -> str:
+    """Name of the compute device (GPU name or CPU model), for records and MLflow params."""
+    from pruneshot.provenance import device_name
+
+    return device_name(str(torch.device(device)))
 
 
 def pretrain(
-    model: nn.Module, train: Split, val: Split, *, epochs: int, batch_size: int, lr: float,
-    momentum: float, weight_decay: float, patience: int, seed: int,
-    log: LogFn = print, log_metrics: MetricsFn | None = None,
+    model: nn.Module, train: Split | BatchSource, val: Split | BatchSource, *, epochs: int, batch_size: int,
+    lr: float, momentum: float, weight_decay: float, patience: int, seed: int,
+    augment: Augment | None = None, device: torch.device | str = "cpu", amp: str = "none",
+    channels_last: bool = False, log: LogFn = print, log_metrics: MetricsFn | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """SGD with cosine learning rate on the source classes; the returned model is the epoch
-    with the best validation accuracy (early stopping after ``patience`` epochs without gain)."""
+    with the best validation accuracy (early stopping after ``patience`` epochs without gain).
+
+    ``train``/``val``: device-resident sources (:class:`pruneshot.inputs.BatchSource`, uint8 images
+    normalised per batch) or ``data.Split`` float tensors (moved to ``device`` as they are).
+    ``augment``: crop/flip of training batches (None or all off: none, and then the random draws,
+    hence the weights on CPU, are exactly those of the plain loop: one permutation per epoch).
+    ``device``: where the model, data and evaluation live. ``amp`` 'bf16': bf16 autocast of
+    forward and loss on CUDA (no loss scaling needed for bf16); ignored on CPU, which trains in
+    float32. ``channels_last``: model and batches in channels-last memory format, on CUDA only.
+    On CUDA, cuDNN autotuning is on. The returned model is on the CPU, float32, contiguous;
+    ``info['applied']`` says what was actually used."""
+    device = torch.device(device)
+    on_cuda = device.type == "cuda"
+    cl = channels_last and on_cuda
+    amp_used = amp if on_cuda else "none"
+    autocast(device, amp)  # validates amp
+    if isinstance(train, Split):
+        train = BatchSource.from_split(train, device=device, channels_last=cl)
+    if isinstance(val, Split):
+        val = BatchSource.from_split(val, device=device, channels_last=cl)
+    for name, src in (("train", train), ("val", val)):
+        if src.device != device or src.channels_last != cl:
+            raise ValueError(f"{name} source is on {src.device} (channels_last={src.channels_last}); "
+                             f"expected {device} (channels_last={cl})")
+    if on_cuda:
+        torch.backends.cudnn.benchmark = True
+    model = model.to(device)
+    if cl:
+        model = model.to(memory_format=torch.channels_last)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
@@ -42,19 +91,21 @@ def pretrain(
     history = []
     for epoch in range(epochs):
         model.train()
-        perm = torch.randperm(len(train), generator=gen)
-        total, n = 0.0, 0
-        for i in range(0, len(perm), batch_size):
-            idx = perm[i : i + batch_size]
-            loss = F.cross_entropy(model(train.x[idx]), train.y[idx])
+        # Summed on the device in float64 (no host sync per step); the same sum as adding
+        # loss.item() * len(batch) in Python.
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        n = 0
+        for xb, yb in train.epoch(batch_size, gen, augment):
+            with autocast(device, amp_used):
+                loss = F.cross_entropy(model(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            total += loss.item() * len(idx)
-            n += len(idx)
+            total += loss.detach().double() * len(yb)
+            n += len(yb)
         sched.step()
-        val_acc = accuracy(model, val.x, val.y)
-        train_loss = total / n
+        val_acc = source_accuracy(model, val, amp=amp_used)
+        train_loss = float(total.item()) / n
         history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc})
         if log_metrics:
             log_metrics({"train_loss": train_loss, "val_acc": val_acc}, epoch)
@@ -68,9 +119,13 @@ def pretrain(
             log(f"early stop at epoch {epoch + 1}: no gain for {patience} epochs")
             break
     model.load_state_dict(best["state"])
+    model = model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
     model.eval()
+    applied = {"device": str(device), "device_name": device_description(device), "amp": amp_used,
+               "channels_last": cl, "augment": {"crop_padding": augment.crop_padding if augment else 0,
+                                                "flip": bool(augment and augment.flip)}}
     return model, {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                   "epochs_run": len(history), "history": history}
+                   "epochs_run": len(history), "history": history, "applied": applied}
 
 
 class SGD:
@@ -108,12 +163,17 @@ class SGD:
 def finetune_episode(
     model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, arm: str, steps: int,
     lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
+    augment: Augment | None = None, fill: float = 0.0,
 ) -> nn.Module:
     """Adapt ``model`` (whose head is already ``ways``-way) to one support set.
 
     arm 'finetune': all kept weights train; 'linear_probe': only the head trains.
     BatchNorm statistics stay frozen (eval mode) in both arms: with 1-25 support images,
     batch statistics would be noise. Full-batch when the support fits in ``batch_size``.
+    Runs on the device of ``model`` and the support tensors (all three on one device); the
+    random draws are made on the CPU from ``seed``, so they do not depend on the device.
+    ``augment``: every step's batch is randomly cropped (padding value ``fill``: the normalised
+    value of a zero pixel) and flipped, with offsets/flips drawn after the step's subsample.
     """
     gen = torch.Generator().manual_seed(seed)
     if arm == "linear_probe":
@@ -128,10 +188,13 @@ def finetune_episode(
     model.eval()
     for _ in range(steps):
         if len(support_y) > batch_size:
-            idx = torch.randperm(len(support_y), generator=gen)[:batch_size]
+            idx = torch.randperm(len(support_y), generator=gen)[:batch_size].to(support_x.device)
             xb, yb = support_x[idx], support_y[idx]
         else:
             xb, yb = support_x, support_y
+        if augment is not None and augment.active:
+            offsets, flips = draw_augmentation(len(yb), augment, gen)
+            xb = crop_flip(xb, offsets, flips, augment.crop_padding, fill=fill)
         loss = F.cross_entropy(model(xb), yb)
         opt.zero_grad()
         loss.backward()

@@ -102,13 +102,15 @@ def settings_hash(*parts):
 
 
 ROOT_SEED = config["study"]["root_seed"]
-SOURCE_SETTINGS = settings_hash(config["data"]["source"], ROOT_SEED)
+SOURCE_SETTINGS = settings_hash(config["data"]["source"], ROOT_SEED, config["data"]["image"],
+                                config["data"]["download"]["checksums"].get(config["data"]["source"]["dataset"]))
 PRETRAIN_SETTINGS = settings_hash(SOURCE_SETTINGS, config["backbone"], config["pretrain"])
 PROFILE_SETTINGS = settings_hash(config["profile"])
 
 
 def target_settings(wildcards):
-    return settings_hash(config["data"]["targets"][wildcards.target])
+    tgt = config["data"]["targets"][wildcards.target]
+    return settings_hash(tgt, config["data"]["image"], config["data"]["download"]["checksums"].get(tgt["dataset"]))
 
 
 def episode_settings(wildcards):

@@ -16,7 +16,7 @@ rule pretrain:
         "logs/benchmarks/pretrain/r{replicate}.tsv"
     threads: config["pretrain"]["threads"]
     resources:
-        gpu=0,
+        gpu=1 if config["pretrain"]["device"] == "cuda" else 0,
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -1,0 +1,64 @@
+"""The study configs under config/studies: valid, at the protocol's study settings, and a
+`snakemake -n --configfile` dry run on each lists the full grid."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pruneshot.config import load_config
+from pruneshot.methods import get_method
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+STUDIES = sorted((ROOT / "config/studies").glob("*.yaml"))
+
+
+def test_the_issue_s_studies_exist():
+    assert {"cifar100_fs", "cifar100_to_cifar10", "mnist_to_fashion"} <= {p.stem for p in STUDIES}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_study_uses_the_protocol_settings(path):
+    cfg = load_config(path)
+    assert cfg["episodes"]["count"] >= 600
+    assert len(cfg["budget"]["levels"]) >= 5
+    assert cfg["study"]["replicates"] >= 3
+    assert {"dense", "random"} <= set(cfg["methods"])
+    assert cfg["backbone"]["name"] != "small_cnn"
+    assert cfg["data"]["source"]["dataset"] != "digits"
+
+
+def _job_counts(text: str) -> dict[str, int]:
+    table = text[text.index("Job stats:"):]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, flags=re.M)}
+
+
+@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_dry_run_lists_the_full_grid(path, tmp_path):
+    shutil.copytree(ROOT / "workflow", tmp_path / "workflow")
+    shutil.copytree(ROOT / "config", tmp_path / "config")
+    shutil.copytree(ROOT / "scripts", tmp_path / "scripts")
+    shutil.copytree(ROOT / "envs", tmp_path / "envs")
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "4", "--configfile", str(path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    counts = _job_counts(proc.stdout)
+    cfg = load_config(path)
+    reps, levels = cfg["study"]["replicates"], len(cfg["budget"]["levels"])
+    free = sum(get_method(m).budget_free for m in cfg["methods"])
+    searches = reps * (free + (len(cfg["methods"]) - free) * levels)
+    n_targets, n_shots = len(cfg["data"]["targets"]), len(cfg["episodes"]["shots"])
+    assert counts["pretrain"] == reps
+    assert counts["search"] == searches
+    assert counts["transfer"] == searches * n_targets * n_shots
+    assert counts["make_episodes"] == n_targets * n_shots
+    assert counts["prepare_target"] == n_targets
+    assert counts["report"] == 1

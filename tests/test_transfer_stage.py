@@ -269,3 +269,69 @@ def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
            "latency": {"1": {"median_ms": 0.5}, "64": {"median_ms": 2.0}}}
     cols = stages.latency_columns(old)
     assert cols["latency_ms_b64"] == 2.0 and math.isnan(cols["latency_cuda_ms_b64"])
+
+
+# ------------------------------------------------------------------ failed cells
+
+
+def _fresh_search(world: dict, method: str, budget: float, tag: str) -> Path:
+    out = world["tmp"] / f"search_{tag}" / method / str(budget)
+    pre = world["pre"]
+    stages.search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+                  pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
+                  out / "record.json", _job("search", method=method))
+    return out
+
+
+def _cell(world: dict, method: str, budget: float, s: Path, tag: str, arm: str = "finetune") -> dict:
+    cfg = {**world["cfg"], "profile": {**world["cfg"]["profile"], "batch_sizes": [1], "warmup": 0, "repeats": 2}}
+    tr = world["tmp"] / f"transfer_{tag}" / f"{method}.json"
+    rec = stages.transfer(cfg, method, [arm], SHOTS, "digits_5to9", 0, s / "model.safetensors", s / "arch.json",
+                          s / "record.json", world["src"] / "manifest.json", world["tgt"] / "manifest.json",
+                          world["episodes"], tr, _job("transfer", method=method))
+    prof = world["tmp"] / f"profile_{tag}" / f"{method}.json"
+    adapted = tr if get_method(method).side == "target" else None
+    stages.profile(cfg, s / "model.safetensors", s / "arch.json", prof, _job("profile", method=method),
+                   adapted=adapted)
+    return {"transfer": tr, "search": s / "record.json", "profile": prof, "pretrain": world["pre"] / "metrics.json",
+            "arm": arm, "record": rec}
+
+
+def test_a_failing_method_becomes_a_failed_row_and_the_others_are_unaffected(world, monkeypatch):
+    import json
+
+    import pandas as pd
+
+    monkeypatch.setenv("PRUNESHOT_INJECT_FAILURE", "search:l1_filter,transfer:channel_scaling")
+    bad_search = _fresh_search(world, "l1_filter", 0.5, "fail")
+    srec = read_json(bad_search / "record.json")
+    assert srec["status"] == "failed" and "injected failure (search:l1_filter" in srec["error"]
+    assert read_json(bad_search / "arch.json")["failed"] is True
+    cells = [_cell(world, "l1_filter", 0.5, bad_search, "fail")]
+    assert cells[0]["record"]["status"] == "failed"
+    assert cells[0]["record"]["error"].startswith("search failed: RuntimeError: injected failure")
+    assert read_json(cells[0]["profile"])["status"] == "failed"
+    # a target-side method failing inside the transfer job, and a healthy method next to both
+    cells.append(_cell(world, "channel_scaling", 0.5, _fresh_search(world, "channel_scaling", 0.5, "fail"), "fail"))
+    assert cells[1]["record"]["status"] == "failed" and "transfer:channel_scaling" in cells[1]["record"]["error"]
+    monkeypatch.delenv("PRUNESHOT_INJECT_FAILURE")
+    cells.append(_cell(world, "random", 0.5, _fresh_search(world, "random", 0.5, "ok"), "ok"))
+    assert cells[2]["record"]["status"] == "ok"
+    out = world["tmp"] / "agg_fail"
+    rows = stages.aggregate(world["cfg"], cells, world["src"] / "manifest.json",
+                            {"digits_5to9": world["tgt"] / "manifest.json"}, out / "results.csv",
+                            out / "episodes.csv", out / "metrics.json", _job("aggregate"))
+    table = pd.read_csv(out / "results.csv")
+    assert len(rows) == len(table) == 3
+    by = table.set_index("method")
+    assert list(by.loc[["l1_filter", "channel_scaling"], "status"]) == ["failed", "failed"]
+    assert by.loc["random", "status"] == "ok" and by.loc["random", "acc_mean"] > 0
+    assert by.loc[["l1_filter", "channel_scaling"], "acc_mean"].isna().all()
+    assert "injected failure" in by.loc["l1_filter", "error"] and by.loc["random", "error"] != by.loc["random", "error"]
+    assert by.loc["l1_filter", "params_ratio"] != by.loc["l1_filter", "params_ratio"]  # NaN: no network
+    episodes = pd.read_csv(out / "episodes.csv")
+    assert set(episodes["row_id"]) == {by.loc["random", "row_id"]}
+    text = (out / "metrics.json").read_text()
+    assert "NaN" not in text  # strict JSON for `dvc metrics show`: failed rows carry no NaN there
+    metrics = json.loads(text)
+    assert metrics["failed_cells"] == 2 and any(k.startswith("random/") for k in metrics)

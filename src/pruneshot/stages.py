@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +125,19 @@ class _NullRun:
 
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
+
+
+def error_text(exc: BaseException) -> str:
+    """One line naming a failure: exception type and message."""
+    return f"{type(exc).__name__}: {exc}".splitlines()[0][:2000]
+
+
+def inject_failure(stage: str, method: str) -> None:
+    """Raise if ``PRUNESHOT_INJECT_FAILURE`` names this (stage, method), e.g. ``search:dap`` or
+    ``transfer:random`` (comma-separated): a testing hook to exercise failed cells end to end."""
+    wanted = {w.strip() for w in os.environ.get("PRUNESHOT_INJECT_FAILURE", "").split(",") if w.strip()}
+    if f"{stage}:{method}" in wanted:
+        raise RuntimeError(f"injected failure ({stage}:{method}, PRUNESHOT_INJECT_FAILURE)")
 
 
 def job_key(rule: str, wildcards: dict[str, str]) -> str:
@@ -324,24 +339,48 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
         t0 = time.perf_counter()
-        result = method.search(SearchContext(
-            model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
-            seed=seeds["search"], options=method_options(config, method),
-            log=job.log, log_metrics=run.log_metrics))
-        seconds = time.perf_counter() - t0
-        pruned = result.model.eval()
-        achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
-        run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
-                         "achieved_flops": achieved["flops"],
-                         "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
-                                                                  else dense_flops)}, None)
-        run_id = run.run_id
+        try:
+            inject_failure("search", method_name)
+            result = method.search(SearchContext(
+                model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
+                seed=seeds["search"], options=method_options(config, method),
+                log=job.log, log_metrics=run.log_metrics))
+        except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
+            failure = error_text(exc)
+            job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
+            run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
+            run_id = run.run_id
+        else:
+            failure = None
+            seconds = time.perf_counter() - t0
+            pruned = result.model.eval()
+            achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
+            run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
+                             "achieved_flops": achieved["flops"],
+                             "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
+                                                                      else dense_flops)}, None)
+            run_id = run.run_id
+    if failure is not None:
+        # Snakemake needs every output: an empty weights file and the failure in arch and record.
+        save_tensors(out_weights, {})
+        write_json(out_arch, {"failed": True, "error": failure})
+        record = {
+            "method": method_name, "side": method.side, "method_provenance": method.provenance,
+            "reference": method.reference, "replicate": replicate, "budget_metric": metric,
+            "requested_budget": budget, "status": "failed", "error": failure,
+            "dense_params": dense_params, "dense_flops": dense_flops, "search_device": "cpu",
+            "search_seconds": time.perf_counter() - t0, "weights_sha256": sha256_file(out_weights),
+            "mlflow_run_id": run_id, "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+        }
+        write_json(out_record, record)
+        job.log(f"{method_name} budget {budget_label(budget)}: FAILED ({failure}); recorded as a failed cell")
+        return record
     save_tensors(out_weights, state_dict_for_save(pruned))
     write_json(out_arch, pruned.spec)
     record = {
         "method": method_name, "side": method.side, "method_provenance": method.provenance,
         "reference": method.reference, "replicate": replicate,
-        "budget_metric": metric, "requested_budget": budget,
+        "budget_metric": metric, "requested_budget": budget, "status": "ok", "error": "",
         "achieved_params": achieved["params"], "achieved_flops": achieved["flops"],
         "dense_params": dense_params, "dense_flops": dense_flops,
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
@@ -455,74 +494,87 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     adapted: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     n_eps = len(eps["episodes"])
+    failure = f"search failed: {rec['error']}" if rec.get("status") == "failed" else None
     with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
-        pruned = load_model(str(weights), spec)
         overhead = process_age_s()
-        job.log(f"process start to first training step: {overhead}s; arms {arms}")
-        if method.side == "target":  # the budget's reference: the dense network with a ways-way head
-            probe = copy.deepcopy(pruned)
-            probe.reset_classifier(ways)
-            dense_cost = cost(probe, metric)
-        for ep in eps["episodes"]:
-            i = ep["index"]
-            sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
-            qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
-            sxd, syd, qxd, qyd = (t.to(device) for t in (sx, sy, qx, qy))  # the arms' copies
-            es = episode_seeds(config, replicate, target, ways, shots, i, arms)
-            head_seeds.append(es["head"])
-            start = None
-            if method.side == "target":
-                model = copy.deepcopy(pruned)
-                model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
-                model.eval()
-                ta = time.perf_counter()
-                torch.manual_seed(es["adapt"])
-                res = method.adapt(AdaptContext(model=model, budget=budget, metric=metric, support_x=sx,
-                                                support_y=sy, seed=es["adapt"], dense_cost=dense_cost,
-                                                options=options, log=job.log))
-                start = res.model.eval()
-                a_cost = {m: cost(start, m) for m in ("params", "flops")}
-                ratio = a_cost[metric] / dense_cost
-                adapt_seeds.append(es["adapt"])
-                adapted.append({
-                    "episode": i, "adapt_seconds": time.perf_counter() - ta,
-                    "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": ratio,
-                    "spec": start.spec,
-                    "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
-                })
-                run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]}, i)
-            for arm in arms:
-                ta = time.perf_counter()
-                seed = es["finetune"][arm]
-                torch.manual_seed(seed)
-                if start is not None:
-                    model = copy.deepcopy(start)
-                else:
-                    model = _fresh_weights(spec, seed) if arm == "reinit" else copy.deepcopy(pruned)
-                    model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
-                model = model.to(device).eval()  # built and seeded on the CPU, then moved
-                finetune_episode(model, sxd, syd, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
-                                 lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
-                                 batch_size=tc["batch_size"], seed=seed, augment=augment, fill=fill)
-                acc = accuracy(model, qxd, qyd)
-                per_arm[arm]["episode_accuracies"].append(acc)
-                per_arm[arm]["finetune_seeds"].append(seed)
-                per_arm[arm]["seconds"] += time.perf_counter() - ta
-                run.log_metrics({f"{arm}/episode_acc": acc}, i)
-            if (i + 1) % 10 == 0 or i + 1 == n_eps:
-                el = time.perf_counter() - t0
-                means = ", ".join(f"{a} {sum(r['episode_accuracies']) / len(r['episode_accuracies']):.4f}"
-                                  for a, r in per_arm.items())
-                job.log(f"episode {i + 1}/{n_eps} mean acc {means} elapsed {el:.1f}s "
-                        f"left~{el / (i + 1) * (n_eps - i - 1):.1f}s")
-        for arm, r in per_arm.items():
-            r["summary"] = mean_ci(r["episode_accuracies"])
-            run.log_metrics({f"{arm}/acc_mean": r["summary"]["mean"], f"{arm}/acc_ci95": r["summary"]["ci95"]},
-                            None)
+        if failure is None:
+            try:
+                inject_failure("transfer", method_name)
+                pruned = load_model(str(weights), spec)
+                job.log(f"process start to first training step: {overhead}s; arms {arms}")
+                if method.side == "target":  # the budget's reference: the dense network with a ways-way head
+                    probe = copy.deepcopy(pruned)
+                    probe.reset_classifier(ways)
+                    dense_cost = cost(probe, metric)
+                for ep in eps["episodes"]:
+                    i = ep["index"]
+                    sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
+                    qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+                    sxd, syd, qxd, qyd = (t.to(device) for t in (sx, sy, qx, qy))  # the arms' copies
+                    es = episode_seeds(config, replicate, target, ways, shots, i, arms)
+                    head_seeds.append(es["head"])
+                    start = None
+                    if method.side == "target":
+                        model = copy.deepcopy(pruned)
+                        model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
+                        model.eval()
+                        ta = time.perf_counter()
+                        torch.manual_seed(es["adapt"])
+                        res = method.adapt(AdaptContext(model=model, budget=budget, metric=metric, support_x=sx,
+                                                        support_y=sy, seed=es["adapt"], dense_cost=dense_cost,
+                                                        options=options, log=job.log))
+                        start = res.model.eval()
+                        a_cost = {m: cost(start, m) for m in ("params", "flops")}
+                        ratio = a_cost[metric] / dense_cost
+                        adapt_seeds.append(es["adapt"])
+                        adapted.append({
+                            "episode": i, "adapt_seconds": time.perf_counter() - ta,
+                            "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": ratio,
+                            "spec": start.spec,
+                            "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
+                        })
+                        run.log_metrics({"achieved_ratio": ratio, "adapt_seconds": adapted[-1]["adapt_seconds"]}, i)
+                    for arm in arms:
+                        ta = time.perf_counter()
+                        seed = es["finetune"][arm]
+                        torch.manual_seed(seed)
+                        if start is not None:
+                            model = copy.deepcopy(start)
+                        else:
+                            model = _fresh_weights(spec, seed) if arm == "reinit" else copy.deepcopy(pruned)
+                            model.reset_classifier(ways, torch.Generator().manual_seed(es["head"]))
+                        model = model.to(device).eval()  # built and seeded on the CPU, then moved
+                        finetune_episode(model, sxd, syd, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"],
+                                         lr=tc["lr"], momentum=tc["momentum"], weight_decay=tc["weight_decay"],
+                                         batch_size=tc["batch_size"], seed=seed, augment=augment, fill=fill)
+                        acc = accuracy(model, qxd, qyd)
+                        per_arm[arm]["episode_accuracies"].append(acc)
+                        per_arm[arm]["finetune_seeds"].append(seed)
+                        per_arm[arm]["seconds"] += time.perf_counter() - ta
+                        run.log_metrics({f"{arm}/episode_acc": acc}, i)
+                    if (i + 1) % 10 == 0 or i + 1 == n_eps:
+                        el = time.perf_counter() - t0
+                        means = ", ".join(f"{a} {sum(r['episode_accuracies']) / len(r['episode_accuracies']):.4f}"
+                                          for a, r in per_arm.items())
+                        job.log(f"episode {i + 1}/{n_eps} mean acc {means} elapsed {el:.1f}s "
+                                f"left~{el / (i + 1) * (n_eps - i - 1):.1f}s")
+            except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
+                failure = error_text(exc)
+                job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
+                run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
+        if failure is None:
+            for arm, r in per_arm.items():
+                r["summary"] = mean_ci(r["episode_accuracies"])
+                run.log_metrics({f"{arm}/acc_mean": r["summary"]["mean"], f"{arm}/acc_ci95": r["summary"]["ci95"]},
+                                None)
         run_id = run.run_id
+    if failure is not None:
+        per_arm = {a: {"episode_accuracies": [], "finetune_seeds": [], "seconds": 0.0, "summary": None}
+                   for a in arms}
     record = {
         "method": method_name, "side": method.side, "shots": shots, "ways": ways,
         "target": target, "replicate": replicate, "requested_budget": rec["requested_budget"],
+        "status": "ok" if failure is None else "failed", "error": failure or "",
         "arms": per_arm, "head_seeds": head_seeds,
         "device": {"device": str(device), "name": device_name(str(device)), "dtype": "float32",
                    "augment": augment_mode},
@@ -532,6 +584,10 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
         "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]},
                                      device=str(device)),
     }
+    if failure is not None:
+        write_json(out, record)
+        job.log(f"{method_name} {shots}-shot: FAILED ({failure}); recorded as a failed cell")
+        return record
     if method.side == "target":
         record["adapt_seeds"] = adapt_seeds
         record["adapted"] = adapted
@@ -572,6 +628,18 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
     torch.set_num_threads(pc["threads"])
     inputs = [weights, arch]
     network: dict[str, Any] = {"from": "search"}
+    arch_rec = read_json(arch)
+    failure = f"search failed: {arch_rec['error']}" if arch_rec.get("failed") else None
+    if failure is None and adapted is not None and read_json(adapted).get("status") == "failed":
+        failure = f"transfer failed: {read_json(adapted)['error']}"
+    if failure is not None:  # nothing to time: the cell is a failed row
+        record = {"status": "failed", "error": failure, "device": None, "dtype": "float32", "threads": None,
+                  "latency": {}, "batch_sizes": [int(b) for b in pc["batch_sizes"]], "devices": {},
+                  "network": None, "weights_sha256": sha256_file(weights),
+                  "provenance": job.provenance(inputs + ([adapted] if adapted else []), {})}
+        write_json(out, record)
+        job.log(f"not timed: {failure}")
+        return record
     if adapted is None:
         spec = read_json(arch)
         model = load_model(str(weights), spec)
@@ -607,7 +675,7 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
             del timed
             torch.cuda.empty_cache()
     cpu = devices.get("cpu", {})
-    record = {"device": cpu.get("name"), "dtype": "float32", "threads": cpu.get("threads"),
+    record = {"status": "ok", "device": cpu.get("name"), "dtype": "float32", "threads": cpu.get("threads"),
               "latency": cpu.get("latency", {}), "batch_sizes": batch_sizes, "devices": devices,
               "network": network, "weights_sha256": sha256_file(weights),
               "provenance": job.provenance(inputs, {})}
@@ -668,18 +736,26 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
         job_rec, se, pr = load(cell["transfer"]), load(cell["search"]), load(cell["profile"])
         pre = load(cell["pretrain"])
         arm = cell["arm"]
+        failed = job_rec.get("status") == "failed"
         tr = {**job_rec, **job_rec["arms"][arm], "arm": arm}
         prov = tr["provenance"]
         seeds = prov["seeds"]
         row_id = _row_id(tr["method"], budget_label(tr["requested_budget"]), tr["target"], tr["ways"],
                          tr["shots"], arm, tr["replicate"], prov["config_sha256"], prov["git_commit"])
-        if "achieved" in tr:  # target-side: pruned per episode, cost averaged over this cell's episodes
+        nan = float("nan")
+        if se.get("status") == "failed":  # no network: no cost either
+            cost_cols = {k: nan for k in ("achieved_params", "achieved_flops", "params_ratio", "flops_ratio")}
+            cost_cols |= {"search_seconds": se["search_seconds"], "search_scope": "once"}
+        elif "achieved" in tr:  # target-side: pruned per episode, cost averaged over this cell's episodes
             ach = tr["achieved"]
             cost_cols = {
                 "achieved_params": ach["params"], "achieved_flops": ach["flops"],
                 "params_ratio": ach["params"] / se["dense_params"], "flops_ratio": ach["flops"] / se["dense_flops"],
                 "search_seconds": ach["adapt_seconds_mean"], "search_scope": "per episode",
             }
+        elif failed and se["side"] == "target":  # per-episode pruning never finished
+            cost_cols = {k: nan for k in ("achieved_params", "achieved_flops", "params_ratio", "flops_ratio")}
+            cost_cols |= {"search_seconds": nan, "search_scope": "per episode"}
         else:
             cost_cols = {
                 "achieved_params": se["achieved_params"], "achieved_flops": se["achieved_flops"],
@@ -687,6 +763,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
                 "search_seconds": se["search_seconds"], "search_scope": "once",
             }
         cost_cols["budget_gap"] = se["requested_budget"] - cost_cols[f"{se['budget_metric']}_ratio"]
+        summary = tr.get("summary") or {"mean": nan, "ci95": nan, "std": nan, "n": 0}
         row = {
             "row_id": row_id, "method": tr["method"], "method_source": se["method_provenance"],
             "side": se["side"], "backbone": config["backbone"]["name"],
@@ -699,14 +776,16 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             **latency_columns(pr),
             "search_seconds": cost_cols["search_seconds"], "search_scope": cost_cols["search_scope"],
             "search_device": se["search_device"],
-            "acc_mean": tr["summary"]["mean"], "acc_ci95": tr["summary"]["ci95"],
-            "acc_std": tr["summary"]["std"], "n_episodes": tr["summary"]["n"],
+            "acc_mean": summary["mean"], "acc_ci95": summary["ci95"],
+            "acc_std": summary["std"], "n_episodes": summary["n"],
             "replicate": tr["replicate"], "seed_pretrain": seeds["pretrain"], "seed_search": seeds["search"],
-            "seed_episode": seeds["episode_root"], "seed_finetune": tr["finetune_seeds"][0],
+            "seed_episode": seeds["episode_root"],
+            "seed_finetune": tr["finetune_seeds"][0] if tr["finetune_seeds"] else "",
             "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"],
             "config_sha256": prov["config_sha256"], "data_sha256": data_sha[tr["target"]],
             "checkpoint_sha256": se["weights_sha256"], "pretrain_sha256": pre["weights_sha256"],
-            "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "ok", "error": "",
+            "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "failed" if failed else "ok",
+            "error": tr.get("error", "") if failed else "",
             "transfer_record": str(cell["transfer"]),
             "transfer_seconds": tr["seconds"],
         }
@@ -726,8 +805,9 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
         f"/r{r['replicate']}": {"acc_mean": round(r["acc_mean"], 6), "acc_ci95": round(r["acc_ci95"], 6),
                                 "params_ratio": round(r["params_ratio"], 6),
                                 "flops_ratio": round(r["flops_ratio"], 6)}
-        for r in rows
+        for r in rows if r["status"] == "ok"
     }
+    metrics["failed_cells"] = sum(r["status"] != "ok" for r in rows)
     write_json(out_metrics, metrics)
     job.log(f"aggregated {len(rows)} cells, {len(episode_rows)} episode results")
     return rows

@@ -320,12 +320,13 @@ def _common_manifest(raw: RawDataset, role: str, classes: list[int], x: np.ndarr
 
 
 def prepare_source(raw: RawDataset, classes: list[int], val_fraction: float, seed: int, out_dir: Path,
-                   image: dict[str, Any] | None = None) -> dict:
+                   image: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> dict:
     """Write train/val shards of the source classes (stratified hold-out) and manifest.json.
 
     ``image`` is the config's ``data.image`` (``channels``, ``size``; None keeps the native
-    shape), applied with :func:`reconcile`. Everything is written to a temporary sibling of
-    ``out_dir`` that replaces it at the end, so a failure leaves no partial output.
+    shape), applied with :func:`reconcile`; ``provenance`` (the job's, if given) is stored in the
+    manifest. Everything is written to a temporary sibling of ``out_dir`` that replaces it at the
+    end, so a failure leaves no partial output.
     """
     x, y = _select(raw, classes)
     native = x.shape[1:]
@@ -349,12 +350,14 @@ def prepare_source(raw: RawDataset, classes: list[int], val_fraction: float, see
             "split_seed": seed,
             "splits": {"train": train, "val": val},
         }
+        if provenance is not None:
+            manifest["provenance"] = provenance
         write_json(tmp / "manifest.json", manifest)
     return manifest
 
 
 def prepare_target(raw: RawDataset, classes: list[int], out_dir: Path,
-                   image: dict[str, Any] | None = None) -> dict:
+                   image: dict[str, Any] | None = None, provenance: dict[str, Any] | None = None) -> dict:
     """Write the target pool shard (all images of the target classes) and manifest.json.
 
     ``image`` and the atomic write are as in :func:`prepare_source`.
@@ -369,6 +372,8 @@ def prepare_target(raw: RawDataset, classes: list[int], out_dir: Path,
             "class_counts": {str(c): int((y == c).sum()) for c in classes},
             "splits": {"pool": pool},
         }
+        if provenance is not None:
+            manifest["provenance"] = provenance
         write_json(tmp / "manifest.json", manifest)
     return manifest
 

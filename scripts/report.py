@@ -7,4 +7,4 @@ from pruneshot.stages import job_from_snakemake, report
 i, o = snakemake.input, snakemake.output
 targets = dict(zip(snakemake.params.targets, map(Path, i.target_manifests), strict=True))
 report(snakemake.config, Path(i.results), Path(i.study), Path(i.sync), Path(i.source_manifest), targets,
-       Path(o.html), Path(o.figures), job_from_snakemake(snakemake))
+       Path(o.html), Path(o.figures), job_from_snakemake(snakemake), episodes_csv=Path(i.episodes))

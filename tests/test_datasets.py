@@ -350,6 +350,8 @@ def test_mirror_does_not_change_the_prepared_data(server, generated, tmp_path):
                           {"t": {"dataset": "mnist", "classes": [3, 4]}}, image={"size": 8})
         cfg["data"]["download"]["mirrors"] = {"mnist": url}
         manifests.append(stages.prepare_target(cfg, "t", tmp_path / str(i) / "t", job(cfg)))
+    # the data are the same; only the job's provenance (config hash: the mirror setting) differs
+    assert manifests[0].pop("provenance")["config_sha256"] != manifests[1].pop("provenance")["config_sha256"]
     assert manifests[0] == manifests[1]
     assert len(server.state.requests) == 2  # the second run read the local directory
 

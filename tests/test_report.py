@@ -1,20 +1,25 @@
-"""Tests for the HTML report: real pandas/seaborn/matplotlib, synthetic results."""
+"""Tests for the HTML report: real pandas/seaborn/matplotlib and pruneshot.stats, synthetic results."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from pruneshot.report import (
+    CUDA_FIGURE,
     FIGURE_NAMES,
     TABLES_BEGIN,
     TABLES_END,
+    MixedResultsError,
     build_report,
+    compute_statistics,
     load_results,
     make_figures,
+    results_table,
     summary_table,
 )
 
@@ -96,6 +101,24 @@ def make_results(replicates: int = 1) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+N_EPISODES = 20
+# Every row's per-episode accuracies are its mean plus this alternating offset (mean exactly the row's),
+# so paired differences between two rows are constant: significant for any nonzero gap at n = 20.
+# random@0.25 1-shot gets a large alternating offset instead: its differences change sign (not significant).
+NOISY = ("random", 0.25, 1)
+
+
+def make_episodes(results: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for r in results.itertuples():
+        if r.status != "ok":
+            continue
+        amp = 0.30 if (r.method, r.requested_budget, r.shots) == NOISY else 0.05
+        rows += [{"row_id": r.row_id, "episode": i, "accuracy": r.acc_mean + amp * (-1) ** i}
+                 for i in range(N_EPISODES)]
+    return pd.DataFrame(rows)
+
+
 def make_provenance(generated: str = "2024-01-01T00:00:00Z") -> dict:
     return {
         "git_commit": COMMIT,
@@ -124,12 +147,14 @@ def _tables_section(text: str) -> str:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("report")
-    csv = root / "results.csv"
+    csv, episodes = root / "results.csv", root / "episodes.csv"
     make_results().to_csv(csv, index=False)
+    make_episodes(make_results()).to_csv(episodes, index=False)
     out_html = root / "out" / "index.html"
     figures_dir = root / "figures"
-    build_report(csv, make_provenance(), out_html, figures_dir)
-    return {"root": root, "csv": csv, "html": out_html.read_text(encoding="utf-8"), "figures": figures_dir}
+    build_report(csv, make_provenance(), out_html, figures_dir, episodes)
+    return {"root": root, "csv": csv, "episodes": episodes, "html": out_html.read_text(encoding="utf-8"),
+            "figures": figures_dir}
 
 
 def test_report_contains_methods_error_commit_and_provenance(built: dict) -> None:
@@ -192,7 +217,8 @@ def test_summary_table_averages_replicates_and_flags_partial_failures() -> None:
 
 def test_same_csv_gives_identical_tables_and_figures(built: dict, tmp_path: Path) -> None:
     other_html = tmp_path / "again.html"
-    build_report(built["csv"], make_provenance("2030-12-31T23:59:59Z"), other_html, tmp_path / "figs")
+    build_report(built["csv"], make_provenance("2030-12-31T23:59:59Z"), other_html, tmp_path / "figs",
+                 built["episodes"])
     again = other_html.read_text(encoding="utf-8")
     assert _tables_section(again) == _tables_section(built["html"])
     assert "2030-12-31T23:59:59Z" in again
@@ -201,14 +227,17 @@ def test_same_csv_gives_identical_tables_and_figures(built: dict, tmp_path: Path
         assert (tmp_path / "figs" / png).read_bytes() == (built["figures"] / png).read_bytes()
 
 
-def test_tables_change_when_results_change(built: dict, tmp_path: Path) -> None:
-    results = make_results()
-    results.loc[0, "acc_mean"] = 0.5
-    csv = tmp_path / "changed.csv"
-    results.to_csv(csv, index=False)
-    build_report(csv, make_provenance(), tmp_path / "r.html", tmp_path / "figs")
-    changed = (tmp_path / "r.html").read_text(encoding="utf-8")
-    assert _tables_section(changed) != _tables_section(built["html"])
+def test_tables_change_when_results_change(built: dict) -> None:
+    from pruneshot.report import _tables_html, load_episodes
+
+    episodes = load_episodes(built["episodes"])
+    same = load_results(built["csv"])
+    assert _tables_html(same, compute_statistics(same, episodes), episodes) == _tables_section(built["html"]) \
+        + TABLES_END
+    changed = same.copy()
+    changed.loc[0, "acc_mean"] = 0.5
+    assert _tables_html(changed, compute_statistics(changed, episodes), episodes) != \
+        _tables_section(built["html"]) + TABLES_END
 
 
 def test_load_results_keeps_ids_as_text(built: dict) -> None:
@@ -270,14 +299,10 @@ def test_reinit_gap_table_pairs_the_arms():
 
 
 def test_report_shows_methods_achieved_and_reinit_sections(tmp_path):
-    from pruneshot.report import _summary_for_html
-
     df = _with_reinit_and_target()
-    summary = _summary_for_html(df)
-    row = summary[(summary["method"] == "basis_scaling") & (summary["budget"] == "0.5")].iloc[0]
-    assert row["achieved"] == "0.450–0.490"  # per-shots costs differ: shown as a range
-    assert row["source"] == "abstract-level"
-    assert row["side"] == "target"
+    table = results_table(df)
+    achieved = table[(table["method"] == "basis_scaling") & (table["budget"] == "0.5")].set_index("shots")["achieved"]
+    assert achieved.to_dict() == {"1": "0.490", "5": "0.450"}  # per-shots costs of a target-side method
     csv = tmp_path / "results.csv"
     df.to_csv(csv, index=False)
     out = tmp_path / "index.html"
@@ -289,12 +314,8 @@ def test_report_shows_methods_achieved_and_reinit_sections(tmp_path):
     assert "reconstruction" in html.split('id="methods-table"')[1].split("</table>")[0]
 
 
-def test_report_says_when_no_reinit_arm_ran(tmp_path):
-    csv = tmp_path / "results.csv"
-    make_results().to_csv(csv, index=False)
-    out = tmp_path / "index.html"
-    build_report(csv, make_provenance(), out, tmp_path / "figures")
-    assert 'id="reinit-gap-none"' in out.read_text()
+def test_report_says_when_no_reinit_arm_ran(built: dict) -> None:
+    assert 'id="reinit-gap-none"' in built["html"]
 
 
 def test_cli_summary_prints_side_source_and_accuracy(tmp_path, capsys):
@@ -328,3 +349,236 @@ def test_detail_table_shows_cuda_latency_only_where_timed() -> None:
     assert "cuda latency ms (b=1)" in table.columns and "cuda latency ms (b=64)" not in table.columns
     assert set(table["cuda device"]) == {"cuda:NVIDIA H200"}
     assert set(table["cuda latency ms (b=1)"]) == {"0.250"}
+
+
+# --------------------------------------------------------------------------- statistics in the tables
+
+
+def _row(table: pd.DataFrame, method: str, budget: str, shots: str) -> pd.Series:
+    hit = table[(table["method"] == method) & (table["budget"] == budget) & (table["shots"] == shots)]
+    assert len(hit) == 1, (method, budget, shots, hit)
+    return hit.iloc[0]
+
+
+def test_results_table_marks_ranks_and_row_ids_by_hand() -> None:
+    results = make_results()
+    table = results_table(results, episodes=make_episodes(results))
+    assert list(table.columns) == ["target", "shots", "arm", "method", "budget", "achieved", "accuracy %",
+                                   "vs dense", "vs random", "rank", "row_id"]  # one replicate: no spread column
+    l1 = _row(table, "l1_filter", "0.5", "1")
+    assert l1["accuracy %"] == "59.0 ± 3.2 (n=20)"
+    assert l1["achieved"] == "0.500" and l1["row_id"] == "08e0"
+    # constant per-episode differences (n = 20): significant after Holm over the 12 comparisons
+    assert l1["vs dense"] == "-2.2 pp ▼" and l1["vs random"] == "+4.9 pp ▲"
+    # random@0.25 1-shot's differences alternate in sign: W+ = 155, W- = 55, p = 0.057 > 0.05
+    assert _row(table, "l1_filter", "0.25", "1")["vs random"] == "+7.9 pp n.s."
+    assert _row(table, "random", "0.25", "1")["vs dense"] == "-13.9 pp n.s."
+    dense = _row(table, "dense", "1", "1")
+    assert dense["vs dense"] == "baseline" and dense["vs random"] == "—"
+    # Meta-Dataset ranks (margin sqrt(ci1^2 + ci2^2) here): 1-shot@0.5 dense, linear_probe, l1_filter tie
+    assert l1["rank"] == "1 / 4" and _row(table, "random", "0.5", "1")["rank"] == "4 / 4"
+    assert _row(table, "l1_filter", "0.25", "1")["rank"] == "3 / 4"
+    assert dense["rank"] == "1 / 4 at 0.5, 1 / 4 at 0.25"  # budget-free: ranked in every budget's cell
+    assert _row(table, "l1_filter", "0.5", "5")["rank"] == "2 / 4"  # tied with linear_probe behind dense
+    # the failed cell stays in the table, with its row id
+    failed = _row(table, "l1_filter", "0.25", "5")
+    assert failed["accuracy %"] == "failed" and failed["row_id"] == "11e0" and failed["rank"] == "—"
+    # order: per (target, shots, arm), budget descending, dense and linear_probe first
+    one_shot = table[table["shots"] == "1"]
+    assert list(zip(one_shot["method"], one_shot["budget"], strict=True))[:3] == [
+        ("dense", "1"), ("linear_probe", "1"), ("l1_filter", "0.5")]
+
+
+def test_replicate_spread_column_and_partial_failure() -> None:
+    results = make_results(replicates=2)  # replicate 1 adds 0.01 to every accuracy
+    mask = (results["method"] == "random") & (results["requested_budget"] == 0.5) & (results["shots"] == 1)
+    results.loc[mask & (results["replicate"] == 1), ["status", "acc_mean", "error"]] = ["failed", float("nan"), "x"]
+    table = results_table(results, episodes=make_episodes(results))
+    assert "replicates %" in table.columns
+    l1 = _row(table, "l1_filter", "0.5", "5")
+    assert l1["accuracy %"] == "83.9 ± 1.2 (n=20)"
+    assert l1["replicates %"] == "83.9 ± 0.7 (2)"  # mean of 83.4 and 84.4, sample std 0.71
+    assert l1["row_id"] == "09e0 09e1"
+    assert l1["vs dense"] == "-3.7 pp ▼▼"  # one mark per replicate
+    partial = _row(table, "random", "0.5", "1")
+    assert partial["accuracy %"] == "54.1 ± 3.3 (n=20; 1/2 failed)" and partial["replicates %"] == "54.1 (1)"
+
+
+def test_statistics_are_stated_and_comparisons_listed(built: dict) -> None:
+    text = built["html"]
+    statement = text.split('id="stats-statement">')[1].split("</p>")[0]
+    for phrase in ("two-sided Wilcoxon signed-rank test on the per-episode accuracies",
+                   "Holm-Bonferroni over all 12 comparisons in this report", "Holm-adjusted p &lt; 0.05",
+                   "rank-biserial", "Meta-Dataset"):
+        assert phrase in statement, phrase
+    comparisons = text.split('id="comparisons-table"')[1].split("</table>")[0]
+    assert comparisons.count("<tr>") == 1 + 12
+    assert 'id="average-ranks-table"' in text
+    assert "pruneshot audit ROW_ID" in text
+
+
+def test_figures_have_alt_text_and_captions(built: dict) -> None:
+    text = built["html"]
+    figures = re.findall(r"<figure id=\"fig-([a-z_]+)\"><img alt=\"([^\"]*)\" src=[^>]*><figcaption>(.*?)"
+                         r"</figcaption></figure>", text)
+    assert [f[0] for f in figures] == ["acc_vs_params", "acc_vs_flops", "acc_vs_latency", "acc_vs_shots",
+                                       "budget_achieved", "search_cost", "reinit_gap"]
+    for name, alt, caption in figures:
+        assert alt.startswith("Figure: ") and "dense" in alt, name
+        assert caption.startswith("<strong>Figure ") and len(caption) > 80, name
+
+
+# --------------------------------------------------------------------------- failures, NaN, mixed runs
+
+
+def _with_nan_failure() -> pd.DataFrame:
+    """The synthetic results with random@0.5 5-shot failed the way the pipeline writes it: NaN metrics."""
+    results = make_results()
+    victim = (results["method"] == "random") & (results["requested_budget"] == 0.5) & (results["shots"] == 5)
+    for col in ("acc_mean", "acc_ci95", "acc_std", "n_episodes", "achieved_params", "achieved_flops", "params_ratio",
+                "flops_ratio", "latency_ms_b1", "latency_ms_b64", "search_seconds"):
+        results.loc[victim, col] = float("nan")
+    results.loc[victim, ["status", "error"]] = ["failed", "ValueError: budget unreachable"]
+    return results
+
+
+def test_failed_rows_with_nan_metrics_are_listed_never_dropped(tmp_path: Path) -> None:
+    from pruneshot.report import detail_table, failures_table, reinit_gap_table
+
+    results = _with_nan_failure()
+    episodes = make_episodes(results)
+    table = results_table(results, episodes=episodes)
+    assert len(table) == len(results)  # one row per cell, failed cells included
+    cell = _row(table, "random", "0.5", "5")
+    assert (cell["accuracy %"], cell["achieved"], cell["row_id"]) == ("failed", "—", "05e0")
+    assert _row(table, "l1_filter", "0.5", "5")["vs random"] == "—"  # no baseline run left to compare with
+    failures = failures_table(results)
+    assert list(failures["row_id"]) == ["11e0", "05e0"]
+    assert "ValueError: budget unreachable" in set(failures["error"])
+    assert len(detail_table(results)) == len(results)
+    assert reinit_gap_table(results, episodes).empty
+    paths = make_figures(results, tmp_path / "figs", episodes)
+    assert sorted(paths) == sorted(FIGURE_NAMES)
+    csv = tmp_path / "results.csv"
+    results.to_csv(csv, index=False)
+    build_report(csv, make_provenance(), tmp_path / "index.html", tmp_path / "figs2")
+    text = (tmp_path / "index.html").read_text(encoding="utf-8")
+    assert "ValueError: budget unreachable" in text.split('id="failures-table"')[1]
+    assert "no comparison: episodes.csv was not given" in text
+
+
+def test_mixed_commits_or_configs_are_refused_unless_allowed(tmp_path: Path) -> None:
+    results = make_results()
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    results.loc[results.index[:3], "git_commit"] = other
+    results.loc[results.index[:2], "config_sha256"] = "b" * 64
+    csv = tmp_path / "results.csv"
+    results.to_csv(csv, index=False)
+    out = tmp_path / "index.html"
+    with pytest.raises(MixedResultsError) as err:
+        build_report(csv, make_provenance(), out, tmp_path / "figs")
+    message = str(err.value)
+    assert f"{COMMIT} (9 rows)" in message and f"{other} (3 rows)" in message
+    assert "b" * 64 in message and "c" * 64 in message
+    assert "allow_mixed" in message and "--allow-mixed" in message
+    assert not out.exists() and not (tmp_path / "figs").exists()  # refused before writing anything
+
+    build_report(csv, make_provenance(), out, tmp_path / "figs", allow_mixed=True)
+    text = out.read_text(encoding="utf-8")
+    banner = text.split('id="mixed-warning"')[1].split("</div>")[0]
+    assert other in banner and COMMIT in banner and "b" * 64 in banner
+    assert "3 rows" in banner
+    assert "2 commits (mixed)" in text  # the header says so too
+
+
+def test_a_dirty_checkout_is_shown_not_refused(built: dict) -> None:
+    assert 'id="dirty-note"' in built["html"]  # make_provenance() says git_dirty: True
+    assert 'id="mixed-warning"' not in built["html"]
+
+
+def test_paired_reinit_gap_uses_the_shared_episodes() -> None:
+    from pruneshot.report import reinit_gap_table
+
+    results = _with_reinit_and_target()
+    episodes = make_episodes(results)
+    reinit_ids = set(results.loc[results["arm"] == "reinit", "row_id"])
+    ft_ids = dict(zip(results.loc[results["arm"] == "reinit", "row_id"],
+                      results.loc[(results["arm"] == "finetune") & (results["method"] == "l1_filter")
+                                  & (results["requested_budget"] == 0.5), "row_id"], strict=True))
+    # reinit episode i = finetune episode i - 0.10 - 0.04 * (-1)^i: differences 0.10 ± 0.04
+    ft = episodes.set_index(["row_id", "episode"])["accuracy"]
+    mask = episodes["row_id"].isin(reinit_ids)
+    episodes.loc[mask, "accuracy"] = [ft[(ft_ids[r], e)] - 0.10 - 0.04 * (-1) ** e
+                                      for r, e in zip(episodes.loc[mask, "row_id"], episodes.loc[mask, "episode"],
+                                                      strict=True)]
+    gaps = reinit_gap_table(results, episodes)
+    d = np.array([0.10 + 0.04 * (-1) ** e for e in range(N_EPISODES)])
+    half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+    assert list(gaps["gap (pp)"]) == [f"+10.0 ± {100 * half:.1f}"] * 2 == ["+10.0 ± 1.8"] * 2
+    assert list(gaps["CI"]) == ["paired, n=20"] * 2
+    assert gaps.iloc[0]["row_id"] == "08e0 r0"
+
+
+def test_cuda_latency_figure_only_when_timed(tmp_path: Path) -> None:
+    results = make_results()
+    results["latency_cuda_device"] = ""
+    results["latency_cuda_ms_b1"] = float("nan")
+    assert CUDA_FIGURE not in make_figures(results, tmp_path / "cpu")
+    results["latency_cuda_device"] = "cuda:NVIDIA H200"
+    results["latency_cuda_ms_b1"] = results["latency_ms_b1"] / 10
+    assert CUDA_FIGURE in make_figures(results, tmp_path / "cuda")
+
+
+# --------------------------------------------------------------------------- CLI, config, landing page
+
+
+def test_cli_report_rebuilds_refuses_mixed_and_allows_it(tmp_path: Path, capsys) -> None:
+    from pruneshot.cli import main
+
+    tables = tmp_path / "results" / "tables"
+    tables.mkdir(parents=True)
+    results = make_results()
+    results.to_csv(tables / "results.csv", index=False)
+    make_episodes(results).to_csv(tables / "episodes.csv", index=False)
+    out = tmp_path / "report"
+    assert main(["report", "--results", str(tables / "results.csv"), "--out", str(out)]) == 0
+    text = (out / "index.html").read_text(encoding="utf-8")
+    assert 'id="comparisons-table"' in text  # episodes.csv found beside results.csv
+    assert sorted(p.stem for p in (out / "figures").glob("*.png")) == sorted(FIGURE_NAMES)
+    assert "not given (built from the tables alone)" in text
+
+    results.loc[0, "git_commit"] = "0" * 40
+    results.to_csv(tables / "results.csv", index=False)
+    assert main(["report", "--results", str(tables / "results.csv"), "--out", str(tmp_path / "r2")]) == 3
+    assert "--allow-mixed" in capsys.readouterr().err
+    assert not (tmp_path / "r2" / "index.html").exists()
+    assert main(["report", "--results", str(tables / "results.csv"), "--out", str(tmp_path / "r2"),
+                 "--allow-mixed"]) == 0
+    assert 'id="mixed-warning"' in (tmp_path / "r2" / "index.html").read_text(encoding="utf-8")
+
+
+def test_config_report_section_defaults_to_refusing_mixed() -> None:
+    from pruneshot.config import load_config, load_schema
+
+    assert load_config(Path(__file__).parents[1] / "config/config.yaml")["report"] == {"allow_mixed": False}
+    assert load_schema()["properties"]["report"]["properties"]["allow_mixed"]["description"]
+
+
+def test_landing_page_names_commit_and_config_hash(tmp_path: Path, monkeypatch) -> None:
+    from pruneshot.config import config_hash
+    from pruneshot.report import landing_page
+
+    monkeypatch.setenv("PRUNESHOT_GIT_COMMIT", "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678")
+    monkeypatch.setenv("PRUNESHOT_GIT_DIRTY", "1")
+    rst = tmp_path / "workflow.rst"
+    rst.write_text("What the workflow does.\n")
+    config = {"study": {"name": "s1"}, "report": {"allow_mixed": False}}
+    out = tmp_path / "gen" / "workflow.rst"
+    path = Path(landing_page(rst, config, tmp_path, out=out))
+    text = path.read_text()
+    assert path == out.resolve() and text.startswith("What the workflow does.")
+    assert "``a1b2c3d4e5f60718293a4b5c6d7e8f9012345678`` (uncommitted changes)" in text
+    assert f"``{config_hash(config)}``" in text and "``s1``" in text
+    before = path.stat().st_mtime_ns
+    landing_page(rst, config, tmp_path, out=out)
+    assert path.stat().st_mtime_ns == before  # unchanged text is not rewritten

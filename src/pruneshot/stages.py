@@ -194,7 +194,8 @@ def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str,
     raw = data.load_entry(src, "source", config["data"])
     seed = derive_seed(config["study"]["root_seed"], "data", "source_val")
     manifest = data.prepare_source(raw, src["classes"], src["val_fraction"], seed, out_dir,
-                                   image=config["data"].get("image"))
+                                   image=config["data"].get("image"),
+                                   provenance=job.provenance([], {"source_val": seed}))
     job.log(f"source {src['dataset']} ({manifest['split']}) classes {src['classes']}: "
             f"{manifest['splits']['train']['n']} train / {manifest['splits']['val']['n']} val, "
             f"images {manifest['image_shape']} (native {manifest['native_shape']})")
@@ -207,7 +208,8 @@ def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job)
 
     tgt = config["data"]["targets"][target]
     raw = data.load_entry(tgt, "target", config["data"])
-    manifest = data.prepare_target(raw, tgt["classes"], out_dir, image=config["data"].get("image"))
+    manifest = data.prepare_target(raw, tgt["classes"], out_dir, image=config["data"].get("image"),
+                                   provenance=job.provenance([], {}))
     job.log(f"target {target}: {tgt['dataset']} ({manifest['split']}), {manifest['splits']['pool']['n']} images, "
             f"classes {tgt['classes']}, images {manifest['image_shape']} (native {manifest['native_shape']})")
     return manifest
@@ -235,6 +237,20 @@ def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, ma
 
 
 # --- pretrain --------------------------------------------------------------------------------
+
+def _checkpointer(job: Job, out_dir: Path, *settings: Any, modules: tuple[str, ...]) -> Any:
+    """The job's :class:`pruneshot.checkpoint.Checkpointer` (``results/checkpoints/<out_dir below
+    results>``), keyed on ``settings`` (the config settings, seeds and input sha256 the job reads),
+    the source of ``modules`` (names in ``pruneshot``) and the torch version: a checkpoint written
+    under anything else is removed, never resumed."""
+    import torch
+
+    from pruneshot.checkpoint import Checkpointer, code_sha256, settings_key
+
+    code = code_sha256(*(f"pruneshot.{m}" for m in ("checkpoint", *modules)))
+    key = settings_key(job.rule, *settings, code, torch.__version__)
+    return Checkpointer.for_outputs(out_dir, key, log=job.log)
+
 
 def _load_source(manifest_path: Path):
     from pruneshot import data
@@ -280,6 +296,9 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
               **{f"pretrain.augment.{k}": v for k, v in (pc.get("augment") or {}).items()}, **applied,
               "backbone": bb["name"],
               **{f"backbone.{k}": v for k, v in bb.items() if k != "name"}, "replicate": replicate}
+    ckpt = _checkpointer(job, out_weights.parent, "pretrain", replicate, pc, bb, seeds, str(device),
+                         job.input_hashes([manifest_path]),
+                         modules=("training", "inputs", "models", "cifar_backbones"))
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
         import torch
@@ -293,7 +312,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
                             lr=pc["lr"], momentum=pc["momentum"], weight_decay=pc["weight_decay"],
                             patience=pc["patience"], seed=seeds["pretrain"], augment=augment, device=device,
                             amp=amp, channels_last=channels_last, log=job.log,
-                            log_metrics=run.log_metrics)
+                            log_metrics=run.log_metrics, checkpoint=ckpt)
         seconds = time.perf_counter() - t0
         run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds}, None)
         run_id = run.run_id
@@ -302,12 +321,14 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     record = {
         "replicate": replicate, "best_epoch": info["best_epoch"], "best_val_acc": info["best_val_acc"],
         "epochs_run": info["epochs_run"], "history": info["history"], "seconds": seconds,
+        "resumed_after_epoch": info["resumed_after_epoch"], "seconds_before_resume": info["seconds_before_resume"],
         "overhead_s": overhead, "applied": info["applied"],
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
         "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
         "provenance": job.provenance([manifest_path], seeds, device=str(device)),
     }
     write_json(out_metrics, record)
+    ckpt.clear()  # the outputs are complete: the checkpoint is no longer needed
     return record
 
 
@@ -335,6 +356,10 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     upstream = read_json(pretrained_metrics).get("mlflow_run_id")
     params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
               "side": method.side}
+    options = method_options(config, method)
+    ckpt = _checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
+                         job.input_hashes(inputs), modules=(type(method).__module__.removeprefix("pruneshot."),
+                                                            "methods.base", "models", "cifar_backbones", "surgery"))
     with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
@@ -343,8 +368,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             inject_failure("search", method_name)
             result = method.search(SearchContext(
                 model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
-                seed=seeds["search"], options=method_options(config, method),
-                log=job.log, log_metrics=run.log_metrics))
+                seed=seeds["search"], options=options,
+                log=job.log, log_metrics=run.log_metrics, checkpoint=ckpt))
         except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
             failure = error_text(exc)
             job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
@@ -373,6 +398,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             "mlflow_run_id": run_id, "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
         }
         write_json(out_record, record)
+        ckpt.clear()
         job.log(f"{method_name} budget {budget_label(budget)}: FAILED ({failure}); recorded as a failed cell")
         return record
     save_tensors(out_weights, state_dict_for_save(pruned))
@@ -389,6 +415,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
     }
     write_json(out_record, record)
+    ckpt.clear()  # the outputs are complete: the checkpoint is no longer needed
     job.log(f"{method_name} budget {budget_label(budget)} ({metric}): params {achieved['params']}/"
             f"{dense_params} flops {achieved['flops']}/{dense_flops} in {seconds:.2f}s")
     return record
@@ -815,30 +842,17 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
 
 def report(config: dict[str, Any], results_csv: Path, study_path: Path, sync_path: Path,
            source_manifest: Path, target_manifests: dict[str, Path], out_html: Path, figures_dir: Path,
-           job: Job) -> None:
-    """Render the self-contained HTML report with figures, tables and a provenance section."""
-    import datetime
+           job: Job, episodes_csv: Path | None = None) -> None:
+    """Render the self-contained HTML report with figures, tables, statistics and a provenance section.
 
-    import pandas as pd
+    Refuses results from several code commits or config hashes unless ``report.allow_mixed``.
+    """
+    from pruneshot.report import build_report, collect_provenance, load_results
 
-    from pruneshot.provenance import package_versions
-    from pruneshot.report import build_report
-
-    results = pd.read_csv(results_csv)
-    commit, dirty = git_state()
-    prov = {
-        "study": config["study"]["name"], "git_commit": commit, "git_dirty": dirty,
-        "config_sha256": config_hash(config),
-        "result_commits": sorted(set(results["git_commit"].astype(str))),
-        "data_sha256": {"source": read_json(source_manifest)["splits"],
-                        **{t: read_json(p)["splits"] for t, p in target_manifests.items()}},
-        "packages": package_versions(),
-        "devices": sorted({d for col in ("latency_device", "latency_cuda_device") if col in results
-                           for d in results[col].dropna().astype(str) if d}),
-        "mlflow": read_json(study_path), "mlflow_sync": read_json(sync_path).get("spool", {}),
-        "generated_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
-    }
-    prov["data_sha256"] = {f"{name}/{s}": v["sha256"] for name, splits in prov["data_sha256"].items()
-                           for s, v in splits.items()}
-    build_report(results_csv, prov, out_html, figures_dir)
+    prov = collect_provenance(
+        load_results(results_csv), study=config["study"]["name"], config_sha256=config_hash(config),
+        study_json=study_path, sync_json=sync_path, manifests={"source": source_manifest, **target_manifests},
+        git=git_state())
+    allow_mixed = bool(config.get("report", {}).get("allow_mixed", False))
+    build_report(results_csv, prov, out_html, figures_dir, episodes_csv, allow_mixed=allow_mixed)
     job.log(f"report written to {out_html}")

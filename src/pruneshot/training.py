@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data import Split
 from pruneshot.inputs import Augment, BatchSource, autocast, crop_flip, draw_augmentation
 
@@ -52,6 +53,7 @@ def pretrain(
     lr: float, momentum: float, weight_decay: float, patience: int, seed: int,
     augment: Augment | None = None, device: torch.device | str = "cpu", amp: str = "none",
     channels_last: bool = False, log: LogFn = print, log_metrics: MetricsFn | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """SGD with cosine learning rate on the source classes; the returned model is the epoch
     with the best validation accuracy (early stopping after ``patience`` epochs without gain).
@@ -64,7 +66,14 @@ def pretrain(
     forward and loss on CUDA (no loss scaling needed for bf16); ignored on CPU, which trains in
     float32. ``channels_last``: model and batches in channels-last memory format, on CUDA only.
     On CUDA, cuDNN autotuning is on. The returned model is on the CPU, float32, contiguous;
-    ``info['applied']`` says what was actually used."""
+    ``info['applied']`` says what was actually used.
+
+    ``checkpoint``: saved at the end of every epoch (model and BN buffers, SGD momentum, scheduler
+    position, best-so-far weights and epoch, history, the batch generator's and the global RNG
+    states); a matching checkpoint found at the start is resumed after its last epoch, its history
+    replayed to ``log_metrics``. On the CPU a resumed run ends bit-identical to an uninterrupted
+    one. ``info['resumed_after_epoch']``: the epochs the checkpoint held (None: fresh start);
+    ``info['seconds_before_resume']``: training seconds spent before it."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     cl = channels_last and on_cuda
@@ -86,10 +95,33 @@ def pretrain(
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
-    best = {"val_acc": -1.0, "epoch": -1, "state": None}
+    best: dict[str, Any] = {"val_acc": -1.0, "epoch": -1, "state": None}
+    history: list[dict[str, Any]] = []
+    start, stopped, seconds_before, resumed_after = 0, False, 0.0, None
+    if checkpoint is not None:
+        checkpoint = checkpoint.scoped("pretrain", {
+            "epochs": epochs, "batch_size": batch_size, "lr": lr, "momentum": momentum,
+            "weight_decay": weight_decay, "patience": patience, "seed": seed, "amp": amp_used, "channels_last": cl,
+            "augment": [augment.crop_padding, augment.flip] if augment is not None else None})
+        ck = checkpoint.load()
+        if ck is not None:
+            st = ck.state
+            model.load_state_dict(sub(ck.tensors, "model"))
+            load_optimizer(opt, ck.tensors, st["optimizer"], "opt")
+            sched.load_state_dict(st["scheduler"])
+            gen.set_state(ck.tensors["generator"])
+            ck.restore_rng()
+            best = {"val_acc": st["best_val_acc"], "epoch": st["best_epoch"],
+                    "state": {k: v.to(device) for k, v in sub(ck.tensors, "best").items()}}
+            history, stopped, seconds_before = st["history"], st["stopped"], st["seconds"]
+            start = resumed_after = len(history)
+            log(f"resumed from checkpoint after epoch {start}/{epochs} (best epoch {best['epoch'] + 1}, "
+                f"val_acc {best['val_acc']:.4f}; {checkpoint.directory})")
+            if log_metrics:
+                for row in history:
+                    log_metrics({"train_loss": row["train_loss"], "val_acc": row["val_acc"]}, row["epoch"])
     t_start = time.perf_counter()
-    history = []
-    for epoch in range(epochs):
+    for epoch in range(start, start if stopped else epochs):
         model.train()
         # Summed on the device in float64 (no host sync per step); the same sum as adding
         # loss.item() * len(batch) in Python.
@@ -110,13 +142,23 @@ def pretrain(
         if log_metrics:
             log_metrics({"train_loss": train_loss, "val_acc": val_acc}, epoch)
         elapsed = time.perf_counter() - t_start
-        left = elapsed / (epoch + 1) * (epochs - epoch - 1)
+        left = elapsed / (epoch + 1 - start) * (epochs - epoch - 1)
         log(f"epoch {epoch + 1}/{epochs} loss {train_loss:.4f} val_acc {val_acc:.4f} "
             f"elapsed {elapsed:.1f}s left<={left:.1f}s")
         if val_acc > best["val_acc"]:
             best = {"val_acc": val_acc, "epoch": epoch, "state": copy.deepcopy(model.state_dict())}
         elif epoch - best["epoch"] >= patience:
             log(f"early stop at epoch {epoch + 1}: no gain for {patience} epochs")
+            stopped = True
+        if checkpoint is not None:
+            opt_tensors, opt_meta = optimizer_state("opt", opt)
+            checkpoint.save(
+                {**prefixed("model", model.state_dict()), **prefixed("best", best["state"]), **opt_tensors,
+                 "generator": gen.get_state()},
+                {"history": history, "stopped": stopped, "best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
+                 "optimizer": opt_meta, "scheduler": sched.state_dict(),
+                 "seconds": seconds_before + time.perf_counter() - t_start})
+        if stopped:
             break
     model.load_state_dict(best["state"])
     model = model.to("cpu", torch.float32).to(memory_format=torch.contiguous_format)
@@ -125,7 +167,8 @@ def pretrain(
                "channels_last": cl, "augment": {"crop_padding": augment.crop_padding if augment else 0,
                                                 "flip": bool(augment and augment.flip)}}
     return model, {"best_epoch": best["epoch"], "best_val_acc": best["val_acc"],
-                   "epochs_run": len(history), "history": history, "applied": applied}
+                   "epochs_run": len(history), "history": history, "applied": applied,
+                   "resumed_after_epoch": resumed_after, "seconds_before_resume": seconds_before}
 
 
 class SGD:

@@ -9,8 +9,16 @@ rule aggregate:
             caption="../report/results.rst",
             category="Tables",
         ),
-        episodes="results/tables/episodes.csv",
-        metrics="results/metrics.json",
+        episodes=report(
+            "results/tables/episodes.csv",
+            caption="../report/episodes.rst",
+            category="Tables",
+        ),
+        metrics=report(
+            "results/metrics.json",
+            caption="../report/metrics.rst",
+            category="Tables",
+        ),
     params:
         cells=aggregate_cells(),
         targets=TARGETS,
@@ -26,6 +34,7 @@ rule aggregate:
 rule report:
     input:
         results="results/tables/results.csv",
+        episodes="results/tables/episodes.csv",
         study="results/mlflow/study.json",
         sync="results/mlflow/sync.json",
         source_manifest="results/data/source/manifest.json",
@@ -41,6 +50,7 @@ rule report:
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="Figures",
+            labels={"figure": "{name}"},
         ),
     params:
         targets=TARGETS,

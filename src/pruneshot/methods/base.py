@@ -5,12 +5,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from pruneshot.data import Split
+
+if TYPE_CHECKING:
+    from pruneshot.checkpoint import Checkpointer
 
 
 @dataclass
@@ -20,6 +23,9 @@ class SearchContext:
     ``model`` is a fresh copy the method may modify; ``budget`` is the fraction of the
     dense network's ``metric`` (params|flops) to keep; ``seed`` is the derived search
     seed (shared by every method for one replicate, so calibration data match).
+    ``checkpoint``: the job's checkpointer (None: not checkpointed); a method with a training loop
+    saves its loop state there and resumes from it (see :mod:`pruneshot.checkpoint`), scoping
+    its key with its options; others ignore it.
     """
 
     model: nn.Module
@@ -32,6 +38,7 @@ class SearchContext:
     device: str = "cpu"
     log: Callable[[str], None] = print
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step=None: None
+    checkpoint: Checkpointer | None = None
 
 
 @dataclass

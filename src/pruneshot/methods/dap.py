@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
@@ -149,6 +150,7 @@ def architecture_search(
     model: nn.Module, gates: ArchitectureGates, train: Split, costs: dict[str, float], opts: dict[str, Any], *,
     seed: int, on_backward: Callable[[int, ArchitectureGates, nn.Module], None] | None = None,
     log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
+    checkpoint: Checkpointer | None = None, log: Callable[[str], None] | None = None,
 ) -> tuple[list[dict[str, float]], list[int]]:
     """Train theta (Adam) for ``opts['steps']`` mini-batches on ``model`` (gates attached).
 
@@ -158,7 +160,10 @@ def architecture_search(
     noise, model in train mode; resample also re-initialises the weights at steps k *
     ``resample_every`` (k >= 1; the first stretch starts from the pretrained weights).
     ``on_backward(step, gates, model)`` runs after the theta loss's backward, before the update.
-    Returns (per-step history, steps at which weights were re-initialised).
+    ``checkpoint``: saved after every pass over the source data (``len(train) // batch_size``
+    steps: the model, theta, both optimisers, the batch and noise generators, the current
+    permutation and position, history); a matching one is resumed, ending bit-identical to an
+    uninterrupted run. Returns (per-step history, steps at which weights were re-initialised).
     """
     mode = opts["weights"]
     gen = torch.Generator().manual_seed(seed)
@@ -184,9 +189,43 @@ def architecture_search(
         model.train()
 
     perm, pos = torch.randperm(len(train), generator=batch_gen), 0
-    history, resampled = [], []
+    history: list[dict[str, float]] = []
+    resampled: list[int] = []
+    every = max(1, len(train) // bs)
+    if checkpoint is not None:
+        checkpoint = checkpoint.scoped("dap", opts, seed, costs)
+        ck = checkpoint.load()
+        if ck is not None:
+            model.load_state_dict(sub(ck.tensors, "model"))
+            with torch.no_grad():
+                for g, t in gates.theta.items():
+                    t.copy_(ck.tensors[f"theta.{g}"])
+            load_optimizer(theta_opt, ck.tensors, ck.state["theta_opt"], "theta_opt")
+            if weight_opt is not None:
+                load_optimizer(weight_opt, ck.tensors, ck.state["weight_opt"], "weight_opt")
+            batch_gen.set_state(ck.tensors["batch_gen"])
+            if noise_gen is not None:
+                noise_gen.set_state(ck.tensors["noise_gen"])
+            perm, pos = ck.tensors["perm"], ck.state["pos"]
+            history, resampled = ck.state["history"], ck.state["resampled"]
+            ck.restore_rng()
+            if log is not None:
+                log(f"dap: resumed from checkpoint after step {len(history)}/{opts['steps']} ({checkpoint.directory})")
+
+    def save() -> None:
+        tensors = {**prefixed("model", model.state_dict()), **prefixed("theta", dict(gates.theta)),
+                   "batch_gen": batch_gen.get_state(), "perm": perm}
+        theta_t, theta_meta = optimizer_state("theta_opt", theta_opt)
+        state = {"pos": pos, "history": history, "resampled": resampled, "theta_opt": theta_meta}
+        if weight_opt is not None:
+            weight_t, state["weight_opt"] = optimizer_state("weight_opt", weight_opt)
+            tensors.update(weight_t)
+        if noise_gen is not None:
+            tensors["noise_gen"] = noise_gen.get_state()
+        checkpoint.save({**tensors, **theta_t}, state)
+
     try:
-        for step in range(opts["steps"]):
+        for step in range(len(history), opts["steps"]):
             if pos + bs > len(perm):  # drop the incomplete remainder: every batch has bs images
                 perm, pos = torch.randperm(len(train), generator=batch_gen), 0
             idx = perm[pos : pos + bs]
@@ -223,6 +262,8 @@ def architecture_search(
                    "penalty": pen.item(), "theta_mean": float(thetas.mean()),
                    "theta_open": int((thetas > 0).sum())}
             history.append(row)
+            if checkpoint is not None and (step + 1) % every == 0 and step + 1 < opts["steps"]:
+                save()
             if log_metrics is not None:
                 log_metrics({f"dap_{k}": float(v) for k, v in row.items() if k != "step"}, step)
     finally:
@@ -327,7 +368,8 @@ class DAP(PruningMethod):
         gates = ArchitectureGates(work, opts["theta_init"])
         try:
             history, resampled = architecture_search(work, gates, ctx.source_train, costs, opts, seed=ctx.seed,
-                                                     log_metrics=ctx.log_metrics)
+                                                     log_metrics=ctx.log_metrics, checkpoint=ctx.checkpoint,
+                                                     log=ctx.log)
         finally:
             gates.remove()
         theta = {g: t.detach().clone() for g, t in gates.theta.items()}

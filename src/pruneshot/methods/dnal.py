@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruneshot.checkpoint import load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
@@ -126,22 +127,37 @@ def arch_stage(
     batch_size: int, generator: torch.Generator, train_fc: bool = False,
     on_epoch_start: Callable[[int, ChannelGates], None] | None = None,
     log_metrics: Callable[[dict[str, float], int | None], None] | None = None, step_offset: int = 0,
+    resume: dict[str, Any] | None = None,
+    on_epoch_end: Callable[[int, torch.optim.Optimizer, list[dict[str, float]]], None] | None = None,
 ) -> list[dict[str, float]]:
     """DNAL stage A on ``model`` (gates attached). Conv and BN parameters are frozen, BN runs in
     train mode (its running statistics do update); only alpha trains, plus the classifier when
-    ``train_fc`` (the official code's Linear layers are not frozen). Returns per-epoch history."""
+    ``train_fc`` (the official code's Linear layers are not frozen). Returns per-epoch history.
+
+    ``resume`` ({'epochs_done', 'history', 'optimizer': (tensors, meta) of
+    :func:`pruneshot.checkpoint.optimizer_state` under 'opt'}): continue after ``epochs_done``
+    epochs; the caller has restored alpha, the model's state and ``generator`` (gates are not
+    reset). ``on_epoch_end(epoch, optimizer, history)`` runs after every epoch (to checkpoint)."""
     was_requires = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     fc_params = list(model.classifier.parameters()) if train_fc else []
     for p in fc_params:
         p.requires_grad_(True)
-    gates.reset()
+    schedule = delta_schedule(epochs)
     opt = torch.optim.SGD(gates.parameters() + fc_params, lr=lr, momentum=momentum, weight_decay=0.0)
+    history: list[dict[str, float]] = []
+    if resume is None:
+        gates.reset()
+    else:
+        load_optimizer(opt, *resume["optimizer"], "opt")
+        history = list(resume["history"])
+        gates.delta = schedule[len(history) - 1] if history else 1.0
     model.train()
-    history = []
     try:
-        for epoch, delta in enumerate(delta_schedule(epochs)):
+        for epoch, delta in enumerate(schedule):
+            if epoch < len(history):
+                continue
             gates.delta = delta
             if on_epoch_start is not None:
                 on_epoch_start(epoch, gates)
@@ -168,12 +184,22 @@ def arch_stage(
                    "alpha_mean": float(alphas.mean()), "alpha_min": float(alphas.min()),
                    "alpha_max": float(alphas.max()), "gates_open": open_}
             history.append(row)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, opt, history)
             if log_metrics is not None:
                 log_metrics({f"arch_{k}": float(v) for k, v in row.items() if k != "epoch"}, step_offset + epoch)
     finally:
         for p in model.parameters():
             p.requires_grad_(was_requires[id(p)])
     return history
+
+
+def best_trial(trials: list[dict[str, Any]], budget: float) -> int:
+    """Index of the trial kept: the largest ratio <= ``budget``, else the smallest ratio (first on ties)."""
+    below = [i for i, r in enumerate(trials) if r["ratio"] <= budget]
+    if below:
+        return max(below, key=lambda i: trials[i]["ratio"])
+    return min(range(len(trials)), key=lambda i: trials[i]["ratio"])
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
@@ -205,16 +231,58 @@ class DNAL(PruningMethod):
 
         dense_cost = cost(dense, ctx.metric)
         pretrained_buffers = {k: v.detach().clone() for k, v in dense.named_buffers()}
+        ckpt = ctx.checkpoint.scoped("dnal", opts, ctx.seed, ctx.budget, ctx.metric) if ctx.checkpoint else None
+        lo, hi = math.log10(opts["lambda_min"]), math.log10(opts["lambda_max"])
+        trials: list[dict[str, Any]] = []
+        partial: dict[str, Any] | None = None  # the interrupted trial's state, from a checkpoint
+        ck = ckpt.load() if ckpt is not None else None
+        if ck is not None:
+            # Completed trials come back without their networks, except the one kept so far: a later
+            # best is always a later trial (see best_trial), so the others are never needed.
+            lo, hi = ck.state["lo"], ck.state["hi"]
+            trials = [{**r, "model": None} for r in ck.state["trials"]]
+            if ck.state["best"] is not None:
+                trials[ck.state["best"]]["model"] = copy.deepcopy(dense)
+                trials[ck.state["best"]]["model"].load_state_dict(sub(ck.tensors, "best"))
+            partial = ck.state["partial"]
+            ck.restore_rng()
+            ctx.log(f"dnal: resumed from checkpoint after {len(trials)} trial(s)"
+                    + (f" and {len(partial['history'])} epoch(s) of trial {len(trials) + 1}" if partial else "")
+                    + f" ({ckpt.directory})")
+
+        def save(current: dict[str, Any] | None, tensors: dict[str, torch.Tensor]) -> None:
+            if ckpt is None:
+                return
+            best_i = best_trial(trials, ctx.budget) if trials else None
+            if best_i is not None:
+                tensors = {**tensors, **prefixed("best", trials[best_i]["model"].state_dict())}
+            ckpt.save(tensors, {"lo": lo, "hi": hi, "best": best_i, "partial": current,
+                                "trials": [{k: v for k, v in r.items() if k != "model"} for r in trials]})
 
         def trial(t: int, lam: float) -> dict[str, Any]:
             work = copy.deepcopy(dense)
             gates = ChannelGates(work)
             gen = torch.Generator().manual_seed(ctx.seed)
+            resume = None
+            if partial is not None:
+                work.load_state_dict(sub(ck.tensors, "work"))
+                with torch.no_grad():
+                    for g, a in gates.alpha.items():
+                        a.copy_(ck.tensors[f"alpha.{g}"])
+                gen.set_state(ck.tensors["generator"])
+                resume = {"history": partial["history"], "optimizer": (ck.tensors, partial["optimizer"])}
+
+            def on_epoch_end(epoch: int, opt: torch.optim.Optimizer, history: list[dict[str, float]]) -> None:
+                opt_tensors, opt_meta = optimizer_state("opt", opt)
+                save({"history": history, "optimizer": opt_meta},
+                     {**prefixed("work", work.state_dict()), **prefixed("alpha", dict(gates.alpha)), **opt_tensors,
+                      "generator": gen.get_state()})
+
             history = arch_stage(
                 work, gates, ctx.source_train, lam=lam, epochs=opts["arch_epochs"], lr=opts["lr"],
                 momentum=opts["momentum"], batch_size=opts["batch_size"], generator=gen,
                 train_fc=opts["train_fc_in_arch_stage"], log_metrics=ctx.log_metrics,
-                step_offset=t * opts["arch_epochs"])
+                step_offset=t * opts["arch_epochs"], resume=resume, on_epoch_end=on_epoch_end)
             keep, forced = gates.keep(opts["threshold"])
             gates.remove()
             if not opts["keep_arch_bn_stats"]:
@@ -228,18 +296,17 @@ class DNAL(PruningMethod):
             return {"lambda_a": lam, "ratio": ratio, "keep": keep, "forced": forced, "model": work,
                     "history": history, "final_delta": gates.delta}
 
-        lo, hi = math.log10(opts["lambda_min"]), math.log10(opts["lambda_max"])
-        trials = []
-        for t in range(opts["search_steps"]):
+        for t in range(len(trials), opts["search_steps"]):
             mid = (lo + hi) / 2
             res = trial(t, 10.0**mid)
+            partial = None
             trials.append(res)
             if res["ratio"] > ctx.budget:
                 lo = mid  # too large: penalise harder
             else:
                 hi = mid
-        below = [r for r in trials if r["ratio"] <= ctx.budget]
-        best = max(below, key=lambda r: r["ratio"]) if below else min(trials, key=lambda r: r["ratio"])
+            save(None, {})
+        best = trials[best_trial(trials, ctx.budget)]
         keep = best["keep"]
         pruned = best["model"].pruned(keep)
         val_acc = accuracy(pruned, ctx.source_val.x, ctx.source_val.y) if len(ctx.source_val) else float("nan")
@@ -247,7 +314,7 @@ class DNAL(PruningMethod):
             **base_info,
             "achieved_ratio": best["ratio"],
             "gap": ctx.budget - best["ratio"],
-            "met_from_below": bool(below),
+            "met_from_below": best["ratio"] <= ctx.budget,
             "lambda_a": best["lambda_a"],
             "tried": [{"lambda_a": r["lambda_a"], "achieved_ratio": r["ratio"],
                        "widths": {g: len(i) for g, i in r["keep"].items()}} for r in trials],

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
@@ -58,15 +59,31 @@ def gamma_scores(model: nn.Module) -> dict[str, torch.Tensor]:
 def sparsity_finetune(
     model: nn.Module, train: Split, *, l1: float, epochs: int, lr: float, momentum: float, batch_size: int,
     seed: int, log_metrics: Callable[[dict[str, float], int | None], None] | None = None,
+    checkpoint: Checkpointer | None = None, log: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune every weight of ``model`` in place (BN in train mode) on ``CE + l1 * sum |gamma|``
-    with SGD (no weight decay); mini-batch order from a generator seeded with ``seed``."""
+    with SGD (no weight decay); mini-batch order from a generator seeded with ``seed``.
+
+    ``checkpoint``: saved after every epoch (weights and BN buffers, momentum, generator, history);
+    a matching one is resumed after its last epoch, ending bit-identical to an uninterrupted run."""
     gammas = [w for ws in bn_gammas(model).values() for w in ws]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
+    history: list[dict[str, float]] = []
+    if checkpoint is not None:
+        checkpoint = checkpoint.scoped("slimming", {"l1": l1, "epochs": epochs, "lr": lr, "momentum": momentum,
+                                                    "batch_size": batch_size, "seed": seed})
+        ck = checkpoint.load()
+        if ck is not None:
+            model.load_state_dict(sub(ck.tensors, "model"))
+            load_optimizer(opt, ck.tensors, ck.state["optimizer"], "opt")
+            gen.set_state(ck.tensors["generator"])
+            ck.restore_rng()
+            history = ck.state["history"]
+            if log is not None:
+                log(f"slimming: resumed from checkpoint after epoch {len(history)}/{epochs} ({checkpoint.directory})")
     model.train()
-    history = []
-    for epoch in range(epochs):
+    for epoch in range(len(history), epochs):
         perm = torch.randperm(len(train), generator=gen)
         tot_ce = tot_l1 = 0.0
         n = 0
@@ -85,6 +102,10 @@ def sparsity_finetune(
             n += len(idx)
         row = {"epoch": epoch, "ce": tot_ce / max(1, n), "gamma_l1": tot_l1 / max(1, n)}
         history.append(row)
+        if checkpoint is not None:
+            opt_tensors, opt_meta = optimizer_state("opt", opt)
+            checkpoint.save({**prefixed("model", model.state_dict()), **opt_tensors, "generator": gen.get_state()},
+                            {"history": history, "optimizer": opt_meta})
         if log_metrics is not None:
             log_metrics({"slim_ce": row["ce"], "slim_gamma_l1": row["gamma_l1"]}, epoch)
     model.eval()
@@ -154,7 +175,8 @@ class Slimming(PruningMethod):
         # ctx.model is ours to modify: it becomes the fine-tuned dense network the channels are cut from.
         history = sparsity_finetune(
             model, ctx.source_train, l1=opts["l1"], epochs=opts["epochs"], lr=opts["lr"],
-            momentum=opts["momentum"], batch_size=opts["batch_size"], seed=ctx.seed, log_metrics=ctx.log_metrics)
+            momentum=opts["momentum"], batch_size=opts["batch_size"], seed=ctx.seed, log_metrics=ctx.log_metrics,
+            checkpoint=ctx.checkpoint, log=ctx.log)
         scores = gamma_scores(model)
         keep, n_global = global_keep(model, scores, ctx.budget, ctx.metric)
         pruned = model.pruned(keep)

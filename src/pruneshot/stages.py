@@ -195,7 +195,7 @@ def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str,
     seed = derive_seed(config["study"]["root_seed"], "data", "source_val")
     manifest = data.prepare_source(raw, src["classes"], src["val_fraction"], seed, out_dir,
                                    image=config["data"].get("image"),
-                                   provenance=job.provenance([], {"source_val": seed}))
+                                   provenance=job.provenance([], {"split_seed": seed}))
     job.log(f"source {src['dataset']} ({manifest['split']}) classes {src['classes']}: "
             f"{manifest['splits']['train']['n']} train / {manifest['splits']['val']['n']} val, "
             f"images {manifest['image_shape']} (native {manifest['native_shape']})")

@@ -24,8 +24,14 @@ run: setup
 	pruneshot summary results/tables/results.csv
 	@echo "report: $(abspath results/report/index.html)"
 
+# tests/test_slurm.py mostly waits on a real Slurm cluster's scheduling: it runs alongside the rest
+# of the suite (own pytest session and temp dir, output shown afterwards); both must pass.
 test: setup
-	python -m pytest
+	@log=$$(mktemp); \
+	python -m pytest tests/test_slurm.py --basetemp=$$(mktemp -d) >"$$log" 2>&1 & slurm=$$!; \
+	python -m pytest --ignore=tests/test_slurm.py; rest=$$?; \
+	wait $$slurm; s=$$?; echo "--- tests/test_slurm.py (ran alongside) ---"; cat "$$log"; rm -f "$$log"; \
+	[ $$rest -eq 0 ] && [ $$s -eq 0 ]
 
 lint: setup
 	ruff check .

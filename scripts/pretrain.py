@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+from pruneshot.gpus import lease_for_job
 from pruneshot.stages import job_from_snakemake, pretrain
 
 out = snakemake.output
-pretrain(snakemake.config, int(snakemake.wildcards.replicate), Path(snakemake.input.manifest),
-         Path(out.weights), Path(out.arch), Path(out.metrics), job_from_snakemake(snakemake))
+job = job_from_snakemake(snakemake)
+with lease_for_job(snakemake.resources, log=job.log):  # a free GPU when the job requests one
+    pretrain(snakemake.config, int(snakemake.wildcards.replicate), Path(snakemake.input.manifest),
+             Path(out.weights), Path(out.arch), Path(out.metrics), job)

@@ -2,10 +2,12 @@
 
 from pathlib import Path
 
+from pruneshot.gpus import lease_for_job
 from pruneshot.stages import job_from_snakemake, profile
 
 i = snakemake.input
 adapted = getattr(i, "adapted", None)  # only target-side methods have it
 adapted = Path(adapted) if adapted else None
-profile(snakemake.config, Path(i.weights), Path(i.arch), Path(snakemake.output.record),
-        job_from_snakemake(snakemake), adapted=adapted)
+job = job_from_snakemake(snakemake)
+with lease_for_job(snakemake.resources, log=job.log):  # a free GPU when the job requests one
+    profile(snakemake.config, Path(i.weights), Path(i.arch), Path(snakemake.output.record), job, adapted=adapted)

@@ -2,9 +2,12 @@
 
 from pathlib import Path
 
+from pruneshot.gpus import lease_for_job
 from pruneshot.stages import job_from_snakemake, transfer
 
 w, i = snakemake.wildcards, snakemake.input
-transfer(snakemake.config, w.method, list(snakemake.params.arms), int(w.shots), w.target, int(w.replicate),
-         Path(i.weights), Path(i.arch), Path(i.record), Path(i.source_manifest), Path(i.target_manifest),
-         Path(i.episodes), Path(snakemake.output.record), job_from_snakemake(snakemake))
+job = job_from_snakemake(snakemake)
+with lease_for_job(snakemake.resources, log=job.log):  # a free GPU when the job requests one
+    transfer(snakemake.config, w.method, list(snakemake.params.arms), int(w.shots), w.target, int(w.replicate),
+             Path(i.weights), Path(i.arch), Path(i.record), Path(i.source_manifest), Path(i.target_manifest),
+             Path(i.episodes), Path(snakemake.output.record), job)

@@ -1,13 +1,19 @@
 """Shared end-to-end fixture: the real workflow (DVC -> Snakemake -> MLflow) on the tiny config in a
 temporary copy of this working tree, run once per test session and shared by the test modules that
-need a finished study (test_pipeline, test_audit). Tests that modify files must work on a copy."""
+need a finished study (test_pipeline, test_audit). Tests that modify files must work on a copy.
+Also a real `mlflow server` (:class:`MlflowServer`, fixture ``mlflow_server``) for the tracking tests."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,3 +66,77 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return proj
 
 
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """A real `mlflow server` (SQLite backend store, local artifact destination) on 127.0.0.1, in its
+    own process group so that :meth:`kill` takes down every worker; :meth:`start` after a kill brings
+    it back on the same store and port."""
+
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root = Path(root)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout_s: float = 90) -> str:
+        """Start and wait for /health; returns the tracking URI."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+            "--artifacts-destination", str(self.root / "artifacts"),
+        ]  # fmt: skip
+        env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner: faster start
+        self.starts += 1
+        log_path = self.root / f"server-{self.starts}.log"
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.root, env=env,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mlflow server exited: {log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return self.url
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"mlflow server not healthy in {timeout_s} s: {log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+
+    def kill(self) -> None:
+        """SIGKILL the server's whole process group (no shutdown code runs)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 15 s."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The tracking URI of a real `mlflow server` on a free local port; stopped at the end."""
+    server = MlflowServer(tmp_path_factory.mktemp("server"))
+    try:
+        yield server.start()
+    finally:
+        server.stop()

@@ -4,27 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from mlflow.tracking import MlflowClient
 
 from pruneshot import tracking
 from pruneshot.tracking import JobRun, init_study, resolve_tracking_uri, sync_spool
 
 EPOCHS = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spool_files(spool_dir: Path) -> list[Path]:
@@ -46,47 +35,6 @@ def sqlite_study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     project = tmp_path_factory.mktemp("project")
     uri = resolve_tracking_uri(None, project)
     return init_study(uri, "study-sqlite", {"study": "unit", "config_sha256": "abc"})
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `mlflow server` on a free local port; always stopped at the end."""
-    root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    cmd = [
-        str(mlflow_bin), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--artifacts-destination", str(root / "artifacts"),
-    ]  # fmt: skip
-    log = open(root / "server.log", "wb")  # noqa: SIM115 - closed in finally
-    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")  # no GenAI job runner: faster start
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy in 60 s: {(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.3)
-        yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, 15)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        log.close()
 
 
 # --------------------------------------------------------------------------- URI
@@ -233,7 +181,7 @@ def test_over_budget_run_is_spooled_and_replay_supersedes_partial(sqlite_study: 
 
 def test_bad_record_does_not_block_others(sqlite_study: dict[str, str], tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    dead = dict(sqlite_study, tracking_uri=f"http://127.0.0.1:{_free_port()}")
+    dead = dict(sqlite_study, tracking_uri=f"http://127.0.0.1:{free_port()}")
     with JobRun(dead, "offline", tags={}, params={}, spool_dir=spool) as job:
         _train(job, epochs=2)
     (spool / "corrupt.json").write_text("{not json")
@@ -258,7 +206,7 @@ def test_missing_sqlite_database_is_not_created_by_a_job(tmp_path: Path) -> None
 
 def test_unreachable_server_spools_then_syncs_to_live_server(mlflow_server: str, tmp_path: Path) -> None:
     spool = tmp_path / "spool"
-    dead_uri = f"http://127.0.0.1:{_free_port()}"
+    dead_uri = f"http://127.0.0.1:{free_port()}"
     study = {
         "tracking_uri": dead_uri,
         "experiment_name": "study-http",

@@ -18,6 +18,8 @@ rule transfer:
         arms=lambda w: method_arms(w.method),
         settings=transfer_settings,
     threads: 1
+    resources:
+        gpu=1 if config["transfer"]["device"] == "cuda" else 0,
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -389,8 +389,8 @@ class Split:
         return len(self.y)
 
 
-def load_split(manifest_path: Path | str, split: str, normalization: dict[str, float]) -> Split:
-    """Load a split named in a manifest, verify its sha256, scale to [0, 1] and normalise."""
+def load_verified(manifest_path: Path | str, split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """(manifest, tensors as stored) of a split named in a manifest, after verifying its sha256."""
     manifest_path = Path(manifest_path)
     manifest = read_json(manifest_path)
     entry = manifest["splits"][split]
@@ -398,7 +398,12 @@ def load_split(manifest_path: Path | str, split: str, normalization: dict[str, f
     digest = sha256_file(path)
     if digest != entry["sha256"]:
         raise ValueError(f"{path}: sha256 {digest} does not match the manifest ({entry['sha256']})")
-    t = load_tensors(path)
+    return manifest, load_tensors(path)
+
+
+def load_split(manifest_path: Path | str, split: str, normalization: dict[str, float]) -> Split:
+    """Load a split named in a manifest, verify its sha256, scale to [0, 1] and normalise."""
+    manifest, t = load_verified(manifest_path, split)
     x = t["x"].float() / manifest["max_value"]
     x = (x - normalization["mean"]) / normalization["std"]
     return Split(x=x, y=t["y"].long())

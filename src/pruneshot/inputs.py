@@ -36,8 +36,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pruneshot.io import load_tensors, read_json, sha256_file
-
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("none", "bf16")
 
@@ -158,14 +156,9 @@ class RawSplit:
 
 def load_raw_split(manifest_path: Path | str, split: str) -> RawSplit:
     """Load a split named in a manifest as stored (uint8 levels), after verifying its sha256."""
-    manifest_path = Path(manifest_path)
-    manifest = read_json(manifest_path)
-    entry = manifest["splits"][split]
-    path = manifest_path.parent / entry["file"]
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"{path}: sha256 {digest} does not match the manifest ({entry['sha256']})")
-    t = load_tensors(path)
+    from pruneshot.data import load_verified
+
+    manifest, t = load_verified(manifest_path, split)
     return RawSplit(x=t["x"], y=t["y"].long(), max_value=int(manifest["max_value"]))
 
 

@@ -27,9 +27,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pruneshot import metrics, models  # noqa: E402
-from pruneshot.basis import basis_layers, decompose, fold_network  # noqa: E402
-from pruneshot.provenance import device_name  # noqa: E402
+from pruneshot.models import cost as metrics
+from pruneshot.models import latency
+
+from pruneshot.models import base as models  # noqa: E402
+from pruneshot.models.basis import basis_layers, decompose, fold_network  # noqa: E402
+from pruneshot.runtime.provenance import device_name  # noqa: E402
 
 
 def channel_pruned(model: models.Backbone, keep: float) -> models.Backbone:
@@ -53,7 +56,7 @@ def basis_pruned(model: models.Backbone, keep: float) -> models.Backbone:
 
 def time_model(model: torch.nn.Module, shape: tuple[int, ...], batch_sizes: list[int], device: str,
                warmup: int, repeats: int) -> dict[str, float]:
-    return {str(bs): round(metrics.measure_latency(model, shape, bs, device=device, warmup=warmup,
+    return {str(bs): round(latency.measure_latency(model, shape, bs, device=device, warmup=warmup,
                                                    repeats=repeats)["median_ms"], 4) for bs in batch_sizes}
 
 

@@ -1,6 +1,6 @@
 """Training throughput (images/s) of one backbone on CIFAR-shaped synthetic data, fed two ways:
 
-(a) ``pipeline``: the real input pipeline (``pruneshot.inputs.BatchSource``): uint8 images held on
+(a) ``pipeline``: the real input pipeline (``pruneshot.data.pipeline.BatchSource``): uint8 images held on
     the device, per batch a shuffled gather, random crop (padding 4) + flip and normalisation there,
     with the random draws made on the CPU, as ``pretrain`` trains;
 (b) ``prestaged``: the same model fed normalised float32 batches already on the device (contiguous
@@ -43,7 +43,7 @@ DEFAULT_WIDTHS = {"small_cnn": [32, 64, 128]}
 
 def build_backbone(name: str, num_classes: int, widths: list[int] | None) -> torch.nn.Module:
     """``models.build_model(models.backbone_spec({'name': name, ...}, 3, 32, num_classes))``."""
-    from pruneshot.models import backbone_spec, build_model
+    from pruneshot.models.base import backbone_spec, build_model
 
     section: dict[str, Any] = {"name": name}
     if widths or name in DEFAULT_WIDTHS:
@@ -80,7 +80,7 @@ def _timed_steps(step: Callable[[torch.Tensor, torch.Tensor], None], batches: Ba
 
 def _train_step(model: torch.nn.Module, device: torch.device, amp: str, lr: float = 0.05
                 ) -> Callable[[torch.Tensor, torch.Tensor], None]:
-    from pruneshot.inputs import autocast
+    from pruneshot.data.pipeline import autocast
 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     model.train()
@@ -100,8 +100,8 @@ def run(backbone: str = "resnet56", *, n: int = 50000, num_classes: int = 100, b
         channels_last: bool = True, crop_padding: int = 4, flip: bool = True, threads: int | None = None, seed: int = 0,
         widths: list[int] | None = None) -> dict[str, Any]:
     """Measure (a) pipeline and (b) pre-staged training throughput; return the result record."""
-    from pruneshot.inputs import Augment, BatchSource, resolve_device
-    from pruneshot.provenance import device_name
+    from pruneshot.data.pipeline import Augment, BatchSource, resolve_device
+    from pruneshot.runtime.provenance import device_name
 
     if threads:
         torch.set_num_threads(threads)
@@ -173,7 +173,7 @@ def run(backbone: str = "resnet56", *, n: int = 50000, num_classes: int = 100, b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet56", help="a backbone name of pruneshot.models (default resnet56)")
+    ap.add_argument("--backbone", default="resnet56", help="a backbone name of pruneshot.models.base (default resnet56)")
     ap.add_argument("--widths", type=int, nargs="+", help="widths for small_cnn (default 32 64 128)")
     ap.add_argument("--n", type=int, default=50000, help="synthetic images (CIFAR train size: 50000)")
     ap.add_argument("--num-classes", type=int, default=100)

@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-from pruneshot.stages import job_from_snakemake, prepare_source
+from pruneshot.stages.job import job_from_snakemake, prepare_source
 
 prepare_source(snakemake.config, Path(snakemake.output.manifest).parent, job_from_snakemake(snakemake))

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pruneshot.stages import job_from_snakemake, prepare_target
+from pruneshot.stages.job import job_from_snakemake, prepare_target
 
 prepare_target(snakemake.config, snakemake.wildcards.target, Path(snakemake.output.manifest).parent,
                job_from_snakemake(snakemake))

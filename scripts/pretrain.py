@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pruneshot.gpus import lease_for_job
-from pruneshot.stages import job_from_snakemake, pretrain
+from pruneshot.runtime.gpus import lease_for_job
+from pruneshot.stages.job import job_from_snakemake, pretrain
 
 out = snakemake.output
 job = job_from_snakemake(snakemake)

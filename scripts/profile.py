@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pruneshot.gpus import lease_for_job
-from pruneshot.stages import job_from_snakemake, profile
+from pruneshot.runtime.gpus import lease_for_job
+from pruneshot.stages.job import job_from_snakemake, profile
 
 i = snakemake.input
 adapted = getattr(i, "adapted", None)  # only target-side methods have it

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from pruneshot.stages import job_from_snakemake, sync_tracking
+from pruneshot.stages.job import job_from_snakemake, sync_tracking
 
 job = job_from_snakemake(snakemake)
 summary = sync_tracking(Path(snakemake.input.study), Path(snakemake.output.sync))

@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from pruneshot.gpus import lease_for_job
-from pruneshot.stages import job_from_snakemake, transfer
+from pruneshot.runtime.gpus import lease_for_job
+from pruneshot.stages.job import job_from_snakemake, transfer
 
 w, i = snakemake.wildcards, snakemake.input
 job = job_from_snakemake(snakemake)

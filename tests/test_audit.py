@@ -12,7 +12,7 @@ import pytest
 import yaml
 from conftest import BIN, run
 
-from pruneshot import audit
+from pruneshot.audit import lineage as audit
 from pruneshot.cli import main
 
 pytestmark = pytest.mark.integration

@@ -11,9 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot import metrics, models, surgery
-from pruneshot.basis import basis_layers, decompose, fold_network
-from pruneshot.data import Split
+from pruneshot.models import cost as metrics
+
+from pruneshot.models import base as models
+from pruneshot.models import layers
+
+from pruneshot.models import surgery
+from pruneshot.models.basis import basis_layers, decompose, fold_network
+from pruneshot.data.prepare import Split
 from pruneshot.methods import AdaptContext, SearchContext, available, get_method
 
 SIZE, C_IN, N_CLS = 8, 3, 4
@@ -245,7 +250,7 @@ def test_basis_family_physical_equals_masked(name):
         for metric in ("params", "flops"):
             assert models.spec_cost(physical.spec, metric) == metrics.cost(physical, metric)
         if not revert:
-            assert all(isinstance(physical.get_conv(n), models.LowRankConv) for n in basis_layers(masked))
+            assert all(isinstance(physical.get_conv(n), layers.LowRankConv) for n in basis_layers(masked))
     assert not any(ly.depthwise for ly in model.layers() if ly.name in basis_layers(masked))
 
 

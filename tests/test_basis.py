@@ -8,10 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot import basis, metrics
-from pruneshot.basis import BasisCost, BasisScalingConv, decompose, fold_network, revert_larger_blocks
+from pruneshot.models import basis
+
+from pruneshot.models import cost as metrics
+from pruneshot.models.basis import BasisCost, BasisScalingConv, decompose, fold_network, revert_larger_blocks
 from pruneshot.methods.basis_scaling import greedy_prune, per_layer_prune, round_targets
-from pruneshot.models import LowRankConv, SmallCNN, build_model, conv_cost, lowrank_pays
+from pruneshot.models.layers import conv_cost, lowrank_pays, LowRankConv
+from pruneshot.models.small_cnn import SmallCNN
+from pruneshot.models.base import build_model
 
 
 @pytest.fixture(scope="module", autouse=True)

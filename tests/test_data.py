@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pruneshot import data
+from pruneshot.data import prepare as data
 from pruneshot.config import DATASET_CLASS_SIZES
 from pruneshot.io import load_tensors, read_json
 

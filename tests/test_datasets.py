@@ -28,9 +28,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pruneshot import data, stages
+from pruneshot.data import prepare as data
+
+from pruneshot.stages import job as stages
 from pruneshot.config import ConfigError, validate_config
-from pruneshot.datasets import REGISTRY, effective_shape, resolve_split
+from pruneshot.data.registry import REGISTRY, effective_shape, resolve_split
 from pruneshot.io import load_tensors, read_json
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests for pruneshot.downloads (against a real local HTTP server) and pruneshot.formats (real file formats)."""
+"""Tests for pruneshot.data.downloads (against a real local HTTP server) and pruneshot.data.formats (real file formats)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ import scipy.io
 import torch
 from PIL import Image
 
-from pruneshot.downloads import DownloadError, fetch
-from pruneshot.formats import read_cifar_binary_tar, read_idx_gz, read_image_folder, read_svhn_mat
+from pruneshot.data.downloads import DownloadError, fetch
+from pruneshot.data.formats import read_cifar_binary_tar, read_idx_gz, read_image_folder, read_svhn_mat
 
 # ----------------------------------------------------------------------------- HTTP server
 

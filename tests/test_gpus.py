@@ -1,4 +1,4 @@
-"""GPU leases (pruneshot.gpus) with a faked device count: concurrent processes never share a device,
+"""GPU leases (pruneshot.runtime.gpus) with a faked device count: concurrent processes never share a device,
 a killed holder frees its device, CUDA_VISIBLE_DEVICES is set inside and restored after."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from types import SimpleNamespace
 
 import pytest
 
-from pruneshot import gpus
-from pruneshot.gpus import GpuLeaseTimeoutError, device_pool, lease_for_job, lease_gpu
+from pruneshot.runtime import gpus
+from pruneshot.runtime.gpus import GpuLeaseTimeoutError, device_pool, lease_for_job, lease_gpu
 
 # One worker process: lease `count` devices, record (devices, CUDA_VISIBLE_DEVICES, t_start, t_end).
 WORKER = """
 import json, os, sys, time
-from pruneshot.gpus import lease_gpu
+from pruneshot.runtime.gpus import lease_gpu
 lock_dir, out, count, hold = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 with lease_gpu(count, lock_dir=lock_dir, timeout_s=60, poll_s=0.02, max_poll_s=0.1) as devices:
     t0 = time.time()
@@ -38,7 +38,7 @@ with open(out, "a") as f:
 HOLDER = """
 import sys, time
 from pathlib import Path
-from pruneshot.gpus import lease_gpu
+from pruneshot.runtime.gpus import lease_gpu
 with lease_gpu(1, lock_dir=sys.argv[1], timeout_s=30) as devices:
     Path(sys.argv[2]).write_text(",".join(devices))
     time.sleep(600)

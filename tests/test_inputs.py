@@ -1,4 +1,4 @@
-"""The device-resident input pipeline (pruneshot.inputs), on the CPU: the augmentation is exactly the
+"""The device-resident input pipeline (pruneshot.data.pipeline), on the CPU: the augmentation is exactly the
 documented transform, its draws have the documented distribution, batches are fixed by the seed,
 normalisation is load_split's, and a requested but absent GPU is a clear error."""
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pruneshot import data
-from pruneshot.inputs import (
+from pruneshot.data import prepare as data
+from pruneshot.data.pipeline import (
     Augment,
     BatchSource,
     autocast,

@@ -12,13 +12,15 @@ import torch
 import yaml
 from torch import nn
 
-from pruneshot import metrics, surgery
+from pruneshot.models import cost as metrics
+
+from pruneshot.models import surgery
 from pruneshot.config import load_schema, validate_config
-from pruneshot.data import Split, load_raw
+from pruneshot.data.prepare import Split, load_raw
 from pruneshot.methods import SearchContext, get_method
 from pruneshot.methods import dnal as dnal_mod
 from pruneshot.methods import slimming as slim_mod
-from pruneshot.models import SmallCNN
+from pruneshot.models.small_cnn import SmallCNN
 from pruneshot.training import pretrain
 
 ROOT = Path(__file__).resolve().parents[1]

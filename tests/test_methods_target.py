@@ -11,15 +11,21 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot import metrics, models, surgery
-from pruneshot.basis import BasisScalingConv, decompose
+from pruneshot.models import cost as metrics
+
+from pruneshot.models import base as models
+from pruneshot.models import layers
+
+from pruneshot.models import surgery
+from pruneshot.models.basis import BasisScalingConv, decompose
 from pruneshot.config import load_schema
 from pruneshot.io import load_tensors, save_tensors
 from pruneshot.methods import AdaptContext, get_method
 from pruneshot.methods import basis_scaling as bs_mod
 from pruneshot.methods import channel_scaling as cs_mod
 from pruneshot.methods import double_pruning as dp_mod
-from pruneshot.models import LowRankConv, SmallCNN
+from pruneshot.models.layers import LowRankConv
+from pruneshot.models.small_cnn import SmallCNN
 
 NAMES = ["basis_scaling", "channel_scaling", "double_pruning"]
 WIDTHS = [16, 32, 64]
@@ -374,7 +380,7 @@ def test_channel_scaling_of_a_low_rank_network(revert):
         else:
             for w, r, c_in in zip(physical.spec["widths"], physical.spec.get("ranks", [None] * 3),
                                   [1, *physical.spec["widths"][:-1]], strict=True):
-                assert r is None or models.lowrank_pays(c_in, w, 3, r)
+                assert r is None or layers.lowrank_pays(c_in, w, 3, r)
 
 
 # ------------------------------------------------------------------ determinism and variants

@@ -6,9 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot import metrics, models, surgery
+from pruneshot.models import cost as metrics
+
+from pruneshot.models import base as models
+from pruneshot.models import layers
+
+from pruneshot.models import surgery
 from pruneshot.io import load_tensors, save_tensors
-from pruneshot.models import SmallCNN
+from pruneshot.models.small_cnn import SmallCNN
 
 
 def _randomise(model: SmallCNN, seed: int) -> SmallCNN:
@@ -242,7 +247,7 @@ def _randomise_lowrank(model: SmallCNN, seed: int) -> SmallCNN:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for b in model.blocks():
-            convs = [b[0].basis, b[0].coef] if isinstance(b[0], models.LowRankConv) else [b[0]]
+            convs = [b[0].basis, b[0].coef] if isinstance(b[0], layers.LowRankConv) else [b[0]]
             for conv in convs:
                 conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen) * conv.weight[0].numel() ** -0.5)
             bn = b[1]
@@ -279,7 +284,7 @@ def test_low_rank_spec_builds_low_rank_blocks():
     model = models.build_model(LOWRANK_SPEC)
     assert model.spec == LOWRANK_SPEC
     b0, b1, b2 = (b[0] for b in model.blocks())
-    assert isinstance(b0, models.LowRankConv) and isinstance(b2, models.LowRankConv)
+    assert isinstance(b0, layers.LowRankConv) and isinstance(b2, layers.LowRankConv)
     assert type(b1) is nn.Conv2d
     assert (b0.in_channels, b0.rank, b0.out_channels) == (2, 3, 6)
     assert b0.basis.kernel_size == (3, 3) and b0.basis.padding == (1, 1) and b0.basis.bias is None

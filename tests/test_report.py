@@ -1,4 +1,4 @@
-"""Tests for the HTML report: real pandas/seaborn/matplotlib and pruneshot.stats, synthetic results."""
+"""Tests for the HTML report: real pandas/seaborn/matplotlib and pruneshot.report.stats, synthetic results."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pruneshot.report import (
+from pruneshot.report.build import (
     CUDA_FIGURE,
     FIGURE_NAMES,
     TABLES_BEGIN,
@@ -228,7 +228,7 @@ def test_same_csv_gives_identical_tables_and_figures(built: dict, tmp_path: Path
 
 
 def test_tables_change_when_results_change(built: dict) -> None:
-    from pruneshot.report import _tables_html, load_episodes
+    from pruneshot.report.build import _tables_html, load_episodes
 
     episodes = load_episodes(built["episodes"])
     same = load_results(built["csv"])
@@ -276,7 +276,7 @@ def _with_reinit_and_target() -> pd.DataFrame:
 
 
 def test_methods_table_names_source_and_side():
-    from pruneshot.report import methods_table
+    from pruneshot.report.build import methods_table
 
     table = methods_table(_with_reinit_and_target()).set_index("method")
     assert table.loc["l1_filter", "source"] == "reconstruction"
@@ -287,7 +287,7 @@ def test_methods_table_names_source_and_side():
 
 
 def test_reinit_gap_table_pairs_the_arms():
-    from pruneshot.report import reinit_gap_table
+    from pruneshot.report.build import reinit_gap_table
 
     gaps = reinit_gap_table(_with_reinit_and_target())
     # only l1_filter@0.5 ran under both arms, at 1 and 5 shots
@@ -334,7 +334,7 @@ def test_cli_summary_prints_side_source_and_accuracy(tmp_path, capsys):
 
 
 def test_detail_table_shows_cuda_latency_only_where_timed() -> None:
-    from pruneshot.report import detail_table
+    from pruneshot.report.build import detail_table
 
     df = make_results()
     df["latency_cuda_device"] = ""
@@ -443,7 +443,7 @@ def _with_nan_failure() -> pd.DataFrame:
 
 
 def test_failed_rows_with_nan_metrics_are_listed_never_dropped(tmp_path: Path) -> None:
-    from pruneshot.report import detail_table, failures_table, reinit_gap_table
+    from pruneshot.report.build import detail_table, failures_table, reinit_gap_table
 
     results = _with_nan_failure()
     episodes = make_episodes(results)
@@ -497,7 +497,7 @@ def test_a_dirty_checkout_is_shown_not_refused(built: dict) -> None:
 
 
 def test_paired_reinit_gap_uses_the_shared_episodes() -> None:
-    from pruneshot.report import reinit_gap_table
+    from pruneshot.report.build import reinit_gap_table
 
     results = _with_reinit_and_target()
     episodes = make_episodes(results)
@@ -566,7 +566,7 @@ def test_config_report_section_defaults_to_refusing_mixed() -> None:
 
 def test_landing_page_names_commit_and_config_hash(tmp_path: Path, monkeypatch) -> None:
     from pruneshot.config import config_hash
-    from pruneshot.report import landing_page
+    from pruneshot.report.build import landing_page
 
     monkeypatch.setenv("PRUNESHOT_GIT_COMMIT", "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678")
     monkeypatch.setenv("PRUNESHOT_GIT_DIRTY", "1")

@@ -1,4 +1,4 @@
-"""Seed derivation (pruneshot.seeds) and fixed few-shot episodes (pruneshot.episodes)."""
+"""Seed derivation (pruneshot.seeds) and fixed few-shot episodes (pruneshot.data.episodes)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from pruneshot.episodes import make_episodes
+from pruneshot.data.episodes import make_episodes
 from pruneshot.seeds import AXES, derive_seed
 
 # ----------------------------------------------------------------------------- seeds

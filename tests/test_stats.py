@@ -1,4 +1,4 @@
-"""Tests for pruneshot.stats: Wilcoxon against scipy and by hand, Holm, Meta-Dataset ranks, tables."""
+"""Tests for pruneshot.report.stats: Wilcoxon against scipy and by hand, Holm, Meta-Dataset ranks, tables."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
-from pruneshot.stats import (
+from pruneshot.report.stats import (
     average_ranks,
     ci_ranks,
     holm,

@@ -1,4 +1,4 @@
-"""pruneshot.tracking against real MLflow: a SQLite store, a dead port and a live `mlflow server`."""
+"""pruneshot.runtime.tracking against real MLflow: a SQLite store, a dead port and a live `mlflow server`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
-from pruneshot import tracking
-from pruneshot.tracking import JobRun, init_study, resolve_tracking_uri, sync_spool
+from pruneshot.runtime import tracking
+from pruneshot.runtime.tracking import JobRun, init_study, resolve_tracking_uri, sync_spool
 
 EPOCHS = 4
 

@@ -33,7 +33,7 @@ def test_sgd_matches_torch_optim_sgd(momentum, wd):
 
 
 def test_finetune_linear_probe_trains_only_the_head():
-    from pruneshot.models import SmallCNN
+    from pruneshot.models.small_cnn import SmallCNN
 
     torch.manual_seed(0)
     model = SmallCNN(1, 8, [4, 8], 3).eval()
@@ -57,7 +57,7 @@ def _digits_in_memory(n_train: int = 300, n_val: int = 100):
     """uint8 digits (levels 0..16) of classes 0-2, their normalisation, and load_split-style floats."""
     import numpy as np
 
-    from pruneshot.data import Split, load_raw
+    from pruneshot.data.prepare import Split, load_raw
 
     raw = load_raw("digits")
     keep = np.flatnonzero(raw.y < 3)[: n_train + n_val]
@@ -110,7 +110,7 @@ HP = {"epochs": 3, "batch_size": 64, "lr": 0.05, "momentum": 0.9, "weight_decay"
 
 
 def _tiny_model():
-    from pruneshot.models import SmallCNN
+    from pruneshot.models.small_cnn import SmallCNN
 
     torch.manual_seed(0)
     return SmallCNN(1, 8, [4, 8], 3)
@@ -119,7 +119,7 @@ def _tiny_model():
 def test_pretrain_without_augmentation_reproduces_the_plain_loop_exactly():
     """Augmentation off: uint8 on the device, normalised per batch, gives the very weights and
     history of the old float loop (and so does handing pretrain the float Splits)."""
-    from pruneshot.inputs import Augment, BatchSource
+    from pruneshot.data.pipeline import Augment, BatchSource
     from pruneshot.training import pretrain
 
     x, y, max_value, norm, train, val = _digits_in_memory()
@@ -136,7 +136,7 @@ def test_pretrain_without_augmentation_reproduces_the_plain_loop_exactly():
 
 
 def test_pretrain_with_augmentation_is_seeded_and_changes_training():
-    from pruneshot.inputs import Augment, BatchSource
+    from pruneshot.data.pipeline import Augment, BatchSource
     from pruneshot.training import pretrain
 
     x, y, max_value, norm, _, _ = _digits_in_memory()
@@ -162,7 +162,7 @@ def test_pretrain_with_augmentation_is_seeded_and_changes_training():
 
 
 def test_finetune_with_crop_flip_is_seeded_and_differs_from_none():
-    from pruneshot.inputs import Augment
+    from pruneshot.data.pipeline import Augment
 
     x, y = torch.randn(10, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
 

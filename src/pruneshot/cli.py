@@ -44,7 +44,7 @@ def _validate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """Rebuild the HTML report from existing tables (no Snakemake, no training)."""
     from pruneshot.config import ConfigError, config_hash, load_config
-    from pruneshot.report import MixedResultsError, build_report, collect_provenance, load_results
+    from pruneshot.report.build import MixedResultsError, build_report, collect_provenance, load_results
 
     results_csv: Path = args.results
     if not results_csv.is_file():
@@ -85,7 +85,7 @@ def _report(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from pruneshot import audit
+    from pruneshot.audit import lineage as audit
 
     root = args.root
     results = (root / args.results).resolve()  # --results is relative to --root

@@ -164,7 +164,7 @@ def _backbone_problems(config: dict[str, Any]) -> list[str]:
 
 def _missing_classes(dataset: str, classes: list[int]) -> tuple[list[int], str] | None:
     """(classes absent from ``dataset``, text of the allowed ones), or None when all exist or it is unknown."""
-    from pruneshot.datasets import REGISTRY
+    from pruneshot.data.registry import REGISTRY
 
     sizes = DATASET_CLASS_SIZES.get(dataset)
     if sizes is not None:
@@ -186,7 +186,7 @@ def _same_path(a: str | None, b: str | None) -> bool:
 
 def _data_problems(config: dict[str, Any]) -> list[str]:
     """Splits, imagefolder settings, input-shape agreement and checksum overrides of the data section."""
-    from pruneshot.datasets import REGISTRY, effective_shape
+    from pruneshot.data.registry import REGISTRY, effective_shape
 
     data = config["data"]
     image = data.get("image") or {}

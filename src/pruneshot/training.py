@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.data import Split
-from pruneshot.inputs import Augment, BatchSource, autocast, crop_flip, draw_augmentation
+from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.data.prepare import Split
+from pruneshot.data.pipeline import Augment, BatchSource, autocast, crop_flip, draw_augmentation
 
 LogFn = Callable[[str], None]
 MetricsFn = Callable[[dict[str, float], int | None], None]
@@ -43,7 +43,7 @@ def source_accuracy(model: nn.Module, source: BatchSource, batch_size: int = 512
 
 def device_description(device: torch.device | str) -> str:
     """Name of the compute device (GPU name or CPU model), for records and MLflow params."""
-    from pruneshot.provenance import device_name
+    from pruneshot.runtime.provenance import device_name
 
     return device_name(str(torch.device(device)))
 
@@ -58,7 +58,7 @@ def pretrain(
     """SGD with cosine learning rate on the source classes; the returned model is the epoch
     with the best validation accuracy (early stopping after ``patience`` epochs without gain).
 
-    ``train``/``val``: device-resident sources (:class:`pruneshot.inputs.BatchSource`, uint8 images
+    ``train``/``val``: device-resident sources (:class:`pruneshot.data.pipeline.BatchSource`, uint8 images
     normalised per batch) or ``data.Split`` float tensors (moved to ``device`` as they are).
     ``augment``: crop/flip of training batches (None or all off: none, and then the random draws,
     hence the weights on CPU, are exactly those of the plain loop: one permutation per epoch).

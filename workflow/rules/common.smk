@@ -1,7 +1,7 @@
 # Config look-ups and target lists; rules stay declarative.
 from pruneshot.config import budget_label, config_hash
 from pruneshot.methods import get_method
-from pruneshot.provenance import git_state
+from pruneshot.runtime.provenance import git_state
 
 # The git state travels to every job through the environment, never through params
 # (a commit in params would rerun everything on every commit).
@@ -118,7 +118,7 @@ def episode_settings(wildcards):
 
 
 def search_settings(wildcards):
-    from pruneshot.stages import method_options
+    from pruneshot.stages.job import method_options
 
     method = METHODS[wildcards.method]
     return settings_hash(PRETRAIN_SETTINGS, config["budget"]["metric"], method_options(config, method))

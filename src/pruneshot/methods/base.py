@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from pruneshot.data import Split
+from pruneshot.data.prepare import Split
 
 if TYPE_CHECKING:
-    from pruneshot.checkpoint import Checkpointer
+    from pruneshot.runtime.checkpoint import Checkpointer
 
 
 @dataclass
@@ -24,7 +24,7 @@ class SearchContext:
     dense network's ``metric`` (params|flops) to keep; ``seed`` is the derived search
     seed (shared by every method for one replicate, so calibration data match).
     ``checkpoint``: the job's checkpointer (None: not checkpointed); a method with a training loop
-    saves its loop state there and resumes from it (see :mod:`pruneshot.checkpoint`), scoping
+    saves its loop state there and resumes from it (see :mod:`pruneshot.runtime.checkpoint`), scoping
     its key with its options; others ignore it.
     """
 
@@ -140,8 +140,8 @@ class TargetMethod(PruningMethod):
 
 def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cost: float) -> float:
     """cost(model with each group's width replaced by ``widths[g]``) / ``dense_cost``, without copying weights."""
-    from pruneshot.metrics import cost
-    from pruneshot.models import build_model
+    from pruneshot.models.cost import cost
+    from pruneshot.models.base import build_model
 
     return cost(build_model(model.spec_with_widths(widths)), metric) / dense_cost
 
@@ -165,7 +165,7 @@ def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 24
     """Per-group channel counts from one keep ratio r shared by every group (at least 1 channel),
     with r chosen by bisection so that cost(pruned)/cost(dense) is the largest value <= budget
     (or the smallest achievable when even 1 channel per group exceeds it)."""
-    from pruneshot.metrics import cost
+    from pruneshot.models.cost import cost
 
     groups = model.channel_groups()
     dense = cost(model, metric)

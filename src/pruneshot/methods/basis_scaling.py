@@ -1,7 +1,7 @@
 """`basis_scaling`: basis scaling (Wong et al. 2021), a target-side method.
 
 Source read: the abstracts of both arXiv versions and claim 1 of the IBM patent. The layer algebra
-(``pruneshot.basis``) is forced by that description: every conv (depthwise ones excepted) of the pretrained network
+(``pruneshot.models.basis``) is forced by that description: every conv (depthwise ones excepted) of the pretrained network
 is split by SVD into a frozen k x k basis conv and a 1x1 BasisScalingConv whose only trainable
 part is the per-basis scale s (init 1); s and the new classifier head train on the support set
 (BatchNorm stays in eval mode, every other weight is frozen). Everything else is a
@@ -187,7 +187,7 @@ def basis_scaling_stage(
     """Basis-scale a copy of ``model`` (any backbone without low-rank layers, BN in eval mode) on (x, y)
     until its physical cost is <= ``target_cost``. Returns {"physical", "masked", "info", "cost"};
     ``model`` is untouched."""
-    from pruneshot.basis import BasisCost, basis_layers, decompose, fold_network, physical_ranks
+    from pruneshot.models.basis import BasisCost, basis_layers, decompose, fold_network, physical_ranks
 
     masked = decompose(model)
     layers = basis_layers(masked)
@@ -278,7 +278,7 @@ class BasisScaling(TargetMethod):
                  "importance and schedule reconstructed")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
-        from pruneshot.metrics import cost
+        from pruneshot.models.cost import cost
 
         opts = _options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.data import Split
+from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.data.prepare import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     PruningMethod,
@@ -80,7 +80,7 @@ def cost_shares(model: nn.Module, metric: str) -> dict[str, float]:
     """Per group, the fraction of ``model``'s ``metric`` saved by removing one of its channels:
     (cost(dense) - cost(group one channel narrower)) / cost(dense). A group of width 1 cannot lose
     its channel, so its share is 0."""
-    from pruneshot.metrics import cost
+    from pruneshot.models.cost import cost
 
     groups = model.channel_groups()
     dense = cost(model, metric)
@@ -282,7 +282,7 @@ def topk_keep(
     (descending, stable ties), ``n`` the largest count whose cost ratio is <= ``budget`` (0 when the
     forced channels alone exceed it). The ratio never decreases with ``n``: bisection.
     Returns (keep, n, ratio)."""
-    from pruneshot.metrics import cost
+    from pruneshot.models.cost import cost
 
     groups = list(theta)
     owner = [(g, c) for g in groups for c in range(len(theta[g]))]
@@ -353,7 +353,7 @@ class DAP(PruningMethod):
                 "reconstruction)"
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        from pruneshot.metrics import cost
+        from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
         opts = _options(ctx.options)

@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.checkpoint import load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.data import Split
+from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.data.prepare import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     PruningMethod,
@@ -53,7 +53,7 @@ def gate_points(model: nn.Module) -> dict[str, list[nn.Module]]:
     """Per channel group, the BatchNorm of every layer writing it, whose output the group's gate
     multiplies (before the activation; a group tied by residual additions is gated at each of them,
     with the same gate, which equals gating the sum)."""
-    from pruneshot.models import Backbone
+    from pruneshot.models.base import Backbone
 
     if isinstance(model, Backbone):
         return model.group_bns()
@@ -135,7 +135,7 @@ def arch_stage(
     ``train_fc`` (the official code's Linear layers are not frozen). Returns per-epoch history.
 
     ``resume`` ({'epochs_done', 'history', 'optimizer': (tensors, meta) of
-    :func:`pruneshot.checkpoint.optimizer_state` under 'opt'}): continue after ``epochs_done``
+    :func:`pruneshot.runtime.checkpoint.optimizer_state` under 'opt'}): continue after ``epochs_done``
     epochs; the caller has restored alpha, the model's state and ``generator`` (gates are not
     reset). ``on_epoch_end(epoch, optimizer, history)`` runs after every epoch (to checkpoint)."""
     was_requires = {id(p): p.requires_grad for p in model.parameters()}
@@ -219,7 +219,7 @@ class DNAL(PruningMethod):
     reference = "Guo et al. 2021, DNAL; QingbeiGuo/DNAL"
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        from pruneshot.metrics import cost
+        from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
         opts = _options(ctx.options)

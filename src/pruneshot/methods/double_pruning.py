@@ -79,7 +79,7 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
     decomposed network of the channel-pruned widths) computes: each BasisScalingConv embedded with
     zero weights on removed input channels and zero outputs on removed channels, BatchNorm of the kept
     channels from ``narrow``, the head's removed columns zero."""
-    from pruneshot.basis import BasisScalingConv
+    from pruneshot.models.basis import BasisScalingConv
 
     net = copy.deepcopy(dense).eval()
     sizes = dense.channel_groups()
@@ -150,7 +150,7 @@ class DoublePruning(TargetMethod):
                  "budget split between the stages reconstructed")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
-        from pruneshot.metrics import cost
+        from pruneshot.models.cost import cost
 
         opts, c_opts, b_opts = _options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.data import Split
+from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.data.prepare import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     PruningMethod,
@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
 def bn_gammas(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """The BatchNorm scales (gamma) of each channel group: one per layer writing the group (several
     where residual additions tie layers into one group)."""
-    from pruneshot.models import Backbone
+    from pruneshot.models.base import Backbone
 
     if isinstance(model, Backbone):
         return {g: [bn.weight for bn in bns] for g, bns in model.group_bns().items()}
@@ -118,7 +118,7 @@ def global_keep(
     """Keep the top-1 score of every group plus the ``n`` globally largest scores, with ``n`` the
     largest count whose cost ratio is <= ``budget`` (0 when even one channel per group exceeds it).
     Cost only grows with ``n``, so ``n`` is found by bisection. Returns (keep, n)."""
-    from pruneshot.metrics import cost
+    from pruneshot.models.cost import cost
 
     groups = list(scores)
     flat = torch.cat([scores[g] for g in groups])
@@ -162,7 +162,7 @@ class Slimming(PruningMethod):
     reference = "Liu et al. 2017, Network Slimming"
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        from pruneshot.metrics import cost
+        from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
         opts = _options(ctx.options)

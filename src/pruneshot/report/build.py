@@ -7,7 +7,7 @@ Output is one HTML file with inline CSS, figures embedded as base64 PNG ``data:`
 scripts and no external resources, so it can be mailed, archived or attached to a paper as
 is. The figures are also written as PNG files for Snakemake's native report.
 
-Statistics come from :mod:`pruneshot.stats`: per cell the mean over the shared episodes with
+Statistics come from :mod:`pruneshot.report.stats`: per cell the mean over the shared episodes with
 its 95% CI and n, the spread across replicates, paired Wilcoxon signed-rank tests of every
 method against dense and random (Holm-Bonferroni over all comparisons of the report) and
 Meta-Dataset ranks. Failed rows (``status != "ok"``) are listed with their error and shown as
@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pruneshot import stats
+from pruneshot.report import stats
 from pruneshot.io import atomic_path
 
 FIGURE_DPI = 110
@@ -295,7 +295,7 @@ def collect_provenance(
     columns), the MLflow experiment and parent run (``study_json``, results/mlflow/study.json), the
     replay status (``sync_json``) and the generation time. Missing files are skipped."""
     from pruneshot.io import read_json
-    from pruneshot.provenance import git_state, package_versions
+    from pruneshot.runtime.provenance import git_state, package_versions
 
     commit, dirty = git if git is not None else git_state()
     mlflow = read_json(study_json) if study_json is not None and Path(study_json).is_file() else {}
@@ -320,7 +320,7 @@ def landing_page(workflow_rst: Path, config: dict[str, Any], repo: Path,
     commit (and dirty flag) of ``repo`` and the config hash, written to ``out`` (rewritten only
     when it changes, atomically). Returns the absolute path for the Snakefile's ``report:``."""
     from pruneshot.config import config_hash
-    from pruneshot.provenance import git_state
+    from pruneshot.runtime.provenance import git_state
 
     commit, dirty = git_state(repo)
     text = Path(workflow_rst).read_text(encoding="utf-8").rstrip("\n") + (
@@ -346,7 +346,7 @@ def landing_page(workflow_rst: Path, config: dict[str, Any], repo: Path,
 
 @dataclass
 class Statistics:
-    """The :mod:`pruneshot.stats` tables behind the report's marks and ranks."""
+    """The :mod:`pruneshot.report.stats` tables behind the report's marks and ranks."""
 
     comparisons: pd.DataFrame  #: stats.paired_comparisons (empty without episodes)
     ranks: pd.DataFrame  #: stats.rank_table

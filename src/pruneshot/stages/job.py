@@ -16,7 +16,7 @@ from typing import Any
 
 from pruneshot.config import budget_label, config_hash
 from pruneshot.io import read_json, save_tensors, sha256_file, write_json
-from pruneshot.provenance import git_state, process_age_s, provenance
+from pruneshot.runtime.provenance import git_state, process_age_s, provenance
 from pruneshot.seeds import derive_seed
 
 PROJECT_DIR = Path.cwd()
@@ -82,7 +82,7 @@ class Job:
         """An MLflow run for this job (best effort: never blocks the job; spooled on failure)."""
         import torch
 
-        from pruneshot import tracking
+        from pruneshot.runtime import tracking
 
         torch.set_num_threads(max(1, self.threads))
         commit, dirty = git_state()
@@ -158,7 +158,7 @@ def _seeds_for(config: dict[str, Any], replicate: int) -> dict[str, int]:
 
 def init_tracking(config: dict[str, Any], out_study: Path) -> dict[str, str]:
     """Create the MLflow store/experiment and the study's parent run; write study.json."""
-    from pruneshot import tracking
+    from pruneshot.runtime import tracking
 
     uri = tracking.resolve_tracking_uri(config.get("mlflow", {}).get("tracking_uri"), PROJECT_DIR)
     commit, dirty = git_state()
@@ -172,7 +172,7 @@ def init_tracking(config: dict[str, Any], out_study: Path) -> dict[str, str]:
 
 def sync_tracking(study_path: Path, out: Path) -> dict[str, Any]:
     """Replay spooled MLflow records (jobs that could not reach MLflow); write a summary."""
-    from pruneshot import tracking
+    from pruneshot.runtime import tracking
 
     study = read_json(study_path)
     summary = tracking.sync_spool(SPOOL_DIR, study["tracking_uri"]) if SPOOL_DIR.exists() else {
@@ -188,7 +188,7 @@ def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str,
 
     Downloads (cache ``data.cache_dir``, settings ``data.download``) or reads the source dataset,
     converts it to ``data.image`` and writes ``out_dir`` atomically (nothing on failure)."""
-    from pruneshot import data
+    from pruneshot.data import prepare as data
 
     src = config["data"]["source"]
     raw = data.load_entry(src, "source", config["data"])
@@ -204,7 +204,7 @@ def prepare_source(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str,
 
 def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job) -> dict[str, Any]:
     """Target classes -> one pool shard + manifest (data handling as in :func:`prepare_source`)."""
-    from pruneshot import data
+    from pruneshot.data import prepare as data
 
     tgt = config["data"]["targets"][target]
     raw = data.load_entry(tgt, "target", config["data"])
@@ -218,7 +218,7 @@ def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job)
 def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, manifest_path: Path,
                   out: Path, job: Job) -> None:
     """Sample and save the fixed episodes of (target, ways, shots)."""
-    from pruneshot.episodes import make_episodes as sample
+    from pruneshot.data.episodes import make_episodes as sample
     from pruneshot.io import load_tensors
 
     manifest = read_json(manifest_path)
@@ -239,21 +239,21 @@ def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, ma
 # --- pretrain --------------------------------------------------------------------------------
 
 def _checkpointer(job: Job, out_dir: Path, *settings: Any, modules: tuple[str, ...]) -> Any:
-    """The job's :class:`pruneshot.checkpoint.Checkpointer` (``results/checkpoints/<out_dir below
+    """The job's :class:`pruneshot.runtime.checkpoint.Checkpointer` (``results/checkpoints/<out_dir below
     results>``), keyed on ``settings`` (the config settings, seeds and input sha256 the job reads),
     the source of ``modules`` (names in ``pruneshot``) and the torch version: a checkpoint written
     under anything else is removed, never resumed."""
     import torch
 
-    from pruneshot.checkpoint import Checkpointer, code_sha256, settings_key
+    from pruneshot.runtime.checkpoint import Checkpointer, code_sha256, settings_key
 
-    code = code_sha256(*(f"pruneshot.{m}" for m in ("checkpoint", *modules)))
+    code = code_sha256(*(f"pruneshot.{m}" for m in ("runtime.checkpoint", *modules)))
     key = settings_key(job.rule, *settings, code, torch.__version__)
     return Checkpointer.for_outputs(out_dir, key, log=job.log)
 
 
 def _load_source(manifest_path: Path):
-    from pruneshot import data
+    from pruneshot.data import prepare as data
 
     manifest = read_json(manifest_path)
     norm = manifest["normalization"]
@@ -267,9 +267,9 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     ``pretrain.device`` (a requested but absent GPU is an error before any work) with the data held
     there as uint8; what was applied (device name, amp, channels_last, augment) goes into the
     record and the MLflow params."""
-    from pruneshot.inputs import Augment, BatchSource, load_raw_split, resolve_device
-    from pruneshot.metrics import count_flops, count_params, input_shape
-    from pruneshot.models import backbone_spec, build_model, state_dict_for_save
+    from pruneshot.data.pipeline import Augment, BatchSource, load_raw_split, resolve_device
+    from pruneshot.models.cost import count_flops, count_params, input_shape
+    from pruneshot.models.base import backbone_spec, build_model, state_dict_for_save
     from pruneshot.seeds import seed_everything
     from pruneshot.training import device_description
     from pruneshot.training import pretrain as train
@@ -298,7 +298,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
               **{f"backbone.{k}": v for k, v in bb.items() if k != "name"}, "replicate": replicate}
     ckpt = _checkpointer(job, out_weights.parent, "pretrain", replicate, pc, bb, seeds, str(device),
                          job.input_hashes([manifest_path]),
-                         modules=("training", "inputs", "models", "cifar_backbones"))
+                         modules=("training", "data.pipeline", "models.base", "models.cifar"))
     t0 = time.perf_counter()
     with job.tracked([manifest_path], seeds, params) as run:
         import torch
@@ -339,8 +339,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
            out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
     """Run one method's search at one budget; save the physically pruned network and its record."""
     from pruneshot.methods import SearchContext, get_method
-    from pruneshot.metrics import cost, count_flops, count_params, input_shape
-    from pruneshot.models import load_model, state_dict_for_save
+    from pruneshot.models.cost import cost, count_flops, count_params, input_shape
+    from pruneshot.models.base import load_model, state_dict_for_save
     from pruneshot.seeds import seed_everything
 
     method = get_method(method_name)
@@ -359,7 +359,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     options = method_options(config, method)
     ckpt = _checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
                          job.input_hashes(inputs), modules=(type(method).__module__.removeprefix("pruneshot."),
-                                                            "methods.base", "models", "cifar_backbones", "surgery"))
+                                                            "methods.base", "models.base", "models.cifar", "models.surgery"))
     with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
@@ -451,7 +451,7 @@ def _fresh_weights(spec: dict[str, Any], seed: int):
     """The architecture ``spec`` with a fresh initialisation drawn under ``seed`` (reinit arm)."""
     import torch
 
-    from pruneshot.models import build_model
+    from pruneshot.models.base import build_model
 
     state = torch.random.get_rng_state()
     try:
@@ -477,12 +477,13 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     device). Target-side pruning (``method.adapt``) and all cost counting stay on the CPU."""
     import torch
 
-    from pruneshot import data
-    from pruneshot.inputs import Augment, resolve_device, zero_level
+    from pruneshot.data import prepare as data
+    from pruneshot.data.pipeline import Augment, resolve_device, zero_level
     from pruneshot.methods import AdaptContext, get_method
-    from pruneshot.metrics import cost, mean_ci
-    from pruneshot.models import load_model
-    from pruneshot.provenance import device_name
+    from pruneshot.models.cost import cost
+    from pruneshot.report.stats import mean_ci
+    from pruneshot.models.base import load_model
+    from pruneshot.runtime.provenance import device_name
     from pruneshot.training import accuracy, finetune_episode
 
     method = get_method(method_name)
@@ -646,10 +647,11 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
     the timing of dense float32 layers does not depend on the weight values)."""
     import torch
 
-    from pruneshot.inputs import cuda_absence_reason
-    from pruneshot.metrics import input_shape, measure_latency
-    from pruneshot.models import load_model
-    from pruneshot.provenance import device_name
+    from pruneshot.data.pipeline import cuda_absence_reason
+    from pruneshot.models.cost import input_shape
+    from pruneshot.models.latency import measure_latency
+    from pruneshot.models.base import load_model
+    from pruneshot.runtime.provenance import device_name
 
     pc = config["profile"]
     torch.set_num_threads(pc["threads"])
@@ -847,7 +849,7 @@ def report(config: dict[str, Any], results_csv: Path, study_path: Path, sync_pat
 
     Refuses results from several code commits or config hashes unless ``report.allow_mixed``.
     """
-    from pruneshot.report import build_report, collect_provenance, load_results
+    from pruneshot.report.build import build_report, collect_provenance, load_results
 
     prov = collect_provenance(
         load_results(results_csv), study=config["study"]["name"], config_sha256=config_hash(config),

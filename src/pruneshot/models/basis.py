@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models import BACKBONES, Backbone, LowRankConv, build_model, conv_cost, lowrank_pays, spec_cost
+from pruneshot.models.base import Backbone, BACKBONES, build_model, spec_cost
+
+from pruneshot.models.layers import conv_cost, lowrank_pays, LowRankConv
 
 
 class BasisScalingConv(nn.Module):

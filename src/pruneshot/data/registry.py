@@ -1,7 +1,7 @@
 """Registry of the datasets pruneshot can prepare: where they live, what their files are, their shapes.
 
 Pure data and standard library only: ``pruneshot.config`` reads it before any job starts, so
-importing it must stay cheap. Loading and conversion live in :mod:`pruneshot.data`.
+importing it must stay cheap. Loading and conversion live in :mod:`pruneshot.data.prepare`.
 
 Every downloaded file is verified against a sha256. The publishers only give md5 sums; the
 sha256 values below are those TensorFlow Datasets records for the same files (same names and

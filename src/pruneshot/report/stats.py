@@ -21,6 +21,7 @@ Conventions (see each function):
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Mapping, Sequence
 from functools import cache
 from typing import Any
@@ -414,3 +415,13 @@ def average_ranks(rank_df: pd.DataFrame) -> pd.DataFrame:
     out = df.groupby("method", sort=True)["rank"].agg(mean_rank="mean", n_cells="size").reset_index()
     out["n_cells"] = out["n_cells"].astype(int)
     return out.sort_values(["mean_rank", "method"], kind="mergesort").reset_index(drop=True)
+
+
+def mean_ci(values: list[float]) -> dict[str, float]:
+    """Mean, sample std, 95% CI half-width 1.96*std/sqrt(n), and n of per-episode accuracies."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("no values")
+    mean = sum(values) / n
+    std = statistics.stdev(values) if n > 1 else 0.0
+    return {"mean": mean, "std": std, "ci95": 1.96 * std / math.sqrt(n), "n": n}

@@ -376,7 +376,7 @@ class JobRun:
             if not self._complete or self.errors:
                 self._write_spool(end_ms)
         except Exception:  # never let tracking replace or cause the job's outcome
-            _log.exception("pruneshot.tracking: unexpected error while closing run %r", self.run_name)
+            _log.exception("pruneshot.runtime.tracking: unexpected error while closing run %r", self.run_name)
         return None  # the job's exception, if any, propagates
 
     # ------------------------------------------------------------------ logging

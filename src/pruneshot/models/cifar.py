@@ -25,7 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models import Backbone, Layer, _check_rank, conv_out, make_conv, register_backbone
+from pruneshot.models.layers import check_rank
+
+from pruneshot.models.base import Backbone, register_backbone
+
+from pruneshot.models.layers import conv_out, Layer, make_conv
 
 
 def _scaled(c: int, mult: float) -> int:
@@ -37,7 +41,7 @@ def _ranks(spec: dict[str, Any]) -> dict[str, int]:
     if not isinstance(ranks, dict):
         raise ValueError(f"{spec['name']}: 'ranks' must map layer names to ints")
     for r in ranks.values():
-        _check_rank(r, spec["name"])
+        check_rank(r, spec["name"])
     return ranks
 
 

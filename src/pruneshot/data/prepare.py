@@ -9,9 +9,9 @@ names, counts, pixel scale, normalisation statistics and the sha256 of every sha
 Raw data comes from :func:`load_raw`: scikit-learn's bundled ``digits``; ``mnist``,
 ``fashion_mnist``, ``cifar10``, ``cifar100`` and ``svhn`` downloaded from their official
 locations (or a configured mirror) into a cache directory and verified by sha256
-(:mod:`pruneshot.datasets` lists files and checksums); or ``imagefolder``, a directory of
+(:mod:`pruneshot.data.registry` lists files and checksums); or ``imagefolder``, a directory of
 class folders. Nothing is unpickled: IDX and CIFAR binary files are parsed as bytes, SVHN
-``.mat`` via scipy, images via PIL (:mod:`pruneshot.formats`).
+``.mat`` via scipy, images via PIL (:mod:`pruneshot.data.formats`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pruneshot.datasets import CIFAR10_MEMBERS, CIFAR100_MEMBERS, DatasetSpec, get_spec, resolve_split
+from pruneshot.data.registry import CIFAR10_MEMBERS, CIFAR100_MEMBERS, DatasetSpec, get_spec, resolve_split
 from pruneshot.io import load_tensors, read_json, save_tensors, sha256_file, write_json
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
@@ -148,7 +148,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _fetch(spec: DatasetSpec, split: str, cache: Path, download: dict[str, Any]) -> dict[str, tuple[Path, str]]:
     """Make every file of ``split`` present and verified in ``cache``; {file name: (path, sha256)}."""
-    from pruneshot.downloads import DownloadError, fetch
+    from pruneshot.data.downloads import DownloadError, fetch
 
     base = download["mirrors"].get(spec.name) or spec.base_url
     assert base is not None
@@ -168,8 +168,8 @@ def _fetch(spec: DatasetSpec, split: str, cache: Path, download: dict[str, Any])
 
 
 def _read(spec: DatasetSpec, split: str, paths: dict[str, tuple[Path, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Parse the downloaded files of ``split`` with the readers of :mod:`pruneshot.formats`."""
-    from pruneshot import formats
+    """Parse the downloaded files of ``split`` with the readers of :mod:`pruneshot.data.formats`."""
+    from pruneshot.data import formats
 
     parts = ("train", "test") if split == "all" else (split,)
 
@@ -191,7 +191,7 @@ def _read(spec: DatasetSpec, split: str, paths: dict[str, tuple[Path, str]]) -> 
 
 def _load_image_folder(root: Path | str | None, image: dict[str, Any], classes: list[int] | None) -> RawDataset:
     """Read the selected class folders of an image folder at ``image["size"]`` (see :func:`load_raw`)."""
-    from pruneshot import formats
+    from pruneshot.data import formats
 
     if root is None:
         raise DatasetError("dataset 'imagefolder': no root directory given (config key 'root')")

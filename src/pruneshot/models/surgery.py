@@ -24,7 +24,7 @@ def slice_conv(old: nn.Conv2d, new: nn.Conv2d, out_idx: torch.Tensor, in_idx: to
 def slice_block_conv(old: nn.Module, new: nn.Module, out_idx: torch.Tensor, in_idx: torch.Tensor | None) -> None:
     """``slice_conv`` for a block's conv, plain or ``LowRankConv``: a low-rank conv keeps every basis,
     its output channels slice ``coef`` and its input channels slice ``basis``."""
-    from pruneshot.models import LowRankConv
+    from pruneshot.models.layers import LowRankConv
 
     if isinstance(old, LowRankConv) != isinstance(new, LowRankConv):
         raise ValueError(f"cannot slice a {type(old).__name__} into a {type(new).__name__}")

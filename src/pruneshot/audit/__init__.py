@@ -1,0 +1,1 @@
+"""``pruneshot audit``: the lineage of a results row and the re-hashing of every recorded artefact."""

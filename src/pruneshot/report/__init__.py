@@ -1,0 +1,1 @@
+"""The HTML report: statistics (``stats``) and the report build."""

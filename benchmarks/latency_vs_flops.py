@@ -27,10 +27,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from pruneshot.models import cost as metrics
-from pruneshot.models import latency
-
 from pruneshot.models import base as models  # noqa: E402
+from pruneshot.models import cost as metrics  # noqa: E402
+from pruneshot.models import latency  # noqa: E402
 from pruneshot.models.basis import basis_layers, decompose, fold_network  # noqa: E402
 from pruneshot.runtime.provenance import device_name  # noqa: E402
 

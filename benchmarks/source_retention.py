@@ -23,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def main() -> int:
-    from pruneshot.stages import job as stages
     from pruneshot.config import load_config
     from pruneshot.data.prepare import load_split
     from pruneshot.io import read_json
     from pruneshot.methods import get_method
     from pruneshot.models.base import load_model
+    from pruneshot.stages import job as stages
     from pruneshot.training import accuracy
 
     ap = argparse.ArgumentParser(description=__doc__)

@@ -173,7 +173,7 @@ def run(backbone: str = "resnet56", *, n: int = 50000, num_classes: int = 100, b
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", default="resnet56", help="a backbone name of pruneshot.models.base (default resnet56)")
+    ap.add_argument("--backbone", default="resnet56", help="a registered backbone name (default resnet56)")
     ap.add_argument("--widths", type=int, nargs="+", help="widths for small_cnn (default 32 64 128)")
     ap.add_argument("--n", type=int, default=50000, help="synthetic images (CIFAR train size: 50000)")
     ap.add_argument("--num-classes", type=int, default=100)

@@ -11,15 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import base as models
-from pruneshot.models import layers
-
-from pruneshot.models import surgery
-from pruneshot.models.basis import basis_layers, decompose, fold_network
 from pruneshot.data.prepare import Split
 from pruneshot.methods import AdaptContext, SearchContext, available, get_method
+from pruneshot.models import base as models
+from pruneshot.models import cost as metrics
+from pruneshot.models import layers, surgery
+from pruneshot.models.basis import basis_layers, decompose, fold_network
 
 SIZE, C_IN, N_CLS = 8, 3, 4
 

@@ -8,14 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot.models import basis
-
-from pruneshot.models import cost as metrics
-from pruneshot.models.basis import BasisCost, BasisScalingConv, decompose, fold_network, revert_larger_blocks
 from pruneshot.methods.basis_scaling import greedy_prune, per_layer_prune, round_targets
-from pruneshot.models.layers import conv_cost, lowrank_pays, LowRankConv
-from pruneshot.models.small_cnn import SmallCNN
+from pruneshot.models import basis
+from pruneshot.models import cost as metrics
 from pruneshot.models.base import build_model
+from pruneshot.models.basis import BasisCost, BasisScalingConv, decompose, fold_network, revert_larger_blocks
+from pruneshot.models.layers import LowRankConv, conv_cost, lowrank_pays
+from pruneshot.models.small_cnn import SmallCNN
 
 
 @pytest.fixture(scope="module", autouse=True)

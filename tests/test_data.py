@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruneshot.data import prepare as data
 from pruneshot.config import DATASET_CLASS_SIZES
+from pruneshot.data import prepare as data
 from pruneshot.io import load_tensors, read_json
 
 # Deliberately not in ascending order: labels must follow the configured order.

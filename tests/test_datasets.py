@@ -28,12 +28,11 @@ import torch
 import yaml
 from PIL import Image
 
-from pruneshot.data import prepare as data
-
-from pruneshot.stages import job as stages
 from pruneshot.config import ConfigError, validate_config
+from pruneshot.data import prepare as data
 from pruneshot.data.registry import REGISTRY, effective_shape, resolve_split
 from pruneshot.io import load_tensors, read_json
+from pruneshot.stages import job as stages
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"

@@ -1,4 +1,4 @@
-"""Tests for pruneshot.data.downloads (against a real local HTTP server) and pruneshot.data.formats (real file formats)."""
+"""Tests for pruneshot.data.downloads (a real local HTTP server) and pruneshot.data.formats (real file formats)."""
 
 from __future__ import annotations
 

@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from pruneshot import methods
-
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import surgery
 from pruneshot.data.prepare import Split
 from pruneshot.methods import SearchContext, available, get_method
 from pruneshot.methods.base import PruningMethod, keep_top, uniform_widths
+from pruneshot.models import cost as metrics
+from pruneshot.models import surgery
 from pruneshot.models.small_cnn import SmallCNN
 
 WIDTHS = [32, 64, 128]

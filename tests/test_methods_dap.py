@@ -11,12 +11,11 @@ import torch
 import yaml
 from torch import nn
 
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import surgery
 from pruneshot.data.prepare import Split
 from pruneshot.methods import SearchContext, get_method
 from pruneshot.methods import dap as dap_mod
+from pruneshot.models import cost as metrics
+from pruneshot.models import surgery
 from pruneshot.models.small_cnn import SmallCNN
 
 ROOT = Path(__file__).resolve().parents[1]

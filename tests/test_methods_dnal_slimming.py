@@ -12,14 +12,13 @@ import torch
 import yaml
 from torch import nn
 
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import surgery
 from pruneshot.config import load_schema, validate_config
 from pruneshot.data.prepare import Split, load_raw
 from pruneshot.methods import SearchContext, get_method
 from pruneshot.methods import dnal as dnal_mod
 from pruneshot.methods import slimming as slim_mod
+from pruneshot.models import cost as metrics
+from pruneshot.models import surgery
 from pruneshot.models.small_cnn import SmallCNN
 from pruneshot.training import pretrain
 

@@ -11,19 +11,16 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import base as models
-from pruneshot.models import layers
-
-from pruneshot.models import surgery
-from pruneshot.models.basis import BasisScalingConv, decompose
 from pruneshot.config import load_schema
 from pruneshot.io import load_tensors, save_tensors
 from pruneshot.methods import AdaptContext, get_method
 from pruneshot.methods import basis_scaling as bs_mod
 from pruneshot.methods import channel_scaling as cs_mod
 from pruneshot.methods import double_pruning as dp_mod
+from pruneshot.models import base as models
+from pruneshot.models import cost as metrics
+from pruneshot.models import layers, surgery
+from pruneshot.models.basis import BasisScalingConv, decompose
 from pruneshot.models.layers import LowRankConv
 from pruneshot.models.small_cnn import SmallCNN
 

@@ -6,13 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot.models import cost as metrics
-
-from pruneshot.models import base as models
-from pruneshot.models import layers
-
-from pruneshot.models import surgery
 from pruneshot.io import load_tensors, save_tensors
+from pruneshot.models import base as models
+from pruneshot.models import cost as metrics
+from pruneshot.models import layers, surgery
 from pruneshot.models.small_cnn import SmallCNN
 
 

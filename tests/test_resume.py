@@ -22,11 +22,11 @@ import yaml
 from conftest import BIN, ROOT, _env, copy_worktree, run
 from test_training import HP, _digits_in_memory, _tiny_model
 
-from pruneshot.stages import job as stages
-from pruneshot.runtime.checkpoint import MANIFEST, Checkpointer, checkpoint_location
 from pruneshot.config import load_config
 from pruneshot.data.pipeline import Augment, BatchSource
 from pruneshot.io import read_json, sha256_file
+from pruneshot.runtime.checkpoint import MANIFEST, Checkpointer, checkpoint_location
+from pruneshot.stages import job as stages
 from pruneshot.training import pretrain
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from pruneshot.stages import job as stages
 from pruneshot.config import load_config
 from pruneshot.io import read_json
 from pruneshot.methods import available, get_method
+from pruneshot.stages import job as stages
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = 2
@@ -154,8 +154,8 @@ def test_target_side_methods_prune_every_episode(world, method):
                           _search(world, method, 0.5) / "arch.json", world["tmp"] / f"profile_{method}.json",
                           _job("profile"), adapted=world["tmp"] / "transfer" / f"{method}_0.5_finetune.json")
     # the cost recorded per episode is the cost of the network it describes
-    from pruneshot.models.cost import cost
     from pruneshot.models.base import build_model
+    from pruneshot.models.cost import cost
 
     for a in rec["adapted"]:
         net = build_model(a["spec"])

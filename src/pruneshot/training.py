@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.data.prepare import Split
 from pruneshot.data.pipeline import Augment, BatchSource, autocast, crop_flip, draw_augmentation
+from pruneshot.data.prepare import Split
+from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
 LogFn = Callable[[str], None]
 MetricsFn = Callable[[dict[str, float], int | None], None]

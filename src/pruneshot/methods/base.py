@@ -140,8 +140,8 @@ class TargetMethod(PruningMethod):
 
 def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cost: float) -> float:
     """cost(model with each group's width replaced by ``widths[g]``) / ``dense_cost``, without copying weights."""
-    from pruneshot.models.cost import cost
     from pruneshot.models.base import build_model
+    from pruneshot.models.cost import cost
 
     return cost(build_model(model.spec_with_widths(widths)), metric) / dense_cost
 

@@ -1,7 +1,7 @@
 """`basis_scaling`: basis scaling (Wong et al. 2021), a target-side method.
 
 Source read: the abstracts of both arXiv versions and claim 1 of the IBM patent. The layer algebra
-(``pruneshot.models.basis``) is forced by that description: every conv (depthwise ones excepted) of the pretrained network
+(``models.basis``) is forced by that description: every conv (depthwise ones excepted) of the pretrained network
 is split by SVD into a frozen k x k basis conv and a 1x1 BasisScalingConv whose only trainable
 part is the per-basis scale s (init 1); s and the new classifier head train on the support set
 (BatchNorm stays in eval mode, every other weight is frozen). Everything else is a

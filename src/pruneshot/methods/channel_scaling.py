@@ -153,8 +153,8 @@ def channel_scaling_stage(
     physical cost is <= ``target_cost``. With ``revert_larger`` a low-rank block whose channels shrink
     so far that it is no longer smaller than a dense conv is counted, and built, as that dense conv.
     Returns {"physical", "masked", "keep", "info", "cost"}; ``model`` is untouched."""
-    from pruneshot.models.basis import revert_larger_blocks, reverted_spec
     from pruneshot.models.base import spec_cost
+    from pruneshot.models.basis import revert_larger_blocks, reverted_spec
 
     net = copy.deepcopy(model).eval()
     scaled = ChannelScaled(net)

@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data.prepare import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
@@ -33,6 +32,7 @@ from pruneshot.methods.base import (
     merge_options,
     width_ratio,
 )
+from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
 
 # Keep in sync with the `dnal` section of config/schema.yaml.
 DEFAULTS: dict[str, Any] = {

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 from pruneshot.data.prepare import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
@@ -27,6 +26,7 @@ from pruneshot.methods.base import (
     merge_options,
     width_ratio,
 )
+from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
 # Keep in sync with the `slimming` section of config/schema.yaml.
 DEFAULTS: dict[str, Any] = {

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models.base import Backbone, BACKBONES, build_model, spec_cost
-
-from pruneshot.models.layers import conv_cost, lowrank_pays, LowRankConv
+from pruneshot.models.base import BACKBONES, Backbone, build_model, spec_cost
+from pruneshot.models.layers import LowRankConv, conv_cost, lowrank_pays
 
 
 class BasisScalingConv(nn.Module):

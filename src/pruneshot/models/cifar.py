@@ -25,11 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.models.layers import check_rank
-
 from pruneshot.models.base import Backbone, register_backbone
-
-from pruneshot.models.layers import conv_out, Layer, make_conv
+from pruneshot.models.layers import Layer, check_rank, conv_out, make_conv
 
 
 def _scaled(c: int, mult: float) -> int:

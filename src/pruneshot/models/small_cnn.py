@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 from torch import nn
 
 from pruneshot.models.base import Backbone, register_backbone
-from pruneshot.models.layers import Layer, LowRankConv, check_rank, conv_cost
+from pruneshot.models.layers import Layer, LowRankConv, check_rank
 
 
 class ConvBNReLU(nn.Sequential):

@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pruneshot.report import stats
 from pruneshot.io import atomic_path
+from pruneshot.report import stats
 
 FIGURE_DPI = 110
 #: Figures always written (a figure without data says so in its panel).

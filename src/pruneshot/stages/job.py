@@ -268,8 +268,8 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
     there as uint8; what was applied (device name, amp, channels_last, augment) goes into the
     record and the MLflow params."""
     from pruneshot.data.pipeline import Augment, BatchSource, load_raw_split, resolve_device
-    from pruneshot.models.cost import count_flops, count_params, input_shape
     from pruneshot.models.base import backbone_spec, build_model, state_dict_for_save
+    from pruneshot.models.cost import count_flops, count_params, input_shape
     from pruneshot.seeds import seed_everything
     from pruneshot.training import device_description
     from pruneshot.training import pretrain as train
@@ -339,8 +339,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
            out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
     """Run one method's search at one budget; save the physically pruned network and its record."""
     from pruneshot.methods import SearchContext, get_method
-    from pruneshot.models.cost import cost, count_flops, count_params, input_shape
     from pruneshot.models.base import load_model, state_dict_for_save
+    from pruneshot.models.cost import cost, count_flops, count_params, input_shape
     from pruneshot.seeds import seed_everything
 
     method = get_method(method_name)
@@ -357,9 +357,10 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
               "side": method.side}
     options = method_options(config, method)
+    code = (type(method).__module__.removeprefix("pruneshot."), "methods.base", "models.base", "models.cifar",
+            "models.surgery")
     ckpt = _checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
-                         job.input_hashes(inputs), modules=(type(method).__module__.removeprefix("pruneshot."),
-                                                            "methods.base", "models.base", "models.cifar", "models.surgery"))
+                         job.input_hashes(inputs), modules=code)
     with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
@@ -480,9 +481,9 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     from pruneshot.data import prepare as data
     from pruneshot.data.pipeline import Augment, resolve_device, zero_level
     from pruneshot.methods import AdaptContext, get_method
+    from pruneshot.models.base import load_model
     from pruneshot.models.cost import cost
     from pruneshot.report.stats import mean_ci
-    from pruneshot.models.base import load_model
     from pruneshot.runtime.provenance import device_name
     from pruneshot.training import accuracy, finetune_episode
 
@@ -648,9 +649,9 @@ def profile(config: dict[str, Any], weights: Path, arch: Path, out: Path, job: J
     import torch
 
     from pruneshot.data.pipeline import cuda_absence_reason
+    from pruneshot.models.base import load_model
     from pruneshot.models.cost import input_shape
     from pruneshot.models.latency import measure_latency
-    from pruneshot.models.base import load_model
     from pruneshot.runtime.provenance import device_name
 
     pc = config["profile"]

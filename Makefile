@@ -21,12 +21,17 @@ setup: $(VENV)/.installed
 # dvc repro runs `snakemake --cores all` (dvc.yaml) and records hashes in dvc.lock.
 run: setup
 	dvc repro pipeline
-	pruneshot summary results/tables/results.csv
-	@echo "report: $(abspath results/report/index.html)"
+	pruneshot summary
+
+# Debian packages the suite needs beyond the venv, installed when missing (sudo when not root):
+# chromium (tests/test_report_browser.py) and a single-node Slurm cluster (tests/test_slurm.py).
+.PHONY: test-deps
+test-deps:
+	bash .ci/install-test-deps.sh
 
 # tests/test_slurm.py mostly waits on a real Slurm cluster's scheduling: it runs alongside the rest
 # of the suite (own pytest session and temp dir, output shown afterwards); both must pass.
-test: setup
+test: setup test-deps
 	@log=$$(mktemp); \
 	python -m pytest tests/test_slurm.py --basetemp=$$(mktemp -d) >"$$log" 2>&1 & slurm=$$!; \
 	python -m pytest --ignore=tests/test_slurm.py; rest=$$?; \
@@ -41,7 +46,7 @@ lint: setup
 report: setup
 	snakemake --cores 1 --touch
 	snakemake --cores 1 --forcerun aggregate report
-	@echo "report: $(abspath results/report/index.html)"
+	pruneshot summary
 
 bench: setup
 	python benchmarks/pipeline.py

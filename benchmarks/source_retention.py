@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def main() -> int:
     from pruneshot.config import load_config
-    from pruneshot.data.prepare import load_split
+    from pruneshot.data.splits import load_split
     from pruneshot.io import read_json
     from pruneshot.methods import get_method
     from pruneshot.models.base import load_model

@@ -2,6 +2,6 @@
 
 from pathlib import Path
 
-from pruneshot.stages.job import init_tracking
+from pruneshot.stages.tracking import init_tracking
 
 init_tracking(snakemake.config, Path(snakemake.output.study))

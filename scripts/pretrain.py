@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from pruneshot.runtime.gpus import lease_for_job
-from pruneshot.stages.job import job_from_snakemake, pretrain
+from pruneshot.stages.job import job_from_snakemake
+from pruneshot.stages.pretrain import pretrain
 
 out = snakemake.output
 job = job_from_snakemake(snakemake)

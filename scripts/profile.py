@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from pruneshot.runtime.gpus import lease_for_job
-from pruneshot.stages.job import job_from_snakemake, profile
+from pruneshot.stages.job import job_from_snakemake
+from pruneshot.stages.profile import profile
 
 i = snakemake.input
 adapted = getattr(i, "adapted", None)  # only target-side methods have it

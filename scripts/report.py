@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from pruneshot.stages.job import job_from_snakemake, report
+from pruneshot.stages.job import job_from_snakemake
+from pruneshot.stages.report import report
 
 i, o = snakemake.input, snakemake.output
 targets = dict(zip(snakemake.params.targets, map(Path, i.target_manifests), strict=True))

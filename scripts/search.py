@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from pruneshot.stages.job import job_from_snakemake, search
+from pruneshot.stages.job import job_from_snakemake
+from pruneshot.stages.search import search
 
 w, i, o = snakemake.wildcards, snakemake.input, snakemake.output
 search(snakemake.config, w.method, float(w.budget), int(w.replicate), Path(i.manifest), Path(i.weights),

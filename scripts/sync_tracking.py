@@ -2,8 +2,9 @@
 
 from pathlib import Path
 
-from pruneshot.stages.job import job_from_snakemake, sync_tracking
+from pruneshot.stages.job import job_from_snakemake
+from pruneshot.stages.tracking import sync_tracking
 
 job = job_from_snakemake(snakemake)
-summary = sync_tracking(Path(snakemake.input.study), Path(snakemake.output.sync))
+summary = sync_tracking(snakemake.config, Path(snakemake.input.study), Path(snakemake.output.sync))
 job.log(f"spool sync: {summary}")

@@ -1,24 +1,358 @@
-"""`pruneshot audit`: the lineage of a results row, and --verify against the records and dvc.lock, on the
-session's finished tiny study. Every test works on a copy of the study (the shared one is never touched)."""
+"""`pruneshot audit`: the lineage of a results row, and --verify against the records and dvc.lock.
+
+Two studies: a hand-written one (records in the layout of :mod:`pruneshot.paths`, committed with the
+real `dvc commit`; fast, no training) and, marked ``integration``, the session's finished tiny study.
+Every test works on a copy (the shared study is never touched)."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
-import yaml
 from conftest import BIN, run
 
-from pruneshot.audit import lineage as audit
+from pruneshot.audit import records, text
+from pruneshot.audit.dvc import DvcOutputs
+from pruneshot.audit.lineage import lineage
+from pruneshot.audit.verify import verify
 from pruneshot.cli import main
+from pruneshot.paths import StudyPaths
 
-pytestmark = pytest.mark.integration
+integration = pytest.mark.integration
 
-CHECKPOINT = "results/search/random/b0.5/r0/model.safetensors"
-EPISODES = "results/episodes/digits_5to9/5way_1shot.json"
+
+def rows(root: Path, paths: StudyPaths) -> list[dict[str, str]]:
+    with open(root / paths.result("results_csv"), newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+def flip_byte(path: Path, pick: str = "last") -> None:
+    """XOR one byte with 1: the last byte, or (``pick='digit'``) a digit in the middle, which stays a digit."""
+    blob = bytearray(path.read_bytes())
+    if pick == "digit":
+        i = next(i for i in range(len(blob) // 2, len(blob)) if chr(blob[i]).isdigit())
+    else:
+        i = len(blob) - 1
+    blob[i] ^= 1
+    path.write_bytes(bytes(blob))
+
+
+def pruneshot(root: Path, *args: str) -> Any:
+    return run([str(BIN / "pruneshot"), "audit", *args], root, check=False)
+
+
+def mismatch_lines(stdout: str) -> list[str]:
+    return [ln for ln in stdout.splitlines() if ln.startswith(("MISMATCH", "MISSING", "EXTRA", "ERROR"))]
+
+
+# --- a hand-written study ------------------------------------------------------------------------
+
+U = StudyPaths("unit")
+U_CHECKPOINT = U.result("search_weights", method="random", budget="0.5", replicate=0)
+U_PRETRAIN = U.result("pretrain_weights", replicate=0)
+U_EPISODES = U.result("episodes", target="digits_5to9", ways=5, shots=1)
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class _Writer:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def blob(self, rel: str, size: int = 64) -> str:
+        p = self.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(hashlib.sha512(rel.encode()).digest() * (size // 64))
+        return _sha(p)
+
+    def json(self, rel: str, obj: dict) -> str:
+        p = self.root / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj, indent=1))
+        return _sha(p)
+
+    def inputs(self, *rels: str) -> dict[str, str]:
+        return {r: _sha(self.root / r) for r in rels}
+
+
+def _prov(rule: str, inputs: dict[str, str], **seeds: int) -> dict[str, Any]:
+    return {"git_commit": "c0ffee", "git_dirty": False, "config_sha256": "cfg", "rule": rule, "wildcards": {},
+            "seeds": seeds, "inputs": inputs}
+
+
+def write_study(root: Path) -> None:
+    """Records of a source-side (random, searched) and a target-side (basis_scaling, no search) method,
+    as the workflow writes them, and their results rows."""
+    w = _Writer(root)
+    src = U.result("source_manifest")
+    splits = {s: {"file": f"{s}.safetensors", "sha256": w.blob(U.result(f"source_{s}"))} for s in ("train", "val")}
+    w.json(src, {"dataset": "digits", "split": "source", "classes": [0, 1], "image_shape": [1, 8, 8],
+                 "split_seed": 7, "splits": splits, "provenance": _prov("prepare_source", {})})
+    tgt = U.result("target_manifest", target="digits_5to9")
+    pool = U.result("target_pool", target="digits_5to9")
+    w.json(tgt, {"dataset": "digits", "split": "target", "classes": [5, 6], "image_shape": [1, 8, 8],
+                 "splits": {"pool": {"file": "pool.safetensors", "sha256": w.blob(pool)}},
+                 "provenance": _prov("prepare_target", {})})
+    w.json(U_EPISODES, {"ways": 5, "shots": 1, "queries_per_class": 2, "episodes": [{"index": 0}, {"index": 1}],
+                        "pool_sha256": _sha(root / pool), "provenance": _prov("make_episodes", w.inputs(tgt))})
+    pre_arch, pre_metrics = U.result("pretrain_arch", replicate=0), U.result("pretrain_metrics", replicate=0)
+    w.blob(U_PRETRAIN, 256)
+    w.json(pre_arch, {"widths": [8]})
+    w.json(pre_metrics, {"weights_sha256": _sha(root / U_PRETRAIN), "mlflow_run_id": "run-pre",
+                         "provenance": _prov("pretrain", w.inputs(src), pretrain=1)})
+    wc = {"method": "random", "budget": "0.5", "replicate": 0}
+    se_rec, se_arch = U.result("search_record", **wc), U.result("search_arch", **wc)
+    w.blob(U_CHECKPOINT, 128)
+    w.json(se_arch, {"widths": [4]})
+    w.json(se_rec, {"method": "random", "side": "source", "method_provenance": "baseline",
+                    "weights_sha256": _sha(root / U_CHECKPOINT), "mlflow_run_id": "run-se",
+                    "upstream_run_id": "run-pre",
+                    "provenance": _prov("search", w.inputs(U_PRETRAIN, pre_arch, src), search=3)})
+    results = []
+    for method, side in (("random", "source"), ("basis_scaling", "target")):
+        tr = U.result("transfer", target="digits_5to9", method=method, budget="0.5", shots=1, replicate=0)
+        episodes = [{"episode": i, "accuracy": a, "finetune_seed": 10 + i} for i, a in enumerate((0.5, 0.7))]
+        rec: dict[str, Any] = {"method": method, "side": side, "status": "ok", "mlflow_run_id": f"run-tr-{method}",
+                               "arms": {"finetune": {"episodes": episodes, "summary": {"mean": 0.6, "ci95": 0.1}}}}
+        if side == "source":
+            net = [U_CHECKPOINT, se_arch]
+            rec |= {"network_record": se_rec, "search_record_sha256": _sha(root / se_rec),
+                    "weights_sha256": _sha(root / U_CHECKPOINT), "upstream_run_id": "run-se"}
+            prof = U.result("profile", **wc)
+        else:
+            net = [U_PRETRAIN, pre_arch, pre_metrics]
+            rec |= {"network_record": pre_metrics, "weights_sha256": _sha(root / U_PRETRAIN),
+                    "upstream_run_id": "run-pre"}
+            prof = U.result("profile_adapted", method=method, budget="0.5", target="digits_5to9", shots=1,
+                            replicate=0)
+        rec["provenance"] = _prov("transfer", w.inputs(*net, src, tgt, U_EPISODES), search=3)
+        w.json(tr, rec)
+        prof_inputs = w.inputs(*net[:2], *([tr] if side == "target" else []))
+        w.json(prof, {"status": "ok", "network": {"from": "search" if side == "source" else "per-episode"},
+                      "weights_sha256": _sha(root / net[0]), "provenance": _prov("profile", prof_inputs)})
+        results.append({"row_id": hashlib.sha256(method.encode()).hexdigest()[:10], "method": method, "side": side,
+                        "requested_budget": "0.5", "target": "digits_5to9", "ways": "5", "shots": "1",
+                        "arm": "finetune", "replicate": "0", "acc_mean": "0.6", "acc_ci95": "0.1",
+                        "n_episodes": "2", "git_commit": "c0ffee", "git_dirty": "False", "config_sha256": "cfg",
+                        "checkpoint_sha256": _sha(root / net[0]), "pretrain_sha256": _sha(root / U_PRETRAIN),
+                        "data_sha256": _sha(root / tgt), "transfer_record": tr})
+    table = root / U.result("results_csv")
+    table.parent.mkdir(parents=True, exist_ok=True)
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(results[0]))
+        writer.writeheader()
+        writer.writerows(results)
+
+
+@pytest.fixture(scope="module")
+def unit_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hand-written study in a git + DVC project, its outputs committed by `dvc commit`."""
+    root = tmp_path_factory.mktemp("audit-unit") / "p"
+    (root / "config").mkdir(parents=True)
+    (root / "config/config.yaml").write_text("study:\n  name: unit\n")
+    write_study(root)
+    outs = "".join(f"      - {U.results_root}/{d}:\n          persist: true\n"
+                   for d in ("data", "episodes", "pretrain", "search", "transfer", "profile", "tables"))
+    (root / "dvc.yaml").write_text(f"stages:\n  pipeline:\n    cmd: 'true'\n    outs:\n{outs}")
+    run(["git", "init", "-q"], root)
+    run([str(BIN / "dvc"), "init", "-q"], root)
+    run([str(BIN / "dvc"), "config", "core.analytics", "false"], root)
+    run([str(BIN / "dvc"), "commit", "-f", "-q", "pipeline"], root)
+    return root
+
+
+@pytest.fixture()
+def unit(unit_study: Path, tmp_path: Path) -> Path:
+    """A throw-away copy of the hand-written study to damage."""
+    dst = tmp_path / "p"
+    shutil.copytree(unit_study, dst, symlinks=True)
+    return dst
+
+
+def unit_row(root: Path, method: str) -> dict[str, str]:
+    return next(r for r in rows(root, U) if r["method"] == method)
+
+
+def test_lineage_of_a_source_side_row_follows_network_record(unit_study: Path) -> None:
+    lin = lineage(unit_study, unit_row(unit_study, "random"), U)
+    tree = lin["tree"]
+    assert [c["level"] for c in tree["children"]] == ["pruned network", "source data", "target data", "episodes",
+                                                      "profile"]
+    network = tree["children"][0]
+    search = network["children"][0]
+    backbone = search["children"][0]
+    assert network["record"] == search["record"] == U.result("search_record", method="random", budget="0.5",
+                                                             replicate=0)
+    assert backbone["level"] == "pretrained backbone" and backbone["record"] == U.result("pretrain_metrics",
+                                                                                         replicate=0)
+    assert tree["children"][-1]["record"] == U.result("profile", method="random", budget="0.5", replicate=0)
+    assert tree["record_episodes"] == 2  # the per-arm `episodes` list
+    every = [r for f in [*network["files"], *backbone["files"]] for r in f["recorded"]]
+    assert every and all(r["ok"] for r in every) and {r["algo"] for r in every} == {"sha256", "md5"}
+    checkpoint = next(f for f in network["files"] if f["path"] == U_CHECKPOINT)
+    bys = {r["by"] for r in checkpoint["recorded"]}
+    assert any("(weights_sha256)" in b for b in bys) and any("checkpoint_sha256" in b for b in bys)
+    assert any(b.startswith("dvc.lock (stage pipeline, out results/unit/search)") for b in bys)
+
+
+def test_lineage_of_a_target_side_row_has_no_search(unit_study: Path) -> None:
+    row = unit_row(unit_study, "basis_scaling")
+    lin = lineage(unit_study, row, U)
+    tree = lin["tree"]
+    assert [c["level"] for c in tree["children"]] == ["pretrained backbone", "source data", "target data",
+                                                      "episodes", "profile"]
+    assert tree["children"][0]["record"] == U.result("pretrain_metrics", replicate=0)
+    assert tree["children"][-1]["record"] == U.result("profile_adapted", method="basis_scaling", budget="0.5",
+                                                      target="digits_5to9", shots=1, replicate=0)
+    assert "note" not in tree["children"][-1]  # found
+    weights = next(f for f in tree["children"][0]["files"] if f["path"] == U_PRETRAIN)
+    assert {r["by"].split(" (")[0] for r in weights["recorded"] if r["algo"] == "sha256"} >= {
+        row["transfer_record"], U.result("pretrain_metrics", replicate=0), U.result("results_csv")}
+    assert all(r["ok"] for r in weights["recorded"])
+    out = text.format_lineage(lin)
+    assert "- pretrained backbone: results/unit/pretrain/r0/metrics.json" in out and "- search" not in out
+
+
+def test_verify_passes_and_reproduces_dvc_directory_hashes(unit_study: Path) -> None:
+    result = verify(unit_study)  # the study of config/config.yaml
+    assert result.ok and not result.notes and not result.errors, text.format_verify(result)
+    dvc = DvcOutputs(unit_study, records.Hasher(unit_study))
+    assert dvc.present and len(dvc.dirs) == 7 and all(d.listing is not None for d in dvc.dirs)
+    for d in dvc.dirs:  # the directory hashes DVC wrote, reproduced from the files
+        assert dvc.workspace_dir_md5(d) == d.md5, d.path
+    assert result.artefacts >= sum(len(d.workspace) for d in dvc.dirs)
+
+
+def test_verify_catches_a_flipped_byte_in_a_checkpoint(unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    recorded = read(unit, U.result("search_record", method="random", budget="0.5", replicate=0))["weights_sha256"]
+    flip_byte(unit / U_CHECKPOINT)
+    result = verify(unit, "unit")
+    assert not result.ok
+    assert {m.path for m in result.mismatches} == {U_CHECKPOINT}
+    sha = next(m for m in result.mismatches if m.algo == "sha256")
+    assert sha.expected == recorded and sha.actual == _sha(unit / U_CHECKPOINT)
+    assert any(b.endswith("record.json (weights_sha256)") for b in sha.by)
+    assert any("(provenance.inputs)" in b and "/transfer/" in b for b in sha.by)
+    md5 = next(m for m in result.mismatches if m.algo == "md5")
+    assert md5.by[0].startswith("dvc.lock (stage pipeline, out results/unit/search)")
+    # only the lineages that hold the checkpoint fail
+    assert main(["audit", "--root", str(unit), "--verify", unit_row(unit, "random")["row_id"]]) == 1
+    assert main(["audit", "--root", str(unit), "--verify", unit_row(unit, "basis_scaling")["row_id"]]) == 0
+    capsys.readouterr()
+    assert main(["audit", "--root", str(unit), "--verify"]) == 1
+    assert all(ln.startswith(f"MISMATCH {U_CHECKPOINT}:") for ln in mismatch_lines(capsys.readouterr().out))
+
+
+def test_unit_verify_catches_a_flipped_byte_in_an_episodes_file(unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flip_byte(unit / U_EPISODES, pick="digit")
+    json.loads((unit / U_EPISODES).read_text())  # still valid JSON: only the hash tells
+    assert main(["audit", "--root", str(unit), "--study", "unit", "--verify", "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert {m["path"] for m in got["mismatches"]} == {U_EPISODES}
+    assert {m["algo"] for m in got["mismatches"]} == {"sha256", "md5"}
+
+
+def test_unit_verify_without_the_dvc_cache_and_with_an_extra_file(unit: Path) -> None:
+    extra = U.result("search_record", method="random", budget="0.5", replicate=0).replace("record.json", "notes.txt")
+    (unit / extra).write_text("added after the run\n")
+    result = verify(unit)
+    assert [(m.path, m.expected) for m in result.mismatches] == [(extra, None)]
+    assert text.mismatch_line(result.mismatches[0]).startswith("EXTRA")
+    (unit / extra).unlink()
+    shutil.rmtree(unit / ".dvc/cache")
+    flip_byte(unit / U_PRETRAIN)
+    result = verify(unit)
+    paths = {m.path: m for m in result.mismatches}
+    assert set(paths) == {f"{U.results_root}/pretrain/", U_PRETRAIN}
+    assert "cannot be named" in text.mismatch_line(paths[f"{U.results_root}/pretrain/"])
+    assert any("(weights_sha256)" in b for b in paths[U_PRETRAIN].by)
+
+
+def test_a_local_remote_supplies_the_listings(unit: Path) -> None:
+    """Without the cache, the .dir listings of a remote on this machine still name the changed file."""
+    remote = unit.parent / "remote"
+    run([str(BIN / "dvc"), "remote", "add", "-q", "store", str(remote)], unit)
+    run([str(BIN / "dvc"), "push", "-q", "-r", "store"], unit)
+    shutil.rmtree(unit / ".dvc/cache")
+    flip_byte(unit / U_PRETRAIN)
+    result = verify(unit)
+    assert {(m.path, m.algo) for m in result.mismatches} == {(U_PRETRAIN, "sha256"), (U_PRETRAIN, "md5")}
+    assert not (unit / ".dvc/cache").exists()  # read in place, never pulled
+
+
+def test_a_corrupt_dir_listing_is_not_used(unit: Path) -> None:
+    dvc = DvcOutputs(unit, records.Hasher(unit))
+    d = next(d for d in dvc.dirs if d.path.endswith("/episodes"))
+    name = d.md5.removesuffix(".dir")
+    listing = unit / ".dvc/cache/files/md5" / name[:2] / f"{name[2:]}.dir"
+    listing.chmod(0o644)
+    listing.write_text(json.dumps([{"md5": "0" * 32, "relpath": "digits_5to9/5way_1shot.json"}]))
+    dvc = DvcOutputs(unit, records.Hasher(unit))
+    assert next(d for d in dvc.dirs if d.path.endswith("/episodes")).listing is None
+    assert any("corrupt .dir listing" in n for n in dvc.notes)
+    assert verify(unit).ok  # compared as a whole, which still holds
+
+
+def test_unreadable_dvc_lock_fails_the_verification(unit: Path) -> None:
+    (unit / "dvc.lock").write_text("stages: [not, a, mapping\n")
+    result = verify(unit)
+    assert not result.ok and result.errors and "DVC cannot read" in result.errors[0]
+
+
+def test_study_selection(unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    row = unit_row(unit, "random")
+    assert main(["audit", "--root", str(unit), "--json", row["row_id"]]) == 0  # study.name of config/config.yaml
+    assert json.loads(capsys.readouterr().out)["study"] == "unit"
+    other = unit / "other.yaml"
+    other.write_text("study:\n  name: nowhere\n")
+    assert main(["audit", "--root", str(unit), "--config", str(other), row["row_id"]]) == 2
+    err = capsys.readouterr().err
+    assert "no results of study 'nowhere'" in err and "studies with results here: unit" in err
+    assert main(["audit", "--root", str(unit), "--study", "nowhere", "--verify"]) == 2
+    capsys.readouterr()
+    # a results table or a transfer record names its study
+    (unit / "config/config.yaml").write_text("study:\n  name: nowhere\n")
+    assert main(["audit", "--root", str(unit), "--json", str(unit / U.result("results_csv"))]) == 0
+    assert len(json.loads(capsys.readouterr().out)["rows"]) == 2
+    assert main(["audit", "--root", str(unit), "--json", str(unit / row["transfer_record"])]) == 0
+    assert [r["row"]["row_id"] for r in json.loads(capsys.readouterr().out)["rows"]] == [row["row_id"]]
+
+
+def test_unknown_and_ambiguous_row_ids_exit_2(unit_study: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = [r["row_id"] for r in rows(unit_study, U)]
+    assert main(["audit", "--root", str(unit_study), "not-a-row"]) == 2
+    assert "no row 'not-a-row'" in capsys.readouterr().err
+    near = ids[0][:-1] + ("0" if ids[0][-1] != "0" else "1")  # one character off
+    assert main(["audit", "--root", str(unit_study), near]) == 2
+    err = capsys.readouterr().err
+    assert "close matches" in err and ids[0] in err
+    assert main(["audit", "--root", str(unit_study), ""]) == 2  # a prefix of every row
+    assert "ambiguous" in capsys.readouterr().err
+    proc = pruneshot(unit_study, "not-a-row")  # the console entry point
+    assert proc.returncode == 2 and "no row" in proc.stderr
+
+
+def test_arm_accuracies_reads_both_forms() -> None:
+    assert records.arm_accuracies({"episodes": [{"episode": 0, "accuracy": 0.5, "finetune_seed": 1}]}) == [0.5]
+    assert records.arm_accuracies({"episode_accuracies": [0.25, 0.75], "finetune_seeds": [1, 2]}) == [0.25, 0.75]
+
+
+# --- the session's finished tiny study (needs the whole pipeline: tests/conftest.py `project`) ------
+
+P = StudyPaths("tiny")
+CHECKPOINT = P.result("search_weights", method="random", budget="0.5", replicate=0)
+EPISODES = P.result("episodes", target="digits_5to9", ways=5, shots=1)
 
 
 @pytest.fixture(scope="module")
@@ -39,66 +373,42 @@ def damaged(study: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def rows(root: Path) -> list[dict[str, str]]:
-    with open(root / "results/tables/results.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def row_of(root: Path, method: str = "random", shots: str = "5", arm: str = "finetune") -> dict[str, str]:
-    return next(r for r in rows(root) if (r["method"], r["shots"], r["arm"]) == (method, shots, arm))
+    return next(r for r in rows(root, P) if (r["method"], r["shots"], r["arm"]) == (method, shots, arm))
 
 
-def read(root: Path, rel: str) -> dict:
-    return json.loads((root / rel).read_text())
-
-
-def flip_byte(path: Path, pick: str = "last") -> None:
-    """XOR one byte with 1: the last byte, or (``pick='digit'``) a digit in the middle, which stays a digit."""
-    blob = bytearray(path.read_bytes())
-    if pick == "digit":
-        i = next(i for i in range(len(blob) // 2, len(blob)) if chr(blob[i]).isdigit())
-    else:
-        i = len(blob) - 1
-    blob[i] ^= 1
-    path.write_bytes(bytes(blob))
-
-
-def pruneshot(root: Path, *args: str) -> object:
-    return run([str(BIN / "pruneshot"), "audit", *args], root, check=False)
-
-
+@integration
 def test_lineage_of_a_row_shows_every_level_with_its_hashes(study: Path) -> None:
     row = row_of(study)
-    proc = pruneshot(study, row["row_id"])  # the console entry point
+    proc = pruneshot(study, row["row_id"])  # the console entry point, the study of config/config.yaml
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     tr_rel = row["transfer_record"]
     tr = read(study, tr_rel)
-    search_rel = "results/search/random/b0.5/r0/record.json"
+    search_rel = P.result("search_record", method="random", budget="0.5", replicate=0)
     se = read(study, search_rel)
-    pre = read(study, "results/pretrain/r0/metrics.json")
-    target = read(study, "results/data/target/digits_5to9/manifest.json")
-    source = read(study, "results/data/source/manifest.json")
-    eps_rel = "results/episodes/digits_5to9/5way_5shot.json"
+    pre_rel = P.result("pretrain_metrics", replicate=0)
+    pre = read(study, pre_rel)
+    tgt_rel, src_rel = P.result("target_manifest", target="digits_5to9"), P.result("source_manifest")
+    target, source = read(study, tgt_rel), read(study, src_rel)
+    eps_rel = P.result("episodes", target="digits_5to9", ways=5, shots=5)
     inputs = tr["provenance"]["inputs"]
     # the row, with its number
     assert f"row {row['row_id']}: random at budget 0.5" in out
     assert f"accuracy {100 * float(row['acc_mean']):.1f} ± {100 * float(row['acc_ci95']):.1f} %" in out
     # every level, in order, with its record
     order = [f"- transfer run: {tr_rel}", f"- pruned network: {search_rel}", f"- search: {search_rel}",
-             "- pretrained backbone: results/pretrain/r0/metrics.json",
-             "- source data: results/data/source/manifest.json",
-             "- target data: results/data/target/digits_5to9/manifest.json", f"- episodes: {eps_rel}",
-             "- profile: results/profile/random/b0.5/r0.json"]
+             f"- pretrained backbone: {pre_rel}", f"- source data: {src_rel}", f"- target data: {tgt_rel}",
+             f"- episodes: {eps_rel}", f"- profile: {P.result('profile', method='random', budget='0.5', replicate=0)}"]
     positions = [out.index(line) for line in order]
     assert positions == sorted(positions)
     # paths with their hashes as the records hold them
     for path, sha in [(CHECKPOINT, se["weights_sha256"]), (CHECKPOINT, tr["weights_sha256"]),
                       (search_rel, tr["search_record_sha256"]),
-                      ("results/pretrain/r0/model.safetensors", pre["weights_sha256"]),
-                      ("results/data/source/manifest.json", inputs["results/data/source/manifest.json"]),
-                      ("results/data/target/digits_5to9/pool.safetensors", target["splits"]["pool"]["sha256"]),
-                      ("results/data/source/train.safetensors", source["splits"]["train"]["sha256"]),
+                      (P.result("pretrain_weights", replicate=0), pre["weights_sha256"]),
+                      (src_rel, inputs[src_rel]),
+                      (P.result("target_pool", target="digits_5to9"), target["splits"]["pool"]["sha256"]),
+                      (P.result("source_train"), source["splits"]["train"]["sha256"]),
                       (eps_rel, inputs[eps_rel])]:
         assert f"file {path}\n" in out
         block = out.split(f"file {path}\n", 1)[1].split("file ", 1)[0]
@@ -118,99 +428,81 @@ def test_lineage_of_a_row_shows_every_level_with_its_hashes(study: Path) -> None
     assert "md5" in out and "recorded by dvc.lock" in out
 
 
-def test_lineage_tree_structure(study: Path) -> None:
-    row = row_of(study, method="basis_scaling", shots="1")  # target-side: prunes per episode
-    lin = audit.lineage(study, row)
-    tree = lin["tree"]
+@integration
+def test_lineage_tree_of_a_target_side_row(study: Path) -> None:
+    row = row_of(study, method="basis_scaling", shots="1")  # target-side: prunes per episode, no search
+    tree = lineage(study, row, P)["tree"]
     assert tree["level"] == "transfer run" and tree["record"] == row["transfer_record"]
-    assert [c["level"] for c in tree["children"]] == ["pruned network", "source data", "target data", "episodes",
-                                                      "profile"]
-    network = tree["children"][0]
-    search = network["children"][0]
-    backbone = search["children"][0]
-    assert search["level"] == "search" and backbone["level"] == "pretrained backbone"
+    assert [c["level"] for c in tree["children"]] == ["pretrained backbone", "source data", "target data",
+                                                      "episodes", "profile"]
+    backbone = tree["children"][0]
+    assert backbone["record"] == P.result("pretrain_metrics", replicate=0)
     assert backbone["children"][0]["level"] == "source data"
-    assert search["mlflow_run_id"] == tree["upstream_run_id"]
-    assert backbone["mlflow_run_id"] == search["upstream_run_id"]
-    for node in (tree, search, backbone):
+    cell = P.regex("transfer").fullmatch(row["transfer_record"])
+    assert cell is not None
+    assert tree["children"][-1]["record"] == P.result("profile_adapted", **cell.groupdict())
+    for node in (tree, backbone):
         assert node["git_commit"] == row["git_commit"] and node["config_sha256"] == row["config_sha256"]
-    every = [r for f in [*network["files"], *backbone["files"]] for r in f["recorded"]]
+    every = [r for f in backbone["files"] for r in f["recorded"]]
     assert every and all(r["ok"] for r in every)
     assert {r["algo"] for r in every} == {"sha256", "md5"}
 
 
-def test_unknown_and_ambiguous_row_ids_exit_2(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    ids = [r["row_id"] for r in rows(study)]
-    assert main(["audit", "--root", str(study), "not-a-row"]) == 2
-    assert "no row 'not-a-row'" in capsys.readouterr().err
-    near = ids[0][:-1] + ("0" if ids[0][-1] != "0" else "1")  # one character off
-    assert near not in ids
-    assert main(["audit", "--root", str(study), near]) == 2
-    err = capsys.readouterr().err
-    assert "close matches" in err and ids[0] in err
-    shared = next((p for p in "0123456789abcdef" if sum(i.startswith(p) for i in ids) > 1), None)
-    if shared is not None:
-        assert main(["audit", "--root", str(study), shared]) == 2
-        assert "ambiguous" in capsys.readouterr().err
-    proc = pruneshot(study, "not-a-row")
-    assert proc.returncode == 2 and "no row" in proc.stderr
-
-
+@integration
 def test_prefix_transfer_record_results_file_and_json(study: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    all_rows = rows(study)
-    ids = [r["row_id"] for r in all_rows]
+    ids = [r["row_id"] for r in rows(study, P)]
     row = row_of(study)
     prefix = next(row["row_id"][:n] for n in range(1, 11) if sum(i.startswith(row["row_id"][:n]) for i in ids) == 1)
     assert main(["audit", "--root", str(study), prefix, "--json"]) == 0
     got = json.loads(capsys.readouterr().out)
-    assert [r["row"]["row_id"] for r in got["rows"]] == [row["row_id"]]
+    assert got["study"] == "tiny" and [r["row"]["row_id"] for r in got["rows"]] == [row["row_id"]]
     assert got["rows"][0]["tree"]["record"] == row["transfer_record"]
     # a transfer record: the rows it produced (one per arm)
     assert main(["audit", "--root", str(study), "--json", row["transfer_record"]]) == 0
     got = json.loads(capsys.readouterr().out)
     assert sorted(r["row"]["arm"] for r in got["rows"]) == ["finetune", "reinit"]
     # a results file: every row
-    assert main(["audit", "--root", str(study), "--json", str(study / "results/tables/results.csv")]) == 0
+    assert main(["audit", "--root", str(study), "--json", str(study / P.result("results_csv"))]) == 0
     got = json.loads(capsys.readouterr().out)
     assert sorted(r["row"]["row_id"] for r in got["rows"]) == sorted(ids)
 
 
+@integration
 def test_verify_passes_on_the_untouched_study(study: Path) -> None:
     proc = pruneshot(study, "--verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all match" in proc.stdout
-    result = audit.verify(study)
+    result = verify(study, "tiny")
     assert result.ok and not result.notes
-    lock = yaml.safe_load((study / "dvc.lock").read_text())
-    outs = [study / out["path"] for out in lock["stages"]["pipeline"]["outs"]]
-    assert result.artefacts >= sum(1 for o in outs for p in ([o] if o.is_file() else o.rglob("*")) if p.is_file())
-    # the directory hashes DVC wrote are reproduced from the files (DVC 3: md5 of the JSON listing)
-    for out in lock["stages"]["pipeline"]["outs"]:
-        if out["md5"].endswith(".dir"):
-            listing = audit._workspace_listing(study, out["path"], audit.Hasher(study))
-            assert audit.dir_md5(listing) == out["md5"], out["path"]
-    row = row_of(study)
-    proc = pruneshot(study, "--verify", row["row_id"])
+    dvc = DvcOutputs(study, records.Hasher(study))
+    assert dvc.present and dvc.dirs and all(d.listing is not None for d in dvc.dirs)
+    assert result.artefacts >= len(dvc.files)
+    for d in dvc.dirs:  # the directory hashes DVC wrote, reproduced from the files
+        assert dvc.workspace_dir_md5(d) == d.md5, d.path
+    proc = pruneshot(study, "--verify", row_of(study)["row_id"])
     assert proc.returncode == 0 and "lineage of 1 row(s)" in proc.stdout
 
 
+@integration
 def test_verify_catches_a_flipped_byte_in_a_search_checkpoint(study: Path, damaged: Path) -> None:
-    recorded = read(study, "results/search/random/b0.5/r0/record.json")["weights_sha256"]
+    search_rel = P.result("search_record", method="random", budget="0.5", replicate=0)
+    recorded = read(study, search_rel)["weights_sha256"]
     flip_byte(damaged / CHECKPOINT)
-    actual = audit.Hasher(damaged).get(CHECKPOINT)
+    actual = records.Hasher(damaged).get(CHECKPOINT)
     assert actual != recorded
     proc = pruneshot(damaged, "--verify")
     assert proc.returncode == 1, proc.stdout
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("MISMATCH")]
+    lines = mismatch_lines(proc.stdout)
     mine = [ln for ln in lines if ln.startswith(f"MISMATCH {CHECKPOINT}:")]
-    assert lines == mine  # nothing else is reported
+    assert lines == mine and mine  # nothing else is reported
     by_record = next(ln for ln in mine if " sha256 " in ln)
     assert f"recorded {recorded}, actual {actual}" in by_record
-    assert "results/search/random/b0.5/r0/record.json (weights_sha256)" in by_record
-    assert "results/transfer/digits_5to9/random/b0.5/5shot/r0.json (provenance.inputs)" in by_record
-    assert "results/tables/results.csv (row" in by_record
+    assert f"{search_rel} (weights_sha256)" in by_record
+    tr_rel = P.result("transfer", target="digits_5to9", method="random", budget="0.5", shots=5, replicate=0)
+    assert f"{tr_rel} (provenance.inputs)" in by_record
+    assert f"{P.result('results_csv')} (row" in by_record
     by_lock = next(ln for ln in mine if " md5 " in ln)
-    assert "dvc.lock (stage pipeline, out results/search)" in by_lock
+    assert "dvc.lock (stage pipeline" in by_lock
     # only the lineages that hold the checkpoint fail
     assert pruneshot(damaged, "--verify", row_of(damaged)["row_id"]).returncode == 1
     assert pruneshot(damaged, "--verify", row_of(damaged, method="dense")["row_id"]).returncode == 0
@@ -218,36 +510,42 @@ def test_verify_catches_a_flipped_byte_in_a_search_checkpoint(study: Path, damag
     assert "MISMATCH sha256" in pruneshot(damaged, row_of(damaged)["row_id"]).stdout
 
 
+@integration
 def test_verify_catches_a_flipped_byte_in_an_episodes_file(damaged: Path) -> None:
     flip_byte(damaged / EPISODES, pick="digit")
     json.loads((damaged / EPISODES).read_text())  # still valid JSON: only the hash tells
-    result = audit.verify(damaged)
+    result = verify(damaged, "tiny")
     assert not result.ok
     assert {m.path for m in result.mismatches} == {EPISODES}
     assert {m.algo for m in result.mismatches} == {"sha256", "md5"}
     sha = next(m for m in result.mismatches if m.algo == "sha256")
-    assert any(b.startswith("results/transfer/digits_5to9/") and b.endswith("(provenance.inputs)") for b in sha.by)
+    assert any(b.startswith(f"{P.results_root}/transfer/digits_5to9/") and b.endswith("(provenance.inputs)")
+               for b in sha.by)
     md5 = next(m for m in result.mismatches if m.algo == "md5")
-    assert md5.by[0].startswith("dvc.lock (stage pipeline, out results/episodes)")
+    assert md5.by[0].startswith("dvc.lock (stage pipeline")
     proc = pruneshot(damaged, "--verify", "--json")
     assert proc.returncode == 1
     assert {m["path"] for m in json.loads(proc.stdout)["mismatches"]} == {EPISODES}
 
 
+@integration
 def test_verify_without_the_dvc_cache_and_with_an_extra_file(damaged: Path) -> None:
     """No .dir listing in the cache: the directory is compared as a whole (the records still name the
     file); a file added to an output directory is reported against dvc.lock's listing."""
-    (damaged / "results/search/random/b0.5/r0/notes.txt").write_text("added after the run\n")
-    result = audit.verify(damaged)
-    extra = [m for m in result.mismatches if m.expected is None]
-    assert [m.path for m in extra] == ["results/search/random/b0.5/r0/notes.txt"] and len(result.mismatches) == 1
-    assert "EXTRA" in extra[0].line()
-    (damaged / "results/search/random/b0.5/r0/notes.txt").unlink()
+    extra = CHECKPOINT.replace("model.safetensors", "notes.txt")
+    (damaged / extra).write_text("added after the run\n")
+    result = verify(damaged, "tiny")
+    added = [m for m in result.mismatches if m.expected is None]
+    assert [m.path for m in added] == [extra] and len(result.mismatches) == 1
+    assert "EXTRA" in text.mismatch_line(added[0])
+    (damaged / extra).unlink()
     shutil.rmtree(damaged / ".dvc/cache")
     (damaged / ".dvc/config.local").unlink(missing_ok=True)  # a remote another module may have added
-    flip_byte(damaged / "results/pretrain/r0/model.safetensors")
-    result = audit.verify(damaged)
+    pretrain = P.result("pretrain_weights", replicate=0)
+    flip_byte(damaged / pretrain)
+    result = verify(damaged, "tiny")
     paths = {m.path: m for m in result.mismatches}
-    assert set(paths) == {"results/pretrain/", "results/pretrain/r0/model.safetensors"}
-    assert "cannot be named" in paths["results/pretrain/"].line()
-    assert any("(weights_sha256)" in b for b in paths["results/pretrain/r0/model.safetensors"].by)
+    whole = [p for p in paths if p.endswith("/")]
+    assert len(whole) == 1 and pretrain.startswith(whole[0]) and set(paths) == {whole[0], pretrain}
+    assert "cannot be named" in text.mismatch_line(paths[whole[0]])
+    assert any("(weights_sha256)" in b for b in paths[pretrain].by)

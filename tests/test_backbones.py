@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import AdaptContext, SearchContext, available, get_method
 from pruneshot.models import base as models
 from pruneshot.models import cost as metrics

@@ -290,3 +290,32 @@ def test_a_method_without_any_configured_arm_is_an_error(cfg, schema):
     bad = {**cfg, "methods": ["basis_scaling"], "transfer": {"arms": ["reinit"]}}
     msg = _error(bad, schema)
     assert "transfer.arms" in msg and "basis_scaling" in msg and "target-side" in msg
+
+
+# ------------------------------------------------------------------ study name: a folder of its own
+
+
+@pytest.mark.parametrize("name", [".", "..", "../other", "a/b", "-x", ".hidden", "_x", "a b", "", "x\n", "é"])
+def test_study_name_must_be_a_safe_folder_name(cfg, schema, name):
+    cfg["study"]["name"] = name
+    msg = _error(cfg, schema)
+    assert "config key 'study.name'" in msg and repr(name) in msg
+    assert "safe folder name" in msg
+    assert msg.count("config key 'study.name'") == 1  # reported once, not also as a schema pattern mismatch
+
+
+@pytest.mark.parametrize("name", ["a", "digits_default", "Study-2.v1", "0x", "a..b"])
+def test_safe_study_names_are_accepted(cfg, schema, name):
+    cfg["study"]["name"] = name
+    assert validate_config(cfg, schema)["study"]["name"] == name
+
+
+def test_study_name_pattern_is_the_schema_s(schema):
+    assert schema["properties"]["study"]["properties"]["name"]["pattern"] == cfgmod.STUDY_NAME_PATTERN
+
+
+def test_study_name_is_checked_before_any_other_problem(cfg, schema):
+    cfg["study"]["name"] = ".."
+    cfg["episodes"]["shots"] = [500]  # a semantic problem too: the name is reported with the schema errors
+    msg = _error(cfg, schema)
+    assert "'..'" in msg and "shots" not in msg

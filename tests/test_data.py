@@ -12,6 +12,7 @@ import torch
 
 from pruneshot.config import DATASET_CLASS_SIZES
 from pruneshot.data import prepare as data
+from pruneshot.data.splits import load_split
 from pruneshot.io import load_tensors, read_json
 
 # Deliberately not in ascending order: labels must follow the configured order.
@@ -150,7 +151,7 @@ def test_split_depends_on_seed_only(raw, source_dir, tmp_path):
 def test_load_split_normalises(source_dir):
     out, manifest = source_dir
     norm = manifest["normalization"]
-    train = data.load_split(out / "manifest.json", "train", norm)
+    train = load_split(out / "manifest.json", "train", norm)
     raw_train = load_tensors(out / "train.safetensors")
     assert train.x.dtype == torch.float32
     assert train.y.dtype == torch.int64
@@ -176,11 +177,11 @@ def test_load_split_detects_a_flipped_byte(raw, tmp_path, where):
     blob[pos] ^= 0x01
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError) as err:
-        data.load_split(out / "manifest.json", "val", manifest["normalization"])
+        load_split(out / "manifest.json", "val", manifest["normalization"])
     assert "val.safetensors" in str(err.value)
     assert "sha256" in str(err.value)
     # the intact split still loads
-    data.load_split(out / "manifest.json", "train", manifest["normalization"])
+    load_split(out / "manifest.json", "train", manifest["normalization"])
 
 
 def test_prepare_is_atomic_on_failure(raw, tmp_path, monkeypatch):

@@ -22,6 +22,8 @@ from pruneshot.data.pipeline import (
     resolve_device,
     zero_level,
 )
+from pruneshot.data.splits import load_split
+from pruneshot.io import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_GPU = not torch.cuda.is_available()
@@ -101,9 +103,9 @@ def test_offsets_are_uniform_on_0_to_2pad_and_flips_have_rate_one_half():
 
 
 def test_normalisation_equals_load_split_bit_for_bit(digits):
-    norm = data.read_json(digits)["normalization"]
+    norm = read_json(digits)["normalization"]
     for split in ("train", "val"):
-        ref = data.load_split(digits, split, norm)
+        ref = load_split(digits, split, norm)
         raw = load_raw_split(digits, split)
         assert raw.x.dtype == torch.uint8
         src = BatchSource.from_raw(raw, norm)
@@ -117,8 +119,8 @@ def test_normalisation_equals_load_split_bit_for_bit(digits):
 def test_augmented_batches_are_the_documented_transform_of_load_split(digits):
     """Pipeline batch = (permutation, offsets, flips drawn in that order from the seed) applied to
     load_split's float images with zero-pixel padding; crop-then-normalise equals normalise-then-crop."""
-    norm = data.read_json(digits)["normalization"]
-    ref = data.load_split(digits, "train", norm)
+    norm = read_json(digits)["normalization"]
+    ref = load_split(digits, "train", norm)
     raw = load_raw_split(digits, "train")
     aug = Augment(crop_padding=2, flip=True)
     src = BatchSource.from_raw(raw, norm)
@@ -141,7 +143,7 @@ def test_augmented_batches_are_the_documented_transform_of_load_split(digits):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(digits):
-    norm = data.read_json(digits)["normalization"]
+    norm = read_json(digits)["normalization"]
     src = BatchSource.from_raw(load_raw_split(digits, "train"), norm)
     aug = Augment(crop_padding=2, flip=True)
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Literal
 
 import pytest
 import torch
 
 from pruneshot import methods
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import SearchContext, available, get_method
-from pruneshot.methods.base import PruningMethod, keep_top, uniform_widths
+from pruneshot.methods.base import MethodOptions, PruningMethod, keep_top, option, uniform_widths
 from pruneshot.models import cost as metrics
 from pruneshot.models import surgery
 from pruneshot.models.small_cnn import SmallCNN
@@ -283,3 +285,192 @@ def test_every_method_physical_network_equals_its_masked_form(dense, name):
     with torch.no_grad():
         out = physical(x)
     assert torch.allclose(out, _masked_output(res, model, x), atol=1e-5)
+
+
+# ------------------------------------------------------------------ options: dataclasses, schema, effective values
+
+# Every method's effective options for config/config.yaml, captured before the options became dataclasses
+# (values, key order and types): what ``options_for`` passes and what the method then runs with.
+BASIS = {"importance": "taylor", "ranking": "global", "rounds": 5, "steps_per_round": 10, "lr": 0.01, "momentum": 0.9,
+         "revert_when_larger": True}
+CHANNEL = {"l1": 0.001, "threshold": 0.01, "ranking": "global", "rounds": 5, "steps_per_round": 10, "lr": 0.01,
+           "momentum": 0.9}
+PINNED = {
+    "basis_scaling": BASIS,
+    "channel_scaling": CHANNEL,
+    "dap": {"lambda": 1.0, "steps": 300, "batch_size": 64, "lr": 0.05, "theta_init": 0.0, "tau_gate_start": 1.0,
+            "tau_gate_end": 0.01, "tau_penalty_start": 1.0, "tau_penalty_end": 0.01, "noise": True,
+            "weights": "frozen", "weight_lr": 0.01, "resample_every": 50, "extraction": "topk"},
+    "dense": {},
+    "dnal": {"arch_epochs": 10, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "threshold": 0.9, "lambda_min": 1e-06,
+             "lambda_max": 0.1, "search_steps": 6, "train_fc_in_arch_stage": False, "keep_arch_bn_stats": True},
+    "double_pruning": {"order": "channel_first", "first_stage_exponent": 0.5, "channel_scaling": CHANNEL,
+                       "basis_scaling": BASIS},
+    "l1_filter": {},
+    "linear_probe": {},
+    "random": {},
+    "slimming": {"l1": 0.0001, "epochs": 3, "lr": 0.01, "momentum": 0.9, "batch_size": 64},
+}
+
+
+def _typed(value):
+    """``value`` with the type of every leaf, so 1 != 1.0 != True and key order counts."""
+    if isinstance(value, dict):
+        return [(k, _typed(v)) for k, v in value.items()]
+    return (type(value).__name__, value)
+
+
+@pytest.fixture(scope="module")
+def default_config():
+    from pruneshot.config import SCHEMA_PATH, load_config
+
+    return load_config(SCHEMA_PATH.parents[0] / "config.yaml")
+
+
+def test_effective_options_of_the_default_config_are_pinned(default_config):
+    from pruneshot.stages.job import method_options
+
+    assert sorted(PINNED) == available()
+    for name in available():
+        method = get_method(name)
+        passed = methods.options_for(default_config, method)
+        assert _typed(passed) == _typed(PINNED[name]), name
+        assert _typed(passed) == _typed(method_options(default_config, method)), name  # the stage's own helper
+        assert _typed(methods.options_for(default_config, name)) == _typed(passed)
+        assert _typed(methods.options_for(default_config, type(method))) == _typed(passed)
+        if method.options_class is not methods.base.NoOptions:
+            assert _typed(method.resolve_options(passed)) == _typed(PINNED[name]), name
+            assert _typed(method.resolve_options({})) == _typed(PINNED[name]), name  # defaults alone
+
+
+def test_options_for_copies_and_nests_the_sections():
+    config = {"double_pruning": {"order": "basis_first"}, "basis_scaling": {"rounds": 2}, "channel_scaling": None}
+    out = methods.options_for(config, "double_pruning")
+    assert out == {"order": "basis_first", "channel_scaling": {}, "basis_scaling": {"rounds": 2}}
+    assert list(out) == ["order", "channel_scaling", "basis_scaling"]
+    out["basis_scaling"]["rounds"] = 9
+    assert config["basis_scaling"] == {"rounds": 2}
+    assert methods.options_for({}, "dap") == {}
+
+
+def test_schema_file_is_generated_from_the_methods():
+    from pruneshot.methods.schema import COMMAND, schema_diff
+
+    diff = schema_diff()
+    assert not diff, f"config/schema.yaml differs from the methods' options; run `{COMMAND}`:\n{diff}"
+
+
+def test_schema_sections_equal_the_options_dataclasses():
+    """Parsed, not as text: every section and option of config/schema.yaml is the dataclass's, types included."""
+    import json
+
+    from pruneshot.config import load_schema
+    from pruneshot.methods.schema import section_schema
+
+    props = load_schema()["properties"]
+    assert props["methods"]["items"]["enum"] == available()
+    for name in available():
+        cls = get_method(name).options_class
+        if cls is methods.base.NoOptions:
+            assert name not in props, f"{name} has no options but a schema section"
+            continue
+        expected = section_schema(cls)
+        assert json.dumps(props[name]) == json.dumps(expected), name  # order, 1 vs 1.0 vs true
+        for spec in cls.specs():
+            prop = props[name]["properties"][spec.key]
+            assert prop["description"] == spec.help and prop["default"] == spec.default
+            assert prop.get("enum") == (list(spec.enum) if spec.enum else None)
+
+
+def test_schema_check_fails_on_any_difference(tmp_path, capsys):
+    from pruneshot.config import SCHEMA_PATH
+    from pruneshot.methods.schema import main
+
+    assert main(["--check"]) == 0
+    text = SCHEMA_PATH.read_text()
+    edits = [("default: 300", "default: 301"), ("enum: [topk, threshold]", "enum: [topk]"),
+             ("Adam learning rate of theta.", "Adam learning rate."), ("  steps:\n        type: integer\n",
+                                                                        "  steps:\n        type: number\n")]
+    for old, new in edits:
+        assert text.count(old) >= 1, old
+        path = tmp_path / "schema.yaml"
+        path.write_text(text.replace(old, new, 1))
+        assert main(["--check", "--schema", str(path)]) == 1, old
+        assert main(["--write", "--schema", str(path)]) == 0
+        assert path.read_text() == text
+    capsys.readouterr()
+    path.write_text(text.replace("  # END generated", "  # END oops"))
+    with pytest.raises(ValueError, match="marker"):
+        main(["--check", "--schema", str(path)])
+
+
+@dataclass(frozen=True)
+class Toy(MethodOptions):
+    """A toy
+    method."""
+
+    mode: Literal["a", "b"] = option("a", "Which mode.")
+    lambda_: float = option(1.0, "Weight.", key="lambda", minimum=0, exclusive_maximum=2)
+    steps: int = option(3, "Steps: how many.", minimum=1)
+    flag: bool = option(False, "A flag.")
+
+
+def test_options_dataclass_to_schema():
+    from pruneshot.methods.schema import render, section_schema
+
+    out = section_schema(Toy)
+    assert out == {"type": "object", "additionalProperties": False, "default": {}, "description": "A toy method.",
+                   "properties": {
+                       "mode": {"type": "string", "enum": ["a", "b"], "default": "a", "description": "Which mode."},
+                       "lambda": {"type": "number", "minimum": 0, "exclusiveMaximum": 2, "default": 1.0,
+                                  "description": "Weight."},
+                       "steps": {"type": "integer", "minimum": 1, "default": 3, "description": "Steps: how many."},
+                       "flag": {"type": "boolean", "default": False, "description": "A flag."}}}
+    assert Toy.defaults() == {"mode": "a", "lambda": 1.0, "steps": 3, "flag": False}
+    assert Toy.resolve("toy", {"lambda": 1}) == {"mode": "a", "lambda": 1, "steps": 3, "flag": False}
+    for bad, match in [({"nope": 1}, r"toy: unknown option\(s\) \['nope'\]; allowed: \['flag', 'lambda'"),
+                       ({"mode": "c"}, "toy: option 'mode' must be one of a, b, got 'c'"),
+                       ({"lambda": 2}, "toy: option 'lambda' must be a number >= 0 and < 2, got 2"),
+                       ({"lambda": True}, "option 'lambda'"), ({"steps": 2.0}, "option 'steps' must be an integer"),
+                       ({"steps": 0}, "option 'steps'"), ({"flag": 1}, "option 'flag' must be true or false")]:
+        with pytest.raises(ValueError, match=match):
+            Toy.resolve("toy", bad)
+    assert "properties" in render()
+
+
+def test_register_rejects_a_method_without_an_options_dataclass():
+    class Bad(PruningMethod):
+        name = "bad_options"
+        options_class = dict  # type: ignore[assignment]
+
+        def search(self, ctx):
+            return None
+
+    with pytest.raises(TypeError, match="bad_options"):
+        methods.register(Bad)
+    assert "bad_options" not in methods.REGISTRY
+
+    @dataclass(frozen=True)
+    class Undescribed(MethodOptions):
+        """No help."""
+
+        steps: int = 3
+
+    Bad.options_class = Undescribed
+    with pytest.raises(TypeError, match="option\\(default, help"):
+        methods.register(Bad)
+    assert "bad_options" not in methods.REGISTRY
+
+
+def test_resolve_options_validates_and_keeps_the_input():
+    opts = {"rounds": 2}
+    out = get_method("basis_scaling").resolve_options(opts)
+    assert out["rounds"] == 2 and opts == {"rounds": 2} and out is not opts
+    with pytest.raises(ValueError, match=r"basis_scaling: unknown option\(s\) \['nope'\]"):
+        get_method("basis_scaling").resolve_options({"nope": 1})
+    with pytest.raises(ValueError, match="double_pruning: option 'basis_scaling' must be a mapping"):
+        get_method("double_pruning").resolve_options({"basis_scaling": [1]})
+    with pytest.raises(ValueError, match="dnal: need 0 < lambda_min < lambda_max"):
+        get_method("dnal").resolve_options({"lambda_min": 0.5, "lambda_max": 0.1})
+    with pytest.raises(ValueError, match="dense: unknown option"):
+        get_method("dense").resolve_options({"x": 1})

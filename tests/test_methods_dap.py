@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import SearchContext, get_method
 from pruneshot.methods import dap as dap_mod
 from pruneshot.models import cost as metrics
@@ -113,9 +113,11 @@ def test_defaults_equal_the_schema_section():
     section = schema["properties"]["dap"]
     assert section["additionalProperties"] is False
     defaults = {k: p["default"] for k, p in section["properties"].items()}
-    assert defaults == dap_mod.DEFAULTS
+    code = dap_mod.DAPOptions.defaults()
+    assert get_method("dap").options_class is dap_mod.DAPOptions
+    assert defaults == code
     # same types too (1 == 1.0 == True in Python)
-    assert {k: type(v) for k, v in defaults.items()} == {k: type(v) for k, v in dap_mod.DEFAULTS.items()}
+    assert {k: type(v) for k, v in defaults.items()} == {k: type(v) for k, v in code.items()}
     assert section["properties"]["weights"]["enum"] == list(dap_mod.WEIGHT_MODES)
     assert section["properties"]["extraction"]["enum"] == list(dap_mod.EXTRACTIONS)
 
@@ -212,7 +214,8 @@ def test_both_temperatures_follow_their_geometric_schedules(dense):
 def test_the_schedules_drive_the_gate_and_the_penalty(dense):
     """The gate uses tau_gate(t) and the recorded penalty is sum_c cost_c * sigmoid(theta_c / tau_penalty(t))."""
     model = copy.deepcopy(dense)
-    opts = dap_mod._options({"steps": 6, "batch_size": 16, "tau_penalty_start": 3.0, "tau_penalty_end": 0.1})
+    opts = get_method("dap").resolve_options({"steps": 6, "batch_size": 16, "tau_penalty_start": 3.0,
+                                              "tau_penalty_end": 0.1})
     costs = dap_mod.cost_shares(model, "params")
     gates = dap_mod.ArchitectureGates(model)
     seen = []
@@ -238,7 +241,7 @@ def test_frozen_theta_gets_gradients_and_weights_none(dense):
     model = copy.deepcopy(dense)
     model.train()  # the search must switch to eval mode and back
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    opts = dap_mod._options({"steps": 4, "batch_size": 16})
+    opts = get_method("dap").resolve_options({"steps": 4, "batch_size": 16})
     gates = dap_mod.ArchitectureGates(model)
     calls = []
 
@@ -260,7 +263,7 @@ def test_frozen_theta_gets_gradients_and_weights_none(dense):
 
 def test_alternate_trains_weights_in_train_mode(dense):
     model = copy.deepcopy(dense)
-    opts = dap_mod._options({"steps": 3, "batch_size": 16, "weights": "alternate"})
+    opts = get_method("dap").resolve_options({"steps": 3, "batch_size": 16, "weights": "alternate"})
     gates = dap_mod.ArchitectureGates(model)
 
     def check(_step, g, m):
@@ -402,7 +405,7 @@ def test_info_records_the_search(topk_results):
     _, _, res = topk_results[0.5, "params"]
     info = res.info
     assert info["reconstruction"] is True
-    assert info["options"] == {**dap_mod.DEFAULTS, **FAST}
+    assert info["options"] == {**dap_mod.DAPOptions.defaults(), **FAST}
     assert info["extraction"] == "topk"
     assert 0.0 <= info["source_val_acc_pruned"] <= 1.0
     stats = info["theta_stats"]

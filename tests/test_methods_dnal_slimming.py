@@ -13,7 +13,8 @@ import yaml
 from torch import nn
 
 from pruneshot.config import load_schema, validate_config
-from pruneshot.data.prepare import Split, load_raw
+from pruneshot.data.prepare import load_raw
+from pruneshot.data.splits import Split
 from pruneshot.methods import SearchContext, get_method
 from pruneshot.methods import dnal as dnal_mod
 from pruneshot.methods import slimming as slim_mod
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WIDTHS = [32, 64, 128]
 GROUPS = ["block0", "block1", "block2"]
 # Small but real: stage A runs 10 epochs of 4 mini-batches per lambda_a trial.
+DNAL_DEFAULTS = dnal_mod.DNALOptions.defaults()
 FAST_DNAL = {"search_steps": 3, "keep_arch_bn_stats": False}
 
 
@@ -130,8 +132,10 @@ def test_schema_defaults_match_the_code():
     raw.pop("dnal", None)
     raw.pop("slimming", None)
     cfg = validate_config(raw, schema)
-    assert cfg["dnal"] == dnal_mod.DEFAULTS
-    assert cfg["slimming"] == slim_mod.DEFAULTS
+    assert cfg["dnal"] == dnal_mod.DNALOptions.defaults()
+    assert cfg["slimming"] == slim_mod.SlimmingOptions.defaults()
+    assert get_method("dnal").options_class is dnal_mod.DNALOptions
+    assert get_method("slimming").options_class is slim_mod.SlimmingOptions
     for section in ("dnal", "slimming"):
         sub = schema["properties"][section]
         assert sub["additionalProperties"] is False
@@ -197,7 +201,7 @@ def test_delta_schedule_reaches_1e4_in_the_last_epoch():
 def test_dnal_info_delta_schedule_and_history(dnal_results):
     _, _, res = dnal_results[0.5]
     info = res.info
-    assert len(info["delta_schedule"]) == dnal_mod.DEFAULTS["arch_epochs"] == 10
+    assert len(info["delta_schedule"]) == DNAL_DEFAULTS["arch_epochs"] == 10
     assert info["delta_schedule"][-1] == pytest.approx(1e4)
     assert info["delta_schedule"][0] == pytest.approx(10**0.4)
     assert info["final_delta"] == pytest.approx(1e4)
@@ -305,7 +309,7 @@ def test_dnal_reports_requested_and_achieved(dnal_results, dense, budget):
     assert len(info["tried"]) == FAST_DNAL["search_steps"]
     lams = [t["lambda_a"] for t in info["tried"]]
     assert info["lambda_a"] in lams
-    assert all(dnal_mod.DEFAULTS["lambda_min"] < lam < dnal_mod.DEFAULTS["lambda_max"] for lam in lams)
+    assert all(DNAL_DEFAULTS["lambda_min"] < lam < DNAL_DEFAULTS["lambda_max"] for lam in lams)
     assert lams[0] == pytest.approx(10 ** ((np.log10(1e-6) + np.log10(1e-1)) / 2))
     below = [t["achieved_ratio"] for t in info["tried"] if t["achieved_ratio"] <= budget]
     if below:  # the largest ratio not above the budget is the one returned

@@ -100,12 +100,14 @@ VARIANT_IDS = ["basis", "channel", "double-channel-first", "double-basis-first"]
 def test_defaults_equal_the_schema():
     schema = load_schema()
     assert set(NAMES) <= set(schema["properties"]["methods"]["items"]["enum"])
-    for name, mod in (("basis_scaling", bs_mod), ("channel_scaling", cs_mod), ("double_pruning", dp_mod)):
+    for name, cls in (("basis_scaling", bs_mod.BasisScalingOptions), ("channel_scaling", cs_mod.ChannelScalingOptions),
+                      ("double_pruning", dp_mod.DoublePruningOptions)):
+        assert get_method(name).options_class is cls
         section = schema["properties"][name]
         assert section["additionalProperties"] is False
         defaults = {k: p["default"] for k, p in section["properties"].items()}
-        assert defaults == mod.DEFAULTS, name
-        assert all(type(mod.DEFAULTS[k]) is type(v) for k, v in defaults.items()), name
+        assert defaults == cls.defaults(), name
+        assert all(type(cls.defaults()[k]) is type(v) for k, v in defaults.items()), name
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -141,7 +143,7 @@ def test_double_pruning_nested_stage_options():
     assert len(info["second_stage"]["rounds_history"]) == 2
     assert info["second_stage"]["importance"] == "mean_abs"
     assert info["basis_scaling_options"]["steps_per_round"] == 3
-    assert info["channel_scaling_options"]["l1"] == cs_mod.DEFAULTS["l1"]
+    assert info["channel_scaling_options"]["l1"] == cs_mod.ChannelScalingOptions.defaults()["l1"]
     assert info["first_stage_target_ratio"] == pytest.approx(0.5**0.3)
     assert info["first_stage_ratio"] <= 0.5**0.3
     assert ctx.options == opts  # the caller's dict is not consumed
@@ -246,7 +248,7 @@ def test_basis_scaling_result_shape():
     assert res.keep is None
     assert res.model.spec["widths"] == WIDTHS  # bases, not channels, are removed
     assert info["reconstruction of importance/schedule"] is True and info["importance"] == "taylor"
-    assert len(info["rounds_history"]) == bs_mod.DEFAULTS["rounds"]
+    assert len(info["rounds_history"]) == bs_mod.BasisScalingOptions.defaults()["rounds"]
     targets = [r["target_cost"] for r in info["rounds_history"]]
     assert targets == pytest.approx([ctx.dense_cost * 0.25 ** (j / 5) for j in range(1, 6)])
     assert all(r["cost"] <= r["target_cost"] for r in info["rounds_history"])
@@ -337,7 +339,9 @@ def test_double_pruning_stage_by_stage_equality():
     """Each stage's physical network equals its own masked form (checked outside the method too)."""
     for order in ("channel_first", "basis_first"):
         ctx = _ctx(0.4, options={"order": order})
-        opts, c_opts, b_opts = dp_mod._options(ctx.options)
+        resolved = get_method("double_pruning").resolve_options(ctx.options)
+        opts = {k: v for k, v in resolved.items() if k not in dp_mod.STAGE_KEYS}
+        c_opts, b_opts = resolved["channel_scaling"], resolved["basis_scaling"]
         out = dp_mod.double_prune(ctx, opts, c_opts, b_opts)
         with torch.no_grad():
             for stage in ("first", "second"):
@@ -350,18 +354,22 @@ def test_double_pruning_stage_by_stage_equality():
 # ------------------------------------------------------------------ channel scaling of low-rank networks
 
 
+FAST_BASIS = get_method("basis_scaling").resolve_options({"rounds": 2, "steps_per_round": 3})
+FAST_CHANNEL = get_method("channel_scaling").resolve_options({"rounds": 2, "steps_per_round": 3})
+
+
 @pytest.mark.parametrize("revert", [False, True])
 def test_channel_scaling_of_a_low_rank_network(revert):
     gen = torch.Generator().manual_seed(5)
     stage1 = bs_mod.basis_scaling_stage(BASE, SUPPORT_X, SUPPORT_Y, target_cost=0.6 * metrics.count_params(BASE),
-                                        metric="params", opts=bs_mod._options({"rounds": 2, "steps_per_round": 3}),
+                                        metric="params", opts=FAST_BASIS,
                                         gen=gen, log=lambda _m: None)
     lowrank = stage1["physical"]
     assert any(isinstance(b[0], LowRankConv) for b in lowrank.blocks())
     for metric in ("params", "flops"):
         target = 0.35 * metrics.cost(BASE, metric)
         out = cs_mod.channel_scaling_stage(lowrank, SUPPORT_X, SUPPORT_Y, target_cost=target, metric=metric,
-                                           opts=cs_mod._options({"rounds": 2, "steps_per_round": 3}), gen=gen,
+                                           opts=FAST_CHANNEL, gen=gen,
                                            log=lambda _m: None, revert_larger=revert)
         physical, masked = out["physical"], out["masked"]
         assert out["cost"] == metrics.cost(physical, metric) <= target

@@ -9,19 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pruneshot.report.build import (
-    CUDA_FIGURE,
-    FIGURE_NAMES,
-    TABLES_BEGIN,
-    TABLES_END,
-    MixedResultsError,
-    build_report,
-    compute_statistics,
-    load_results,
-    make_figures,
-    results_table,
-    summary_table,
-)
+from pruneshot.report.build import build_report
+from pruneshot.report.figures import CUDA_FIGURE, FIGURE_NAMES, make_figures
+from pruneshot.report.html import TABLES_BEGIN, TABLES_END
+from pruneshot.report.load import MixedResultsError, load_results
+from pruneshot.report.tables import compute_statistics, results_table, summary_table
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 ERROR = "RuntimeError: pruning collapsed a layer <script>alert('x')</script> & more"
@@ -228,7 +220,8 @@ def test_same_csv_gives_identical_tables_and_figures(built: dict, tmp_path: Path
 
 
 def test_tables_change_when_results_change(built: dict) -> None:
-    from pruneshot.report.build import _tables_html, load_episodes
+    from pruneshot.report.html import _tables_html
+    from pruneshot.report.load import load_episodes
 
     episodes = load_episodes(built["episodes"])
     same = load_results(built["csv"])
@@ -276,7 +269,7 @@ def _with_reinit_and_target() -> pd.DataFrame:
 
 
 def test_methods_table_names_source_and_side():
-    from pruneshot.report.build import methods_table
+    from pruneshot.report.tables import methods_table
 
     table = methods_table(_with_reinit_and_target()).set_index("method")
     assert table.loc["l1_filter", "source"] == "reconstruction"
@@ -287,7 +280,7 @@ def test_methods_table_names_source_and_side():
 
 
 def test_reinit_gap_table_pairs_the_arms():
-    from pruneshot.report.build import reinit_gap_table
+    from pruneshot.report.tables import reinit_gap_table
 
     gaps = reinit_gap_table(_with_reinit_and_target())
     # only l1_filter@0.5 ran under both arms, at 1 and 5 shots
@@ -334,7 +327,7 @@ def test_cli_summary_prints_side_source_and_accuracy(tmp_path, capsys):
 
 
 def test_detail_table_shows_cuda_latency_only_where_timed() -> None:
-    from pruneshot.report.build import detail_table
+    from pruneshot.report.tables import detail_table
 
     df = make_results()
     df["latency_cuda_device"] = ""
@@ -443,7 +436,7 @@ def _with_nan_failure() -> pd.DataFrame:
 
 
 def test_failed_rows_with_nan_metrics_are_listed_never_dropped(tmp_path: Path) -> None:
-    from pruneshot.report.build import detail_table, failures_table, reinit_gap_table
+    from pruneshot.report.tables import detail_table, failures_table, reinit_gap_table
 
     results = _with_nan_failure()
     episodes = make_episodes(results)
@@ -497,7 +490,7 @@ def test_a_dirty_checkout_is_shown_not_refused(built: dict) -> None:
 
 
 def test_paired_reinit_gap_uses_the_shared_episodes() -> None:
-    from pruneshot.report.build import reinit_gap_table
+    from pruneshot.report.tables import reinit_gap_table
 
     results = _with_reinit_and_target()
     episodes = make_episodes(results)
@@ -566,7 +559,7 @@ def test_config_report_section_defaults_to_refusing_mixed() -> None:
 
 def test_landing_page_names_commit_and_config_hash(tmp_path: Path, monkeypatch) -> None:
     from pruneshot.config import config_hash
-    from pruneshot.report.build import landing_page
+    from pruneshot.report.landing import landing_page
 
     monkeypatch.setenv("PRUNESHOT_GIT_COMMIT", "a1b2c3d4e5f60718293a4b5c6d7e8f9012345678")
     monkeypatch.setenv("PRUNESHOT_GIT_DIRTY", "1")
@@ -582,3 +575,28 @@ def test_landing_page_names_commit_and_config_hash(tmp_path: Path, monkeypatch) 
     before = path.stat().st_mtime_ns
     landing_page(rst, config, tmp_path, out=out)
     assert path.stat().st_mtime_ns == before  # unchanged text is not rewritten
+
+
+def test_latency_column_names_are_written_and_read_with_one_definition() -> None:
+    from pruneshot.report.load import (
+        CUDA_LATENCY_RE,
+        latency_batch,
+        latency_columns,
+        latency_table_columns,
+        timed_latency_columns,
+    )
+
+    record = {"device": "cpu:x86_64", "dtype": "float32", "batch_sizes": [64, 1],
+              "latency": {"1": {"median_ms": 0.5}, "64": {"median_ms": 2.0}},
+              "devices": {"cuda": {"present": True, "name": "cuda:H200", "latency": {"1": {"median_ms": 0.1}}}}}
+    cols = latency_columns(record)
+    assert cols["latency_ms_b1"] == 0.5 and cols["latency_ms_b64"] == 2.0 and cols["latency_cuda_ms_b1"] == 0.1
+    assert cols["latency_cuda_device"] == "cuda:H200" and np.isnan(cols["latency_cuda_ms_b64"])
+    table = pd.DataFrame([{**cols, "acc_mean": 0.5}])
+    # what the aggregate stage writes is what the report reads, ordered by batch size
+    assert latency_table_columns(table) == ["latency_ms_b1", "latency_ms_b64"]
+    assert latency_table_columns(table, CUDA_LATENCY_RE) == ["latency_cuda_ms_b1", "latency_cuda_ms_b64"]
+    assert timed_latency_columns(table.assign(latency_cuda_ms_b1=np.nan), CUDA_LATENCY_RE) == []
+    assert [latency_batch(c) for c in ("latency_ms_b64", "latency_cuda_ms_b1")] == ["64", "1"]
+    with pytest.raises(ValueError):
+        latency_batch("latency_device")

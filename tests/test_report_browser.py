@@ -234,7 +234,7 @@ def test_browser_check_catches_broken_images_and_console_errors(tmp_path: Path) 
 
 
 def test_browser_check_passes_a_clean_page(tmp_path: Path) -> None:
-    from pruneshot.report.build import _empty_figure, _save
+    from pruneshot.report.figures import _empty_figure, _save
 
     png = tmp_path / "fig.png"
     _save(_empty_figure("ok"), png)

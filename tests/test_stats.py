@@ -1,16 +1,23 @@
-"""Tests for pruneshot.report.stats: Wilcoxon against scipy and by hand, Holm, Meta-Dataset ranks, tables."""
+"""Tests for pruneshot.report.stats: Wilcoxon against a reference implementation, scipy and by hand, Holm,
+Meta-Dataset ranks, tables."""
 
 from __future__ import annotations
 
 import math
+from functools import cache
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
 from scipy import stats as sps
 
+from pruneshot.config import budget_label, budget_value
+from pruneshot.report.load import method_order
 from pruneshot.report.stats import (
+    EXACT_MAX_N,
     average_ranks,
+    budget_free_methods,
     ci_ranks,
     holm,
     paired_comparisons,
@@ -26,7 +33,119 @@ def scipy_wilcoxon(a, b, method: str):
     return sps.wilcoxon(a, b, zero_method="wilcox", correction=True, alternative="two-sided", method=method)
 
 
+# --------------------------------------------------------------------------- reference Wilcoxon
+# The product calls scipy.stats.wilcoxon; this is the independent implementation it replaced, kept as
+# the reference the scipy-based results are compared against.
+
+
+@cache
+def _rank_sum_counts(n: int) -> tuple[int, ...]:
+    """counts[s] = number of subsets of the ranks {1..n} whose sum is s (s = 0..n(n+1)/2).
+
+    Under H0 each of the 2**n sign assignments is equally likely, so W+ = s with probability
+    counts[s] / 2**n. Built by dynamic programming: adding rank k shifts a copy of the counts by k.
+    """
+    counts = [1]
+    for k in range(1, n + 1):
+        new = counts + [0] * k
+        for s, c in enumerate(counts):
+            new[s + k] += c
+        counts = new
+    return tuple(counts)
+
+
+def _average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks 1..n of ``values`` (ties get the mean of their positions) and the sizes of tie groups."""
+    order = np.argsort(values, kind="mergesort")
+    ranks = np.empty(len(values), dtype=float)
+    sizes = []
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # positions i..j (0-based) -> mean rank
+        sizes.append(j - i + 1)
+        i = j + 1
+    return ranks, np.asarray(sizes, dtype=float)
+
+
+def reference_wilcoxon(a, b, *, decimals: int | None = 12) -> dict[str, Any]:
+    """Two-sided Wilcoxon signed-rank test by hand, same definition and fields as ``wilcoxon_signed_rank``:
+    exact null distribution (integer counts) when n' <= 50 without tied |d|, else the normal
+    approximation with tie and 0.5 continuity correction."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    n = len(d)
+    d_cmp = np.round(d, decimals) if decimals is not None else d
+    mean_diff = float(np.mean(d_cmp)) if n else math.nan
+    median_diff = float(np.median(d_cmp)) if n else math.nan
+    if decimals is not None and n:
+        mean_diff, median_diff = round(mean_diff, decimals), round(median_diff, decimals)
+    nonzero = d_cmp[d_cmp != 0]
+    m = len(nonzero)
+    result: dict[str, Any] = {"n": n, "n_nonzero": m, "mean_diff": mean_diff, "median_diff": median_diff}
+    if m == 0:
+        return {**result, "w_plus": 0.0, "w_minus": 0.0, "statistic": 0.0, "p_value": 1.0,
+                "method": "exact", "effect_size": 0.0}
+    ranks, tie_sizes = _average_ranks(np.abs(nonzero))
+    w_plus = float(ranks[nonzero > 0].sum())
+    w_minus = float(ranks[nonzero < 0].sum())
+    statistic = min(w_plus, w_minus)
+    if m <= EXACT_MAX_N and not (tie_sizes > 1).any():
+        counts = _rank_sum_counts(m)
+        lower = sum(counts[: round(statistic) + 1])  # P(W <= statistic) * 2**m
+        p_value = min(1.0, 2 * lower / 2**m)
+        method = "exact"
+    else:
+        mu = m * (m + 1) / 4
+        var = m * (m + 1) * (2 * m + 1) / 24 - float((tie_sizes**3 - tie_sizes).sum()) / 48
+        dev = w_plus - mu
+        z = (dev - 0.5 * math.copysign(1.0, dev)) / math.sqrt(var) if dev != 0 else 0.0
+        p_value = min(1.0, math.erfc(abs(z) / math.sqrt(2)))  # 2 * (1 - Phi(|z|))
+        method = "normal"
+    return {**result, "w_plus": w_plus, "w_minus": w_minus, "statistic": statistic, "p_value": p_value,
+            "method": method, "effect_size": (w_plus - w_minus) / (w_plus + w_minus)}
+
+
+def assert_matches_reference(a, b) -> dict[str, Any]:
+    """``wilcoxon_signed_rank(a, b)`` equals the reference: p to 1e-12 (relative), everything else exactly."""
+    res, ref = wilcoxon_signed_rank(a, b), reference_wilcoxon(a, b)
+    assert set(res) == set(ref)
+    assert res["p_value"] == pytest.approx(ref["p_value"], rel=1e-12, abs=1e-300)
+    for key in ref.keys() - {"p_value"}:
+        assert res[key] == ref[key] or (math.isnan(res[key]) and math.isnan(ref[key])), key
+    return res
+
+
 # --------------------------------------------------------------------------- Wilcoxon
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 13, 14, 20, 49, 50, 51, 60, 120])
+@pytest.mark.parametrize("kind", ["continuous", "grid", "with_zeros"])
+def test_wilcoxon_matches_reference(n, kind):
+    rng = np.random.default_rng(1000 * n + len(kind))
+    if kind == "continuous":  # no ties: exact up to 50 differences
+        a, b = rng.normal(0.6, 0.1, n), rng.normal(0.55, 0.1, n)
+    else:  # accuracies on 25 query images: ties, and zeros for "with_zeros"
+        a = rng.integers(10, 25, n) / 25
+        b = a.copy() if kind == "with_zeros" else rng.integers(10, 25, n) / 25
+        if kind == "with_zeros":
+            changed = rng.random(n) < 0.6
+            b[changed] = rng.integers(10, 25, int(changed.sum())) / 25
+    res = assert_matches_reference(a, b)
+    if kind == "continuous":
+        assert res["method"] == ("exact" if n <= EXACT_MAX_N else "normal")
+
+
+def test_wilcoxon_matches_reference_on_extreme_samples():
+    # all positive (the smallest exact p, 2 / 2**50), one sign flip, a tiny shift of tied values
+    for n in (10, 50):
+        assert_matches_reference(np.arange(1, n + 1) / 100 + 0.5, np.full(n, 0.5))
+        a = np.arange(1, n + 1) / 100 + 0.5
+        a[0] = 0.49
+        assert_matches_reference(a, np.full(n, 0.5))
+    assert_matches_reference([0.68, 0.44, 0.9, 0.3], [0.64, 0.40, 0.7, 0.3])
+    assert_matches_reference(np.full(80, 0.7), np.full(80, 0.6))  # 80 tied differences: normal
 
 
 def test_wilcoxon_hand_exact_with_zero():
@@ -342,3 +461,34 @@ def test_rank_table_and_average_ranks_by_hand():
     assert avg["method"].tolist() == ["dense", "l1_filter", "linear_probe", "random"]
     assert avg["mean_rank"].tolist() == pytest.approx([1.0, 2.0, 2.0, 2.5])
     assert avg["n_cells"].tolist() == [3, 2, 1, 2]
+
+
+# --------------------------------------------------------------------------- budgets and the method registry
+
+
+def test_budget_value_reads_labels_and_numbers():
+    assert budget_value("0.5") == budget_value(0.5) == budget_value(budget_label(0.5)) == 0.5
+    assert budget_value("1") == budget_value(1) == 1.0
+    assert budget_value(0.25 + 1e-12) == 0.25  # rounded to 9 decimals
+    assert budget_value(np.float64(0.1)) == 0.1
+    for bad in ("", "dense", None, math.nan, math.inf):
+        assert math.isnan(budget_value(bad))
+
+
+def test_budget_free_methods_come_from_the_registry():
+    names = ["random", "linear_probe", "l1_filter", "dense", "dense", "not_a_registered_method"]
+    assert budget_free_methods(names) == ["dense", "linear_probe"]
+    # budget-free first, then the rest, each by name; an unknown name is budget-dependent
+    assert method_order(names) == ["dense", "linear_probe", "l1_filter", "not_a_registered_method", "random"]
+    assert method_order(["slimming", "dap", "dense"]) == ["dense", "dap", "slimming"]
+
+
+def test_paired_comparisons_unregistered_method_is_budget_dependent():
+    results, episodes, _ = _paired_fixture()
+    renamed = results.assign(method=results["method"].replace({"dense": "old_dense"}))
+    # "old_dense" is not registered: matched at its own budget (1.0) only, so no pruned row pairs with it
+    out = paired_comparisons(renamed, episodes, baselines=("old_dense",))
+    assert set(out["method"]) == {"linear_probe"}
+    # told explicitly that it is budget-free, it pairs like dense does
+    out = paired_comparisons(renamed, episodes, baselines=("old_dense",), budget_free=("old_dense",))
+    assert set(out["method"]) == {"l1_filter", "random", "linear_probe"}

@@ -1,4 +1,4 @@
-"""pruneshot.runtime.tracking against real MLflow: a SQLite store, a dead port and a live `mlflow server`."""
+"""pruneshot.runtime.tracking and .spool against real MLflow: a SQLite store, a dead port and a live `mlflow server`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
+from pruneshot.runtime import spool as spooling
 from pruneshot.runtime import tracking
-from pruneshot.runtime.tracking import JobRun, init_study, resolve_tracking_uri, sync_spool
+from pruneshot.runtime.spool import sync_spool
+from pruneshot.runtime.tracking import JobRun, init_study, resolve_tracking_uri
 
 EPOCHS = 4
 
@@ -199,6 +201,24 @@ def test_missing_sqlite_database_is_not_created_by_a_job(tmp_path: Path) -> None
     assert not db.exists()
     [spool_file] = _spool_files(tmp_path / "spool")
     assert json.loads(spool_file.read_text())["metrics"][0]["value"] == 1.0
+
+
+def test_spool_record_layout_and_unwritable_spool(tmp_path: Path) -> None:
+    """An offline run's record carries the spool format; a spool that cannot be written loses
+    the record (logged), never the job."""
+    study = {"tracking_uri": f"sqlite:///{tmp_path / 'absent.db'}", "experiment_name": "x", "experiment_id": "1"}
+    with JobRun(study, "a/b c", tags={}, params={}, spool_dir=tmp_path / "spool") as job:
+        job.log_metrics({"loss": 2.0}, step=1)
+    assert job.spool_path == tmp_path / "spool" / f"a_b_c-{job.spool_id}.json"
+    record = json.loads(job.spool_path.read_text())
+    assert record["format"] == spooling.SPOOL_FORMAT
+    assert record["spool_id"] == job.spool_id and record["run_name"] == "a/b c"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with JobRun(study, "j", tags={}, params={}, spool_dir=blocked) as job:
+        pass
+    assert job.offline and job.spool_path is None
+    assert spooling.write_record(blocked, "j", "id", {}) is None
 
 
 # --------------------------------------------------------------------------- HTTP server

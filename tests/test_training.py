@@ -1,6 +1,10 @@
-"""The episode optimiser and fine-tuning loop."""
+"""The episode optimiser, the fine-tuning and pretraining loops, optimiser checkpoints."""
 
 from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,17 +13,25 @@ from torch import nn
 from pruneshot.training import SGD, finetune_episode
 
 
-@pytest.mark.parametrize(("momentum", "wd"), [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-2)])
-def test_sgd_matches_torch_optim_sgd(momentum, wd):
+def _two_mlps() -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     a = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    b = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-    b.load_state_dict(a.state_dict())
-    a[0].bias.requires_grad_(False)  # a frozen parameter is skipped by both
-    b[0].bias.requires_grad_(False)
+    b = copy.deepcopy(a)
+    for m in (a, b):
+        m[0].bias.requires_grad_(False)  # a frozen parameter is skipped by both
+    return a, b
+
+
+@pytest.mark.parametrize("foreach", [False, None])
+@pytest.mark.parametrize(("momentum", "wd"), [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 1e-2)])
+def test_sgd_is_bitwise_torch_optim_sgd(momentum, wd, foreach):
+    """Weight decay before the momentum buffer, the buffer a copy of the first decayed gradient:
+    the very arithmetic of torch.optim.SGD (dampening 0, no Nesterov, not maximising; per tensor,
+    which ``foreach=None`` also picks for CPU tensors)."""
+    a, b = _two_mlps()
     ours = SGD(list(a.parameters()), lr=0.05, momentum=momentum, weight_decay=wd)
     ref = torch.optim.SGD([p for p in b.parameters() if p.requires_grad], lr=0.05, momentum=momentum,
-                          weight_decay=wd)
+                          weight_decay=wd, dampening=0.0, nesterov=False, maximize=False, foreach=foreach)
     gen = torch.Generator().manual_seed(1)
     for _ in range(7):
         x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
@@ -27,9 +39,105 @@ def test_sgd_matches_torch_optim_sgd(momentum, wd):
             opt.zero_grad()
             nn.functional.cross_entropy(model(x), y).backward()
             opt.step()
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.allclose(pa, pb, atol=1e-7)
-    assert not torch.equal(a[2].weight, nn.Sequential(nn.Linear(5, 3))[0].weight)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb), name
+    if momentum:
+        ref_bufs = [ref.state[p]["momentum_buffer"] for p in b.parameters() if p.requires_grad]
+        for buf, rb in zip(ours.buffers, ref_bufs, strict=True):
+            assert torch.equal(buf, rb)
+    assert not torch.equal(a[2].weight, _two_mlps()[0][2].weight)  # it trained
+
+
+def test_finetune_episode_is_bitwise_a_torch_optim_loop():
+    """finetune_episode (our SGD) ends with the weights of the same loop on torch.optim.SGD."""
+    x, y = torch.randn(10, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    hp = {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    ours = finetune_episode(_tiny_model().eval(), x, y, arm="finetune", steps=5, batch_size=6, seed=3, **hp)
+    ref = _tiny_model().eval()
+    opt = torch.optim.SGD(ref.parameters(), foreach=False, **hp)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        idx = torch.randperm(len(y), generator=gen)[:6]
+        loss = nn.functional.cross_entropy(ref(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for (k, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_optimizer_state_round_trips_through_a_checkpoint(tmp_path, kind):
+    """A torch.optim optimiser saved with optimizer_state, written and read back by a Checkpointer and
+    restored with load_optimizer continues exactly as the uninterrupted one (momentum buffers, Adam
+    moments and step counts, param groups)."""
+    from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+
+    def make(model: nn.Module) -> torch.optim.Optimizer:
+        if kind == "sgd":
+            return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        return torch.optim.Adam(model.parameters(), lr=1e-2)
+
+    gen = torch.Generator().manual_seed(4)
+    batches = [(torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)) for _ in range(6)]
+
+    def train(model: nn.Module, opt: torch.optim.Optimizer, steps: list) -> None:
+        for x, y in steps:
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+
+    full, _ = _two_mlps()
+    train(full, opt_full := make(full), batches)
+    first, _ = _two_mlps()
+    opt = make(first)
+    train(first, opt, batches[:3])
+    tensors, meta = optimizer_state("opt", opt)
+    ck = Checkpointer(tmp_path / "ck", "k")
+    ck.save({**prefixed("model", first.state_dict()), **tensors}, {"optimizer": meta})
+    loaded = ck.load()
+    assert loaded is not None
+    resumed, _ = _two_mlps()
+    resumed.load_state_dict(sub(loaded.tensors, "model"))
+    opt_resumed = make(resumed)
+    load_optimizer(opt_resumed, loaded.tensors, loaded.state["optimizer"], "opt")
+    train(resumed, opt_resumed, batches[3:])
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    want, got = opt_full.state_dict(), opt_resumed.state_dict()
+    # the JSON manifest gives tuples (Adam's betas) back as lists: equal values, which Adam unpacks alike
+    assert json.loads(json.dumps(want["param_groups"])) == got["param_groups"]
+    assert set(want["state"]) == set(got["state"])
+    for idx, state in want["state"].items():
+        assert set(state) == set(got["state"][idx])
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(value), torch.as_tensor(got["state"][idx][key])), (idx, key)
+
+
+def test_checkpoint_location_is_below_the_study_root(tmp_path):
+    """results/<study>/<stage>/... -> results/<study>/checkpoints/<stage>/..., cleaned up to the study root."""
+    from pruneshot.paths import RESULTS, StudyPaths
+    from pruneshot.runtime.checkpoint import Checkpointer, checkpoint_location
+
+    assert checkpoint_location(Path("results/digits_default/search/dap/b0.5/r0")) == (
+        Path("results/digits_default/checkpoints/search/dap/b0.5/r0"), Path("results/digits_default"))
+    paths = StudyPaths("s1", str(tmp_path))
+    out = Path(paths.result("pretrain_weights", replicate=0)).parent
+    assert checkpoint_location(out) == (Path(paths.result("checkpoints"), "pretrain", "r0"), Path(paths.results_root))
+    assert RESULTS["checkpoints"] == "checkpoints"
+    assert checkpoint_location(tmp_path / "results" / "s1") == (tmp_path / "results/.checkpoints/s1",
+                                                              tmp_path / "results")  # the root itself
+    assert checkpoint_location(tmp_path / "pre") == (tmp_path / ".checkpoints/pre", tmp_path)
+    # clear() removes emptied parents up to the study root and leaves a sibling's checkpoint alone
+    a, b = (Checkpointer.for_outputs(Path(paths.result("search_weights", method="dnal", budget=budget,
+                                                       replicate=0)).parent, "k") for budget in (0.5, 0.25))
+    a.save({"x": torch.zeros(1)}, {})
+    b.save({"x": torch.zeros(1)}, {})
+    assert a.directory == Path(paths.results_root, "checkpoints/search/dnal/b0.5/r0")
+    a.clear()
+    assert not a.directory.parent.exists() and b.exists()
+    b.clear()
+    assert not Path(paths.result("checkpoints")).exists() and Path(paths.results_root).is_dir()
 
 
 def test_finetune_linear_probe_trains_only_the_head():
@@ -57,7 +165,8 @@ def _digits_in_memory(n_train: int = 300, n_val: int = 100):
     """uint8 digits (levels 0..16) of classes 0-2, their normalisation, and load_split-style floats."""
     import numpy as np
 
-    from pruneshot.data.prepare import Split, load_raw
+    from pruneshot.data.prepare import load_raw
+    from pruneshot.data.splits import Split
 
     raw = load_raw("digits")
     keep = np.flatnonzero(raw.y < 3)[: n_train + n_val]

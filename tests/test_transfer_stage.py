@@ -12,14 +12,22 @@ import pytest
 from pruneshot.config import load_config
 from pruneshot.io import read_json
 from pruneshot.methods import available, get_method
-from pruneshot.stages import job as stages
+from pruneshot.models.base import build_seeded
+from pruneshot.report.load import latency_columns
+from pruneshot.stages.aggregate import aggregate
+from pruneshot.stages.data import make_episodes, prepare_source, prepare_target
+from pruneshot.stages.job import Job
+from pruneshot.stages.pretrain import pretrain
+from pruneshot.stages.profile import profile
+from pruneshot.stages.search import search
+from pruneshot.stages.transfer import transfer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = 2
 
 
-def _job(rule: str, **wildcards: str) -> stages.Job:
-    return stages.Job(rule=rule, wildcards=wildcards, config={}, log_path=None)
+def _job(rule: str, **wildcards: str) -> Job:
+    return Job(rule=rule, wildcards=wildcards, config={}, log_path=None)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +39,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg["transfer"]["steps"] = 4
     cfg["data"]["cache_dir"] = str(tmp / "cache")
     src, tgt = tmp / "source", tmp / "target"
-    stages.prepare_source(cfg, src, _job("prepare_source"))
-    stages.prepare_target(cfg, "digits_5to9", tgt, _job("prepare_target"))
+    prepare_source(cfg, src, _job("prepare_source"))
+    prepare_target(cfg, "digits_5to9", tgt, _job("prepare_target"))
     episodes = tmp / "episodes.json"
-    stages.make_episodes(cfg, "digits_5to9", 5, SHOTS, tgt / "manifest.json", episodes, _job("make_episodes"))
+    make_episodes(cfg, "digits_5to9", 5, SHOTS, tgt / "manifest.json", episodes, _job("make_episodes"))
     pre = tmp / "pretrain"
-    stages.pretrain(cfg, 0, src / "manifest.json", pre / "model.safetensors", pre / "arch.json",
+    pretrain(cfg, 0, src / "manifest.json", pre / "model.safetensors", pre / "arch.json",
                     pre / "metrics.json", _job("pretrain"))
     return {"cfg": cfg, "tmp": tmp, "src": src, "tgt": tgt, "episodes": episodes, "pre": pre}
 
@@ -45,24 +53,40 @@ def _search(world: dict, method: str, budget: float) -> Path:
     out = world["tmp"] / "search" / method / str(budget)
     if not (out / "record.json").exists():
         pre = world["pre"]
-        stages.search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+        search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
                       pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
                       out / "record.json", _job("search", method=method))
     return out
 
 
-def _transfer_job(world: dict, method: str, budget: float, arms: list[str], cfg: dict | None = None) -> dict:
+def _network(world: dict, method: str, budget: float) -> tuple[Path, Path, Path]:
+    """(weights, arch, network record) a cell starts from: the searched network of a source-side method,
+    the pretrained one (and its metrics) of a target-side method, as the rules wire them."""
+    if get_method(method).side == "target":
+        pre = world["pre"]
+        return pre / "model.safetensors", pre / "arch.json", pre / "metrics.json"
     s = _search(world, method, budget)
-    out = world["tmp"] / "transfer" / f"{method}_{budget}_{'-'.join(arms)}.json"
-    return stages.transfer(cfg or world["cfg"], method, arms, SHOTS, "digits_5to9", 0, s / "model.safetensors",
-                           s / "arch.json", s / "record.json", world["src"] / "manifest.json",
-                           world["tgt"] / "manifest.json", world["episodes"], out, _job("transfer", method=method))
+    return s / "model.safetensors", s / "arch.json", s / "record.json"
+
+
+def _transfer_job(world: dict, method: str, budget: float, arms: list[str], cfg: dict | None = None,
+                  network: tuple[Path, Path, Path] | None = None, out: Path | None = None) -> dict:
+    weights, arch, record = network or _network(world, method, budget)
+    out = out or world["tmp"] / "transfer" / f"{method}_{budget}_{'-'.join(arms)}.json"
+    return transfer(cfg or world["cfg"], method, arms, SHOTS, "digits_5to9", 0, budget, weights, arch, record,
+                    world["src"] / "manifest.json", world["tgt"] / "manifest.json", world["episodes"], out,
+                    _job("transfer", method=method))
 
 
 def _transfer(world: dict, method: str, budget: float, arm: str) -> dict:
-    """One arm's results merged with the job's record."""
+    """One arm's results merged with the job's record, plus its accuracies and seeds in episode order."""
     rec = _transfer_job(world, method, budget, [arm])
-    return {**rec, **rec["arms"][arm], "arm": arm}
+    return {**rec, **rec["arms"][arm], "arm": arm, "accuracies": _accs(rec["arms"][arm]),
+            "finetune_seeds": [e["finetune_seed"] for e in rec["arms"][arm]["episodes"]]}
+
+
+def _accs(arm: dict) -> list[float]:
+    return [e["accuracy"] for e in arm["episodes"]]
 
 
 @pytest.mark.parametrize("method", [m for m in available() if m != "linear_probe"])
@@ -70,21 +94,26 @@ def test_budget_one_transfers_exactly_like_dense(world, method):
     """At budget 1 a method keeps the dense network, so the paired episodes give identical accuracies."""
     dense = _transfer(world, "dense", 1.0, "finetune")
     rec = _transfer(world, method, 1.0, "finetune")
-    assert rec["episode_accuracies"] == dense["episode_accuracies"]
+    assert rec["accuracies"] == dense["accuracies"]
     assert rec["finetune_seeds"] == dense["finetune_seeds"]
-    srec = read_json(_search(world, method, 1.0) / "record.json")
+    assert [e["episode"] for e in rec["episodes"]] == [e["episode"] for e in dense["episodes"]]
     dense_rec = read_json(_search(world, "dense", 1.0) / "record.json")
-    assert (srec["achieved_params"], srec["achieved_flops"]) == (dense_rec["achieved_params"],
-                                                                  dense_rec["achieved_flops"])
     if get_method(method).side == "target":
         assert all(a["params"] == rec["adapted"][0]["params"] for a in rec["adapted"])
         assert rec["achieved"]["achieved_ratio"] == pytest.approx(1.0)
+        # no search: the dense cost is counted on the pretrained network, as a search counts it
+        assert (rec["dense_params"], rec["dense_flops"]) == (dense_rec["dense_params"], dense_rec["dense_flops"])
+        assert rec["network_record"] == (world["pre"] / "metrics.json").as_posix()
+    else:
+        srec = read_json(_search(world, method, 1.0) / "record.json")
+        assert (srec["achieved_params"], srec["achieved_flops"]) == (dense_rec["achieved_params"],
+                                                                      dense_rec["achieved_flops"])
 
 
 def test_arms_share_the_head_seed_but_not_the_training_seed(world):
     ft = _transfer(world, "random", 0.5, "finetune")
     lp = _transfer(world, "random", 0.5, "linear_probe")
-    assert ft["head_seeds"] == lp["head_seeds"]
+    assert ft["episode_seeds"] == lp["episode_seeds"]
     assert ft["finetune_seeds"] != lp["finetune_seeds"]
 
 
@@ -93,8 +122,7 @@ def test_one_job_with_several_arms_equals_one_job_per_arm(world):
     both = _transfer_job(world, "l1_filter", 0.5, ["finetune", "reinit"])
     for arm in ("finetune", "reinit"):
         alone = _transfer(world, "l1_filter", 0.5, arm)
-        assert both["arms"][arm]["episode_accuracies"] == alone["episode_accuracies"]
-        assert both["arms"][arm]["finetune_seeds"] == alone["finetune_seeds"]
+        assert both["arms"][arm]["episodes"] == alone["episodes"]
 
 
 @pytest.mark.parametrize("method", [m for m in available() if get_method(m).side == "target"])
@@ -102,29 +130,29 @@ def test_target_side_arms_share_the_per_episode_pruned_network(world, method):
     both = _transfer_job(world, method, 0.5, ["finetune", "linear_probe"])
     alone = _transfer(world, method, 0.5, "linear_probe")
     assert [a["spec"] for a in both["adapted"]] == [a["spec"] for a in alone["adapted"]]
-    assert both["arms"]["linear_probe"]["episode_accuracies"] == alone["episode_accuracies"]
+    assert both["arms"]["linear_probe"]["episodes"] == alone["episodes"]
 
 
 def test_reinit_arm_starts_from_fresh_weights(world):
     ft = _transfer(world, "l1_filter", 0.5, "finetune")
     ri = _transfer(world, "l1_filter", 0.5, "reinit")
     assert ri["arm"] == "reinit"
-    assert ri["episode_accuracies"] != ft["episode_accuracies"]
+    assert ri["accuracies"] != ft["accuracies"]
     again = _transfer(world, "l1_filter", 0.5, "reinit")
-    assert again["episode_accuracies"] == ri["episode_accuracies"]
+    assert again["accuracies"] == ri["accuracies"]
 
 
 def test_fresh_weights_are_seeded_and_differ_from_pretrained(world):
     import torch
 
     spec = read_json(world["pre"] / "arch.json")
-    a, b = stages._fresh_weights(spec, 7), stages._fresh_weights(spec, 7)
-    c = stages._fresh_weights(spec, 8)
+    a, b = build_seeded(spec, 7), build_seeded(spec, 7)
+    c = build_seeded(spec, 8)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert not torch.equal(a.features[0][0].weight, c.features[0][0].weight)
     state = torch.random.get_rng_state()
-    stages._fresh_weights(spec, 9)
+    build_seeded(spec, 9)
     assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is left alone
 
 
@@ -140,19 +168,19 @@ def test_arms_a_method_lacks_are_refused(world):
 def test_target_side_methods_prune_every_episode(world, method):
     rec = _transfer(world, method, 0.5, "finetune")
     assert len(rec["adapted"]) == world["cfg"]["episodes"]["count"]
-    assert len(set(rec["adapt_seeds"])) == len(rec["adapt_seeds"])
+    seeds = [a["adapt_seed"] for a in rec["adapted"]]
+    assert len(set(seeds)) == len(seeds)
+    assert [a["episode"] for a in rec["adapted"]] == [e["episode"] for e in rec["episodes"]]
     for a in rec["adapted"]:
         assert a["achieved_ratio"] <= 0.5 + 0.02
         assert a["adapt_seconds"] > 0
-    srec = read_json(_search(world, method, 0.5) / "record.json")
-    assert srec["side"] == "target"
-    assert srec["params_ratio"] == 1.0  # the source side hands on the dense network
+    with pytest.raises(ValueError, match="no search"):  # a target-side method has no source-side search
+        _search(world, method, 0.5)
     # the timed network is a per-episode one
-    prof = stages.profile({**world["cfg"], "profile": {"batch_sizes": [1], "warmup": 0, "repeats": 2,
-                                                       "threads": 1}},
-                          _search(world, method, 0.5) / "model.safetensors",
-                          _search(world, method, 0.5) / "arch.json", world["tmp"] / f"profile_{method}.json",
-                          _job("profile"), adapted=world["tmp"] / "transfer" / f"{method}_0.5_finetune.json")
+    pre = world["pre"]
+    prof = profile({**world["cfg"], "profile": {"batch_sizes": [1], "warmup": 0, "repeats": 2, "threads": 1}},
+                   pre / "model.safetensors", pre / "arch.json", world["tmp"] / f"profile_{method}.json",
+                   _job("profile"), adapted=world["tmp"] / "transfer" / f"{method}_0.5_finetune.json")
     # the cost recorded per episode is the cost of the network it describes
     from pruneshot.models.base import build_model
     from pruneshot.models.cost import cost
@@ -164,10 +192,12 @@ def test_target_side_methods_prune_every_episode(world, method):
 
 
 def test_method_options_nest_the_sections_a_method_builds_on(world):
+    from pruneshot.methods import options_for
+
     cfg = copy.deepcopy(world["cfg"])
     for name in available():
         method = get_method(name)
-        opts = stages.method_options(cfg, method)
+        opts = options_for(cfg, method)
         for section in method.option_sections:
             assert opts[section] == cfg.get(section, {})
         own = cfg.get(name)
@@ -179,8 +209,8 @@ def test_pretrained_weights_do_not_depend_on_the_cores_snakemake_grants(world):
     """The job's core reservation (Snakemake scales it down under --cores 1) must not change the weights."""
     pre = world["pre"]
     other = world["tmp"] / "pretrain_more_cores"
-    job = stages.Job(rule="pretrain", wildcards={}, config={}, threads=3)
-    rec = stages.pretrain(world["cfg"], 0, world["src"] / "manifest.json", other / "model.safetensors",
+    job = Job(rule="pretrain", wildcards={}, config={}, threads=3)
+    rec = pretrain(world["cfg"], 0, world["src"] / "manifest.json", other / "model.safetensors",
                           other / "arch.json", other / "metrics.json", job)
     assert rec["weights_sha256"] == read_json(pre / "metrics.json")["weights_sha256"]
 
@@ -194,7 +224,7 @@ def test_cuda_requested_without_a_gpu_fails_before_any_work(world):
     cfg["pretrain"]["device"] = "cuda"
     out = world["tmp"] / "pretrain_cuda"
     with pytest.raises(ValueError, match=r"pretrain\.device is 'cuda' but no CUDA device is usable"):
-        stages.pretrain(cfg, 0, world["src"] / "manifest.json", out / "model.safetensors", out / "arch.json",
+        pretrain(cfg, 0, world["src"] / "manifest.json", out / "model.safetensors", out / "arch.json",
                         out / "metrics.json", _job("pretrain"))
     assert not out.exists()
     cfg = copy.deepcopy(world["cfg"])
@@ -214,7 +244,7 @@ def test_pretrain_and_transfer_record_the_device(world):
     cfg = copy.deepcopy(world["cfg"])
     cfg["transfer"]["device"] = "cpu"
     explicit = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
-    assert explicit["arms"]["finetune"]["episode_accuracies"] == tr["arms"]["finetune"]["episode_accuracies"]
+    assert _accs(explicit["arms"]["finetune"]) == _accs(tr["arms"]["finetune"])
 
 
 def test_transfer_crop_flip_is_seeded_and_changes_the_fine_tune(world):
@@ -227,10 +257,11 @@ def test_transfer_crop_flip_is_seeded_and_changes_the_fine_tune(world):
     a = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
     b = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=cfg)
     plain = _transfer_job(world, "dense", 1.0, ["finetune"], cfg=plain_cfg)
-    assert a["arms"]["finetune"]["episode_accuracies"] == b["arms"]["finetune"]["episode_accuracies"]
+    assert a["arms"]["finetune"]["episodes"] == b["arms"]["finetune"]["episodes"]
     assert a["device"]["augment"] == "crop_flip"
-    assert a["arms"]["finetune"]["finetune_seeds"] == plain["arms"]["finetune"]["finetune_seeds"]
-    assert a["arms"]["finetune"]["episode_accuracies"] != plain["arms"]["finetune"]["episode_accuracies"]
+    seeds = [[e["finetune_seed"] for e in r["arms"]["finetune"]["episodes"]] for r in (a, plain)]
+    assert seeds[0] == seeds[1]
+    assert _accs(a["arms"]["finetune"]) != _accs(plain["arms"]["finetune"])
 
 
 def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
@@ -239,14 +270,14 @@ def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
     s = _search(world, "l1_filter", 0.5)
     cfg = {**world["cfg"], "profile": {"batch_sizes": [1, 4], "devices": ["cpu", "cuda"], "warmup": 0,
                                        "repeats": 2, "threads": 1}}
-    prof = stages.profile(cfg, s / "model.safetensors", s / "arch.json", world["tmp"] / "profile_l1.json",
+    prof = profile(cfg, s / "model.safetensors", s / "arch.json", world["tmp"] / "profile_l1.json",
                           _job("profile"))
     assert read_json(world["tmp"] / "profile_l1.json") == prof
     cpu = prof["devices"]["cpu"]
     assert cpu["present"] and cpu["name"].startswith("cpu:") and cpu["name"] == prof["device"]
     assert set(cpu["latency"]) == {"1", "4"} and prof["latency"] == cpu["latency"]
     assert prof["batch_sizes"] == [1, 4] and prof["threads"] == 1
-    cols = stages.latency_columns(prof)
+    cols = latency_columns(prof)
     assert cols["latency_device"] == cpu["name"] and cols["latency_ms_b4"] == cpu["latency"]["4"]["median_ms"]
     if NO_GPU:
         cuda = prof["devices"]["cuda"]
@@ -257,17 +288,17 @@ def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
         assert prof["devices"]["cuda"]["name"].startswith("cuda:")
         assert cols["latency_cuda_ms_b1"] > 0
     # only cuda asked for: the CPU columns are empty, the table keeps its shape
-    only = stages.profile({**cfg, "profile": {**cfg["profile"], "devices": ["cuda"]}}, s / "model.safetensors",
+    only = profile({**cfg, "profile": {**cfg["profile"], "devices": ["cuda"]}}, s / "model.safetensors",
                           s / "arch.json", world["tmp"] / "profile_cuda_only.json", _job("profile"))
     assert "cpu" not in only["devices"] and only["latency"] == {} and only["device"] is None
-    cols = stages.latency_columns(only)
+    cols = latency_columns(only)
     assert set(cols) == {"latency_device", "latency_dtype", "latency_ms_b1", "latency_ms_b4", "latency_cuda_device",
                          "latency_cuda_ms_b1", "latency_cuda_ms_b4"}
     assert math.isnan(cols["latency_ms_b1"])
     # a record written before devices were timed still aggregates
     old = {"device": "cpu:x86_64", "dtype": "float32", "threads": 1,
            "latency": {"1": {"median_ms": 0.5}, "64": {"median_ms": 2.0}}}
-    cols = stages.latency_columns(old)
+    cols = latency_columns(old)
     assert cols["latency_ms_b64"] == 2.0 and math.isnan(cols["latency_cuda_ms_b64"])
 
 
@@ -277,24 +308,26 @@ def test_profile_records_the_cpu_and_marks_an_absent_cuda(world):
 def _fresh_search(world: dict, method: str, budget: float, tag: str) -> Path:
     out = world["tmp"] / f"search_{tag}" / method / str(budget)
     pre = world["pre"]
-    stages.search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+    search(world["cfg"], method, budget, 0, world["src"] / "manifest.json", pre / "model.safetensors",
                   pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
                   out / "record.json", _job("search", method=method))
     return out
 
 
-def _cell(world: dict, method: str, budget: float, s: Path, tag: str, arm: str = "finetune") -> dict:
+def _cell(world: dict, method: str, budget: float, network: tuple[Path, Path, Path], tag: str,
+          arm: str = "finetune") -> dict:
     cfg = {**world["cfg"], "profile": {**world["cfg"]["profile"], "batch_sizes": [1], "warmup": 0, "repeats": 2}}
     tr = world["tmp"] / f"transfer_{tag}" / f"{method}.json"
-    rec = stages.transfer(cfg, method, [arm], SHOTS, "digits_5to9", 0, s / "model.safetensors", s / "arch.json",
-                          s / "record.json", world["src"] / "manifest.json", world["tgt"] / "manifest.json",
-                          world["episodes"], tr, _job("transfer", method=method))
+    rec = _transfer_job(world, method, budget, [arm], cfg=cfg, network=network, out=tr)
     prof = world["tmp"] / f"profile_{tag}" / f"{method}.json"
     adapted = tr if get_method(method).side == "target" else None
-    stages.profile(cfg, s / "model.safetensors", s / "arch.json", prof, _job("profile", method=method),
-                   adapted=adapted)
-    return {"transfer": tr, "search": s / "record.json", "profile": prof, "pretrain": world["pre"] / "metrics.json",
+    profile(cfg, network[0], network[1], prof, _job("profile", method=method), adapted=adapted)
+    return {"transfer": tr, "network": network[2], "profile": prof, "pretrain": world["pre"] / "metrics.json",
             "arm": arm, "record": rec}
+
+
+def _searched(s: Path) -> tuple[Path, Path, Path]:
+    return s / "model.safetensors", s / "arch.json", s / "record.json"
 
 
 def test_a_failing_method_becomes_a_failed_row_and_the_others_are_unaffected(world, monkeypatch):
@@ -307,18 +340,18 @@ def test_a_failing_method_becomes_a_failed_row_and_the_others_are_unaffected(wor
     srec = read_json(bad_search / "record.json")
     assert srec["status"] == "failed" and "injected failure (search:l1_filter" in srec["error"]
     assert read_json(bad_search / "arch.json")["failed"] is True
-    cells = [_cell(world, "l1_filter", 0.5, bad_search, "fail")]
+    cells = [_cell(world, "l1_filter", 0.5, _searched(bad_search), "fail")]
     assert cells[0]["record"]["status"] == "failed"
     assert cells[0]["record"]["error"].startswith("search failed: RuntimeError: injected failure")
     assert read_json(cells[0]["profile"])["status"] == "failed"
     # a target-side method failing inside the transfer job, and a healthy method next to both
-    cells.append(_cell(world, "channel_scaling", 0.5, _fresh_search(world, "channel_scaling", 0.5, "fail"), "fail"))
+    cells.append(_cell(world, "channel_scaling", 0.5, _network(world, "channel_scaling", 0.5), "fail"))
     assert cells[1]["record"]["status"] == "failed" and "transfer:channel_scaling" in cells[1]["record"]["error"]
     monkeypatch.delenv("PRUNESHOT_INJECT_FAILURE")
-    cells.append(_cell(world, "random", 0.5, _fresh_search(world, "random", 0.5, "ok"), "ok"))
+    cells.append(_cell(world, "random", 0.5, _searched(_fresh_search(world, "random", 0.5, "ok")), "ok"))
     assert cells[2]["record"]["status"] == "ok"
     out = world["tmp"] / "agg_fail"
-    rows = stages.aggregate(world["cfg"], cells, world["src"] / "manifest.json",
+    rows = aggregate(world["cfg"], cells, world["src"] / "manifest.json",
                             {"digits_5to9": world["tgt"] / "manifest.json"}, out / "results.csv",
                             out / "episodes.csv", out / "metrics.json", _job("aggregate"))
     table = pd.read_csv(out / "results.csv")
@@ -335,3 +368,30 @@ def test_a_failing_method_becomes_a_failed_row_and_the_others_are_unaffected(wor
     assert "NaN" not in text  # strict JSON for `dvc metrics show`: failed rows carry no NaN there
     metrics = json.loads(text)
     assert metrics["failed_cells"] == 2 and any(k.startswith("random/") for k in metrics)
+
+
+def test_a_target_side_row_reads_its_network_from_pretrain_and_its_cost_from_the_episodes(world):
+    """No search copy: the row's checkpoint is the pretrained network, its dense cost the one a search of the
+    dense method counts, its achieved cost the mean over the cell's per-episode networks, its episodes keyed."""
+    import pandas as pd
+
+    cells = [_cell(world, "basis_scaling", 0.5, _network(world, "basis_scaling", 0.5), "target_row"),
+             _cell(world, "dense", 1.0, _network(world, "dense", 1.0), "target_row")]
+    out = world["tmp"] / "agg_target"
+    aggregate(world["cfg"], cells, world["src"] / "manifest.json", {"digits_5to9": world["tgt"] / "manifest.json"},
+              out / "results.csv", out / "episodes.csv", out / "metrics.json", _job("aggregate"))
+    by = pd.read_csv(out / "results.csv").set_index("method")
+    row, dense = by.loc["basis_scaling"], by.loc["dense"]
+    assert row["status"] == "ok" and row["side"] == "target" and row["search_scope"] == "per episode"
+    assert row["checkpoint_sha256"] == row["pretrain_sha256"] == read_json(world["pre"] / "metrics.json")[
+        "weights_sha256"]
+    assert (row["dense_params"], row["dense_flops"]) == (dense["dense_params"], dense["dense_flops"])
+    adapted = cells[0]["record"]["adapted"]
+    assert row["achieved_params"] == pytest.approx(sum(a["params"] for a in adapted) / len(adapted))
+    assert row["params_ratio"] == pytest.approx(row["achieved_params"] / row["dense_params"])
+    assert row["params_ratio"] < 0.55
+    episodes = pd.read_csv(out / "episodes.csv")
+    mine = episodes[episodes["row_id"] == row["row_id"]]
+    arm = cells[0]["record"]["arms"]["finetune"]["episodes"]
+    assert list(mine["episode"]) == [e["episode"] for e in arm]
+    assert list(mine["accuracy"]) == pytest.approx([e["accuracy"] for e in arm])

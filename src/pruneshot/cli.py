@@ -5,11 +5,36 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG = Path("config/config.yaml")
+
+
+def _study_paths(args: argparse.Namespace) -> Any:
+    """The :class:`pruneshot.paths.StudyPaths` of ``--study``, else of ``--config``'s study.name, else of
+    the embedded default config's."""
+    from pruneshot.config import load_config
+    from pruneshot.paths import StudyPaths, for_config
+
+    if getattr(args, "study", None):
+        return StudyPaths(args.study)
+    return for_config(load_config(args.config if args.config is not None else DEFAULT_CONFIG))
 
 
 def _summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from pruneshot.config import ConfigError
+
+    if args.results is None:
+        try:
+            args.results = Path(_study_paths(args).result("results_csv"))
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            return 2
+    if not args.results.is_file():
+        print(f"no results table at {args.results}", file=sys.stderr)
+        return 2
     df = pd.read_csv(args.results)
     df = df[df["status"] == "ok"]
     cols = ["method", "side", "method_source", "requested_budget", "params_ratio", "target", "shots", "arm",
@@ -18,6 +43,11 @@ def _summary(args: argparse.Namespace) -> int:
     view["acc"] = [f"{100 * m:.1f} ± {100 * c:.1f}" for m, c in zip(view.acc_mean, view.acc_ci95, strict=True)]
     view["params_ratio"] = view["params_ratio"].map(lambda v: f"{v:.3f}")
     print(view.drop(columns=["acc_mean", "acc_ci95"]).to_string(index=False))
+    from pruneshot.paths import RESULTS, root_of
+
+    report = root_of(args.results, "results_csv") / RESULTS["report_html"]
+    if report.is_file():
+        print(f"report: {report}")
     return 0
 
 
@@ -44,9 +74,17 @@ def _validate(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """Rebuild the HTML report from existing tables (no Snakemake, no training)."""
     from pruneshot.config import ConfigError, config_hash, load_config
-    from pruneshot.report.build import MixedResultsError, build_report, collect_provenance, load_results
+    from pruneshot.report.build import build_report
+    from pruneshot.report.load import MixedResultsError, collect_provenance, load_results
 
-    results_csv: Path = args.results
+    try:
+        config = load_config(args.config) if args.config is not None else None
+        paths = _study_paths(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    results_csv: Path = args.results if args.results is not None else Path(paths.result("results_csv"))
+    out_dir: Path = args.out if args.out is not None else Path(paths.result("report_dir"))
     if not results_csv.is_file():
         print(f"no results table at {results_csv}", file=sys.stderr)
         return 2
@@ -57,24 +95,21 @@ def _report(args: argparse.Namespace) -> int:
             return 2
         print(f"note: {episodes} not found; the report has no paired tests", file=sys.stderr)
         episodes = None
-    root = results_csv.resolve().parent.parent  # results/tables/results.csv -> results/
+    from pruneshot.paths import RESULTS, fill, root_of
+
+    root = root_of(results_csv, "results_csv")
     study, config_sha, allow_mixed = None, None, args.allow_mixed
-    if args.config is not None:
-        try:
-            config = load_config(args.config)
-        except ConfigError as err:
-            print(err, file=sys.stderr)
-            return 2
+    if config is not None:
         study, config_sha = config["study"]["name"], config_hash(config)
         allow_mixed = allow_mixed or bool(config.get("report", {}).get("allow_mixed", False))
-    manifests = {"source": root / "data/source/manifest.json",
-                 **{p.parent.name: p for p in sorted((root / "data/target").glob("*/manifest.json"))}}
+    pools = root.glob(fill(RESULTS["target_manifest"], target="*"))
+    manifests = {"source": root / RESULTS["source_manifest"], **{p.parent.name: p for p in sorted(pools)}}
     prov = collect_provenance(load_results(results_csv), study=study, config_sha256=config_sha,
-                              study_json=root / "mlflow/study.json", sync_json=root / "mlflow/sync.json",
+                              study_json=root / RESULTS["study_json"], sync_json=root / RESULTS["sync_json"],
                               manifests=manifests)
-    out_html = args.out / "index.html"
+    out_html = out_dir / "index.html"
     try:
-        build_report(results_csv, prov, out_html, args.out / "figures", episodes, allow_mixed=allow_mixed)
+        build_report(results_csv, prov, out_html, out_dir / "figures", episodes, allow_mixed=allow_mixed)
     except MixedResultsError as err:
         print(err, file=sys.stderr)
         return 3
@@ -85,48 +120,69 @@ def _report(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     import json
 
-    from pruneshot.audit import lineage as audit
+    from pruneshot.audit import records, text
+    from pruneshot.audit.dvc import DvcOutputs
+    from pruneshot.audit.lineage import lineage
+    from pruneshot.audit.verify import verify
+    from pruneshot.paths import StudyPaths
 
-    root = args.root
-    results = (root / args.results).resolve()  # --results is relative to --root
-    target = args.row
+    root: Path = args.root
+    target: str | None = args.row
+    results: Path | None = root / args.results if args.results is not None else None  # relative to --root
     if target is not None and target.endswith(".csv"):  # a results file (relative to here): every row of it
         results, target = Path(target).resolve(), None
-    if args.verify and target is None:
-        result = audit.verify(root, results)
-        print(json.dumps(result.as_dict(), indent=2) if args.json else audit.format_verify(result))
-        return 0 if result.ok else 1
     try:
-        rows = audit.read_results(results)
+        study = args.study
+        if study is None and results is not None:
+            study = records.study_of_path(root, results, "results_csv")
+        if study is None and target is not None and target.endswith(".json"):
+            study = records.study_of_path(root, target if Path(target).exists() else root / target, "transfer")
+        paths = StudyPaths(study or records.default_study(root, args.config))
+        if not (root / paths.results_root).is_dir():
+            raise records.AuditError(f"no results of study {paths.study!r}: {root / paths.results_root} does not "
+                                     "exist", records.studies(root), label="studies with results here")
+        results_rel = records.rel_path(root, results if results is not None else paths.result("results_csv"))
+        if args.verify and target is None:
+            result = verify(root, paths, results_rel, config=args.config)
+            print(json.dumps(result.as_dict(), indent=2) if args.json else text.format_verify(result))
+            return 0 if result.ok else 1
+        rows = records.read_results(root / results_rel)
         if target is None:
             chosen = rows
         elif target.endswith(".json"):  # a transfer record: the rows it produced
             record = Path(target)
             if not record.is_absolute() and not record.exists():
                 record = root / record
-            chosen = audit.rows_for_transfer_record(rows, root, record)
+            chosen = records.rows_for_transfer_record(rows, root, record)
             if not chosen:
-                raise audit.AuditError(f"no row of {results} comes from transfer record {target}")
+                raise records.AuditError(f"no row of {results_rel} comes from transfer record {target}")
         else:
-            chosen = audit.find_rows(rows, target)
-    except audit.AuditError as err:
+            chosen = records.find_rows(rows, target)
+    except records.AuditError as err:
         print(f"pruneshot audit: {err}", file=sys.stderr)
         if err.candidates:
             print(f"{err.label}: " + ", ".join(err.candidates), file=sys.stderr)
         return 2
     if args.verify:
-        result = audit.verify(root, results, rows=chosen)
+        result = verify(root, paths, results_rel, rows=chosen, config=args.config)
         scope = f"the lineage of {len(chosen)} row(s)"
-        print(json.dumps(result.as_dict(), indent=2) if args.json else audit.format_verify(result, scope))
+        print(json.dumps(result.as_dict(), indent=2) if args.json else text.format_verify(result, scope))
         return 0 if result.ok else 1
-    hasher = audit.Hasher(root)
-    dvc = audit.DvcLock(root, hasher)
-    lineages = [audit.lineage(root, row, results, hasher=hasher, dvc=dvc) for row in chosen]
+    hasher = records.Hasher(root)
+    dvc = DvcOutputs(root, hasher)
+    lineages = [lineage(root, row, paths, results_rel, hasher=hasher, dvc=dvc, config=args.config) for row in chosen]
     if args.json:
-        print(json.dumps({"results": str(results), "rows": lineages}, indent=2, default=str))
+        print(json.dumps({"study": paths.study, "results": results_rel, "rows": lineages}, indent=2, default=str))
     else:
-        print("\n\n".join(audit.format_lineage(lin) for lin in lineages))
+        print("\n\n".join(text.format_lineage(lin) for lin in lineages))
     return 0
+
+
+def _study_options(p: argparse.ArgumentParser, config_note: str = "") -> None:
+    p.add_argument("--study", default=None, help="the study (its results under results/NAME/); "
+                                                 "default: study.name of --config")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"the study config (default: {DEFAULT_CONFIG}){config_note}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pruneshot", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("summary", help="print the results table (mean ± 95%% CI, in %%)")
-    p.add_argument("results", type=Path, nargs="?", default=Path("results/tables/results.csv"))
+    p.add_argument("results", type=Path, nargs="?", default=None,
+                   help="a results table (default: results/STUDY/tables/results.csv)")
+    _study_options(p)
     p.set_defaults(func=_summary)
     p = sub.add_parser("validate", help="validate a config file against the schema")
     p.add_argument("config", type=Path)
@@ -147,20 +205,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("row", nargs="?", metavar="ROW_ID",
                    help="a row_id (or a unique prefix), a transfer record (.json) or a results file (.csv); "
                         "default: every row")
-    p.add_argument("--results", type=Path, default=Path("results/tables/results.csv"),
-                   help="the results table (relative to --root)")
+    p.add_argument("--study", default=None,
+                   help="the study (its results under results/NAME/); default: study.name of --config")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the study config (default: config/config.yaml under --root): its study.name, and its hash "
+                        "now compared with the run's")
+    p.add_argument("--results", type=Path, default=None,
+                   help="the results table (relative to --root; default: results/STUDY/tables/results.csv)")
     p.add_argument("--root", type=Path, default=Path("."), help="the project directory")
     p.add_argument("--verify", action="store_true",
                    help="re-hash the artefacts (of ROW_ID's lineage, else all) and compare with the recorded hashes")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_audit)
     p = sub.add_parser("report", help="rebuild the HTML report from existing tables (no Snakemake)")
-    p.add_argument("--results", type=Path, default=Path("results/tables/results.csv"))
+    p.add_argument("--results", type=Path, default=None,
+                   help="the results table (default: results/STUDY/tables/results.csv)")
     p.add_argument("--episodes", type=Path, default=None,
                    help="per-episode accuracies (default: episodes.csv beside --results)")
-    p.add_argument("--out", type=Path, default=Path("results/report"), help="folder for index.html and figures/")
-    p.add_argument("--config", type=Path, default=None,
-                   help="the study config: its name, hash and report.allow_mixed go into the report")
+    p.add_argument("--out", type=Path, default=None,
+                   help="folder for index.html and figures/ (default: results/STUDY/report)")
+    _study_options(p, "; its name, hash and report.allow_mixed go into the report")
     p.add_argument("--allow-mixed", action="store_true",
                    help="build even when results come from several commits or config hashes (with a warning)")
     p.set_defaults(func=_report)

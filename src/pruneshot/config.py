@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,9 @@ import jsonschema
 import yaml
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "config" / "schema.yaml"
+
+#: ``study.name`` becomes the folders results/<name>/ and logs/<name>/ (the schema's pattern is the same).
+STUDY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 # Number of images per class in scikit-learn's digits (the smallest class has 174).
 DATASET_CLASS_SIZES: dict[str, dict[int, int]] = {
@@ -93,14 +97,31 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     """
     schema = schema if schema is not None else load_schema()
     config = copy.deepcopy(dict(config))
+    name_problem = study_name_problem(config)
     validator = _validator_with_defaults(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(_describe(e) for e in errors))
+    if name_problem:  # reported once, by study_name_problem, not also as a schema pattern mismatch
+        errors = [e for e in errors if not (list(e.absolute_path) == ["study", "name"] and e.validator == "pattern")]
+    messages = [_describe(e) for e in errors] + ([name_problem] if name_problem else [])
+    if messages:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(messages))
     problems = semantic_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+def study_name_problem(config: dict[str, Any]) -> str | None:
+    """Why ``study.name`` is not a safe folder name (None when it is, or when it is missing or not a string:
+    the schema reports those)."""
+    study = config.get("study")
+    name = study.get("name") if isinstance(study, dict) else None
+    if not isinstance(name, str):
+        return None
+    if name in (".", "..") or not re.fullmatch(STUDY_NAME_PATTERN, name):
+        return (f"config key 'study.name': {name!r} is not a safe folder name (the study writes to "
+                f"results/<study.name>/); allowed: {STUDY_NAME_PATTERN}, not '.' or '..'")
+    return None
 
 
 def semantic_problems(config: dict[str, Any]) -> list[str]:
@@ -266,3 +287,15 @@ def config_hash(config: dict[str, Any]) -> str:
 def budget_label(budget: float) -> str:
     """Canonical text of a budget level for paths and wildcards: 0.5 -> '0.5', 1.0 -> '1'."""
     return f"{float(budget):g}"
+
+
+def budget_value(budget: str | float) -> float:
+    """A budget label or number as a comparable float: '0.5', 0.5 and 0.5000000001 -> 0.5 (rounded to
+    9 decimals, so a label and the float it came from compare equal); NaN when not a finite number."""
+    import math
+
+    try:
+        value = float(budget)
+    except (TypeError, ValueError):
+        return math.nan
+    return round(value, 9) if math.isfinite(value) else math.nan

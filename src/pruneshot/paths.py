@@ -117,6 +117,11 @@ def _join(base: str, *parts: str) -> str:
     return Path(base, *parts).as_posix()
 
 
+def root_of(path: str | Path, key: str) -> Path:
+    """The study root (``results/<study>/``, resolved) that ``path``, a file made from ``RESULTS[key]``, lies under."""
+    return Path(path).resolve().parents[len(Path(RESULTS[key]).parts) - 1]
+
+
 def for_config(config: dict, base: str | Path = ".") -> StudyPaths:
     """The paths of the study ``config`` describes (its ``study.name``)."""
     return StudyPaths(str(config["study"]["name"]), str(base))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruneshot.data.pipeline import Augment, BatchSource, autocast, crop_flip, draw_augmentation
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
 LogFn = Callable[[str], None]
@@ -59,7 +59,7 @@ def pretrain(
     with the best validation accuracy (early stopping after ``patience`` epochs without gain).
 
     ``train``/``val``: device-resident sources (:class:`pruneshot.data.pipeline.BatchSource`, uint8 images
-    normalised per batch) or ``data.Split`` float tensors (moved to ``device`` as they are).
+    normalised per batch) or ``data.splits.Split`` float tensors (moved to ``device`` as they are).
     ``augment``: crop/flip of training batches (None or all off: none, and then the random draws,
     hence the weights on CPU, are exactly those of the plain loop: one permutation per epoch).
     ``device``: where the model, data and evaluation live. ``amp`` 'bf16': bf16 autocast of
@@ -172,10 +172,11 @@ def pretrain(
 
 
 class SGD:
-    """Plain SGD with momentum and L2 weight decay, the same update as ``torch.optim.SGD``
-    (dampening 0, no Nesterov): g = grad + wd * p; b = g on the first step, else m * b + g;
-    p -= lr * b. Written out because ``torch.optim`` imports ``torch._dynamo`` on its first
-    step (~2 s per process), which every short transfer job would pay."""
+    """Plain SGD with momentum and L2 weight decay, bit for bit the update of ``torch.optim.SGD``
+    (dampening 0, no Nesterov, not maximising; tests/test_training.py): g = grad + wd * p; b = g on
+    the first step, else m * b + g; p -= lr * b. Written out because constructing a
+    ``torch.optim.SGD`` (``Optimizer.add_param_group``) imports ``torch._dynamo``: about 2.3 s per
+    process on torch 2.13 CPU, which each transfer job would pay (it never loads dynamo otherwise)."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, momentum: float = 0.0,
                  weight_decay: float = 0.0) -> None:

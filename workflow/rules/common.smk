@@ -1,6 +1,7 @@
 # Config look-ups and target lists; rules stay declarative.
 from pruneshot.config import budget_label, config_hash
-from pruneshot.methods import get_method
+from pruneshot.methods import get_method, options_for
+from pruneshot.paths import for_config
 from pruneshot.runtime.provenance import git_state
 
 # The git state travels to every job through the environment, never through params
@@ -10,7 +11,14 @@ os.environ.setdefault("PRUNESHOT_GIT_COMMIT", _commit)
 os.environ.setdefault("PRUNESHOT_GIT_DIRTY", "1" if _dirty else "0")
 CONFIG_SHA256 = config_hash(config)
 
+# Every path is a template of pruneshot.paths below this study's roots, results/<study.name>/ and
+# logs/<study.name>/: two configs in one checkout never touch each other's outputs.
+PATHS = for_config(config)
+R, LOG, BENCH = PATHS.result, PATHS.log, PATHS.benchmark
+
 METHODS = {name: get_method(name) for name in config["methods"]}
+SOURCE_SIDE = [m for m, method in METHODS.items() if method.side == "source"]
+TARGET_SIDE = [m for m, method in METHODS.items() if method.side == "target"]
 BUDGETS = [budget_label(b) for b in config["budget"]["levels"]]
 REPLICATES = list(range(config["study"]["replicates"]))
 TARGETS = list(config["data"]["targets"])
@@ -28,7 +36,7 @@ def method_arms(method):
 
 
 def networks():
-    """(method, budget, replicate) of every searched network."""
+    """(method, budget, replicate) of every network a method is evaluated at."""
     return [(m, b, r) for m in METHODS for b in method_budgets(m) for r in REPLICATES]
 
 
@@ -49,7 +57,9 @@ def all_cores():
 
 
 def _alts(values):
-    return "|".join(sorted({str(v).replace(".", r"\.") for v in values}))
+    """A regex matching exactly ``values`` (one that matches nothing when there are none)."""
+    values = sorted({str(v).replace(".", r"\.") for v in values})
+    return "|".join(values) if values else "(?!)"
 
 
 wildcard_constraints:
@@ -61,23 +71,22 @@ wildcard_constraints:
     ways=_alts([WAYS]),
 
 
-# One transfer job per (network, target, shots) runs every arm of the method on the same episodes.
-TRANSFER = "results/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.json"
-SEARCH_RECORD = "results/search/{method}/b{budget}/r{replicate}/record.json"
-PROFILE = "results/profile/{method}/b{budget}/r{replicate}.json"
+def network_paths(w):
+    """The network a cell (wildcards ``w``, a dict) starts from: a source-side method's searched
+    network, or for a target-side method (which prunes per episode) the pretrained backbone;
+    ``network_record`` is the record describing it (search record, pretrain metrics)."""
+    if METHODS[w["method"]].side == "target":
+        keys = ("pretrain_weights", "pretrain_arch", "pretrain_metrics")
+    else:
+        keys = ("search_weights", "search_arch", "search_record")
+    return dict(zip(("weights", "arch", "network_record"), (R(k, **w) for k in keys), strict=True))
 
 
-def profile_inputs(wildcards):
-    """The searched network; for a target-side method also one transfer record, whose
-    per-episode pruned networks are what gets timed (the method declares its side)."""
-    w = dict(method=wildcards.method, budget=wildcards.budget, replicate=wildcards.replicate)
-    inputs = {
-        "weights": "results/search/{method}/b{budget}/r{replicate}/model.safetensors".format(**w),
-        "arch": "results/search/{method}/b{budget}/r{replicate}/arch.json".format(**w),
-    }
-    if METHODS[wildcards.method].side == "target":
-        inputs["adapted"] = TRANSFER.format(**w, target=TARGETS[0], shots=max(SHOTS))
-    return inputs
+def profile_record(cell):
+    """The latency record of a cell's network: per network (source side), per cell (target side)."""
+    if METHODS[cell["method"]].side == "target":
+        return R("profile_adapted", **cell)
+    return R("profile", **cell)
 
 
 def aggregate_inputs():
@@ -118,10 +127,8 @@ def episode_settings(wildcards):
 
 
 def search_settings(wildcards):
-    from pruneshot.stages.job import method_options
-
     method = METHODS[wildcards.method]
-    return settings_hash(PRETRAIN_SETTINGS, config["budget"]["metric"], method_options(config, method))
+    return settings_hash(PRETRAIN_SETTINGS, config["budget"]["metric"], options_for(config, method))
 
 
 def transfer_settings(wildcards):
@@ -130,27 +137,26 @@ def transfer_settings(wildcards):
 
 
 def transfer_outputs():
-    return sorted({TRANSFER.format(**c) for c in cells()})
+    return sorted({R("transfer", **c) for c in cells()})
+
+
+def profile_outputs():
+    return sorted({profile_record(c) for c in cells()})
 
 
 def aggregate_cells():
     """Per cell (one row of results.csv), its arm and the records aggregate reads (plain paths)."""
-    out = []
-    for c in cells():
-        out.append({
+    return [
+        {
             "arm": c["arm"],
-            "transfer": TRANSFER.format(**c),
-            "search": SEARCH_RECORD.format(**c),
-            "profile": PROFILE.format(**c),
-            "pretrain": f"results/pretrain/r{c['replicate']}/metrics.json",
-        })
-    return out
+            "transfer": R("transfer", **c),
+            "network": network_paths(c)["network_record"],
+            "profile": profile_record(c),
+            "pretrain": R("pretrain_metrics", **c),
+        }
+        for c in cells()
+    ]
 
 
 def final_targets():
-    return [
-        "results/report/index.html",
-        "results/tables/results.csv",
-        "results/metrics.json",
-        "results/mlflow/sync.json",
-    ]
+    return [R(key) for key in ("report_html", "results_csv", "metrics_json", "sync_json")]

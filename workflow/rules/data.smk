@@ -1,12 +1,12 @@
 rule prepare_source:
     output:
-        manifest="results/data/source/manifest.json",
-        train="results/data/source/train.safetensors",
-        val="results/data/source/val.safetensors",
+        manifest=R("source_manifest"),
+        train=R("source_train"),
+        val=R("source_val"),
     params:
         settings=SOURCE_SETTINGS,
     log:
-        "logs/prepare_source.log",
+        LOG("prepare_source"),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -15,12 +15,12 @@ rule prepare_source:
 
 rule prepare_target:
     output:
-        manifest="results/data/target/{target}/manifest.json",
-        pool="results/data/target/{target}/pool.safetensors",
+        manifest=R("target_manifest"),
+        pool=R("target_pool"),
     params:
         settings=target_settings,
     log:
-        "logs/prepare_target/{target}.log",
+        LOG("prepare_target"),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -29,14 +29,14 @@ rule prepare_target:
 
 rule make_episodes:
     input:
-        manifest="results/data/target/{target}/manifest.json",
-        pool="results/data/target/{target}/pool.safetensors",
+        manifest=R("target_manifest"),
+        pool=R("target_pool"),
     output:
-        episodes="results/episodes/{target}/{ways}way_{shots}shot.json",
+        episodes=R("episodes"),
     params:
         settings=episode_settings,
     log:
-        "logs/make_episodes/{target}/{ways}way_{shots}shot.log",
+        LOG("make_episodes"),
     conda:
         "../../envs/pruneshot.yaml"
     script:

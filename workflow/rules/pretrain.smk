@@ -1,19 +1,19 @@
 rule pretrain:
     input:
-        study="results/mlflow/study.json",
-        manifest="results/data/source/manifest.json",
-        train="results/data/source/train.safetensors",
-        val="results/data/source/val.safetensors",
+        study=R("study_json"),
+        manifest=R("source_manifest"),
+        train=R("source_train"),
+        val=R("source_val"),
     output:
-        weights="results/pretrain/r{replicate}/model.safetensors",
-        arch="results/pretrain/r{replicate}/arch.json",
-        metrics="results/pretrain/r{replicate}/metrics.json",
+        weights=R("pretrain_weights"),
+        arch=R("pretrain_arch"),
+        metrics=R("pretrain_metrics"),
     params:
         settings=PRETRAIN_SETTINGS,
     log:
-        "logs/pretrain/r{replicate}.log",
+        LOG("pretrain"),
     benchmark:
-        "logs/benchmarks/pretrain/r{replicate}.tsv"
+        BENCH("pretrain")
     threads: config["pretrain"]["threads"]
     resources:
         gpu=1 if config["pretrain"]["device"] == "cuda" else 0,

@@ -1,17 +1,42 @@
 # Latency is measured with the whole machine reserved (threads = all cores), so no other
 # job disturbs the timings; the timed forward passes themselves use profile.threads.
-# A target-side method prunes per episode: its timed network comes from a transfer record.
 rule profile:
     input:
-        unpack(profile_inputs),
+        weights=R("search_weights"),
+        arch=R("search_arch"),
     output:
-        record=PROFILE,
+        record=R("profile"),
+    wildcard_constraints:
+        method=_alts(SOURCE_SIDE),
     params:
         settings=PROFILE_SETTINGS,
     log:
-        "logs/profile/{method}/b{budget}/r{replicate}.log",
+        LOG("profile"),
     benchmark:
-        "logs/benchmarks/profile/{method}/b{budget}/r{replicate}.tsv"
+        BENCH("profile")
+    threads: all_cores()
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/profile.py"
+
+
+# A target-side method prunes per episode: each transfer cell times its own median-size network.
+rule profile_adapted:
+    input:
+        weights=R("pretrain_weights"),
+        arch=R("pretrain_arch"),
+        adapted=R("transfer"),
+    output:
+        record=R("profile_adapted"),
+    wildcard_constraints:
+        method=_alts(TARGET_SIDE),
+    params:
+        settings=PROFILE_SETTINGS,
+    log:
+        LOG("profile_adapted"),
+    benchmark:
+        BENCH("profile_adapted")
     threads: all_cores()
     conda:
         "../../envs/pruneshot.yaml"

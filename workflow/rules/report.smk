@@ -1,21 +1,21 @@
 rule aggregate:
     input:
         cells=aggregate_inputs(),
-        source_manifest="results/data/source/manifest.json",
-        target_manifests=expand("results/data/target/{target}/manifest.json", target=TARGETS),
+        source_manifest=R("source_manifest"),
+        target_manifests=[R("target_manifest", target=t) for t in TARGETS],
     output:
         results=report(
-            "results/tables/results.csv",
+            R("results_csv"),
             caption="../report/results.rst",
             category="Tables",
         ),
         episodes=report(
-            "results/tables/episodes.csv",
+            R("episodes_csv"),
             caption="../report/episodes.rst",
             category="Tables",
         ),
         metrics=report(
-            "results/metrics.json",
+            R("metrics_json"),
             caption="../report/metrics.rst",
             category="Tables",
         ),
@@ -24,7 +24,7 @@ rule aggregate:
         targets=TARGETS,
         settings=CONFIG_SHA256,
     log:
-        "logs/aggregate.log",
+        LOG("aggregate"),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -33,20 +33,20 @@ rule aggregate:
 
 rule report:
     input:
-        results="results/tables/results.csv",
-        episodes="results/tables/episodes.csv",
-        study="results/mlflow/study.json",
-        sync="results/mlflow/sync.json",
-        source_manifest="results/data/source/manifest.json",
-        target_manifests=expand("results/data/target/{target}/manifest.json", target=TARGETS),
+        results=R("results_csv"),
+        episodes=R("episodes_csv"),
+        study=R("study_json"),
+        sync=R("sync_json"),
+        source_manifest=R("source_manifest"),
+        target_manifests=[R("target_manifest", target=t) for t in TARGETS],
     output:
         html=report(
-            "results/report/index.html",
+            R("report_html"),
             caption="../report/index.rst",
             category="Report",
         ),
         figures=report(
-            directory("results/report/figures"),
+            directory(R("report_figures")),
             patterns=["{name}.png"],
             caption="../report/figures.rst",
             category="Figures",
@@ -56,7 +56,7 @@ rule report:
         targets=TARGETS,
         settings=CONFIG_SHA256,
     log:
-        "logs/report.log",
+        LOG("report"),
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -1,22 +1,25 @@
+# Source-side methods only: a target-side method prunes per episode, inside transfer.
 rule search:
     input:
-        study="results/mlflow/study.json",
-        manifest="results/data/source/manifest.json",
-        train="results/data/source/train.safetensors",
-        val="results/data/source/val.safetensors",
-        weights="results/pretrain/r{replicate}/model.safetensors",
-        arch="results/pretrain/r{replicate}/arch.json",
-        metrics="results/pretrain/r{replicate}/metrics.json",
+        study=R("study_json"),
+        manifest=R("source_manifest"),
+        train=R("source_train"),
+        val=R("source_val"),
+        weights=R("pretrain_weights"),
+        arch=R("pretrain_arch"),
+        metrics=R("pretrain_metrics"),
     output:
-        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
-        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
-        record="results/search/{method}/b{budget}/r{replicate}/record.json",
+        weights=R("search_weights"),
+        arch=R("search_arch"),
+        record=R("search_record"),
+    wildcard_constraints:
+        method=_alts(SOURCE_SIDE),
     params:
         settings=search_settings,
     log:
-        "logs/search/{method}/b{budget}/r{replicate}.log",
+        LOG("search"),
     benchmark:
-        "logs/benchmarks/search/{method}/b{budget}/r{replicate}.tsv"
+        BENCH("search")
     threads: 1
     conda:
         "../../envs/pruneshot.yaml"

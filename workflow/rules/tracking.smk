@@ -1,8 +1,8 @@
 rule init_tracking:
     output:
-        study="results/mlflow/study.json",
+        study=R("study_json"),
     log:
-        "logs/init_tracking.log",
+        LOG("init_tracking"),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -11,13 +11,13 @@ rule init_tracking:
 
 rule sync_tracking:
     input:
-        study="results/mlflow/study.json",
+        study=R("study_json"),
         records=transfer_outputs(),
-        profiles=[PROFILE.format(method=m, budget=b, replicate=r) for m, b, r in networks()],
+        profiles=profile_outputs(),
     output:
-        sync="results/mlflow/sync.json",
+        sync=R("sync_json"),
     log:
-        "logs/sync_tracking.log",
+        LOG("sync_tracking"),
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -1,19 +1,18 @@
+# One transfer job per (network, target, shots) runs every arm of the method on the same episodes.
 rule transfer:
     input:
-        study="results/mlflow/study.json",
-        weights="results/search/{method}/b{budget}/r{replicate}/model.safetensors",
-        arch="results/search/{method}/b{budget}/r{replicate}/arch.json",
-        record="results/search/{method}/b{budget}/r{replicate}/record.json",
-        source_manifest="results/data/source/manifest.json",
-        target_manifest="results/data/target/{target}/manifest.json",
-        pool="results/data/target/{target}/pool.safetensors",
-        episodes=f"results/episodes/{{target}}/{WAYS}way_{{shots}}shot.json",
+        unpack(lambda w: network_paths(dict(w.items()))),
+        study=R("study_json"),
+        source_manifest=R("source_manifest"),
+        target_manifest=R("target_manifest"),
+        pool=R("target_pool"),
+        episodes=R("episodes", ways=WAYS),
     output:
-        record=TRANSFER,
+        record=R("transfer"),
     log:
-        "logs/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.log",
+        LOG("transfer"),
     benchmark:
-        "logs/benchmarks/transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.tsv"
+        BENCH("transfer")
     params:
         arms=lambda w: method_arms(w.method),
         settings=transfer_settings,

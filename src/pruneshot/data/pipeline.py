@@ -6,7 +6,7 @@ normalised float32) and the labels (int64, N) on one device, CPU or CUDA. One tr
 gather the batch's images by index, augment them (random crop with zero padding, horizontal flip,
 per image, vectorised: no Python loop over images), convert to float32, scale by ``1 / max_value``
 and normalise with (mean, std) -- the same operations, in the same order, as
-:func:`pruneshot.data.prepare.load_split`, so a batch equals the matching rows of ``load_split``'s tensor
+:func:`pruneshot.data.splits.load_split`, so a batch equals the matching rows of ``load_split``'s tensor
 bit for bit. There are no DataLoader workers: on CUDA the whole dataset (50 000 CIFAR images are
 150 MB as uint8) lives in GPU memory and a batch never crosses the PCIe bus.
 
@@ -156,7 +156,7 @@ class RawSplit:
 
 def load_raw_split(manifest_path: Path | str, split: str) -> RawSplit:
     """Load a split named in a manifest as stored (uint8 levels), after verifying its sha256."""
-    from pruneshot.data.prepare import load_verified
+    from pruneshot.data.splits import load_verified
 
     manifest, t = load_verified(manifest_path, split)
     return RawSplit(x=t["x"], y=t["y"].long(), max_value=int(manifest["max_value"]))
@@ -166,7 +166,7 @@ class BatchSource:
     """One split resident on ``device``: batches, normalisation and augmentation happen there.
 
     ``x`` uint8 (N, C, H, W) levels with ``max_value``, normalised per batch as
-    ``(x.float() / max_value - mean) / std`` (the arithmetic of ``data.load_split``), or float
+    ``(x.float() / max_value - mean) / std`` (the arithmetic of ``splits.load_split``), or float
     images already normalised (``max_value`` None; then ``fill`` is the normalised value of a
     zero pixel, used as crop padding). ``y`` int64 (N,). ``channels_last``: batches come out in
     channels-last memory format (for a channels-last model on CUDA)."""
@@ -195,7 +195,7 @@ class BatchSource:
     @classmethod
     def from_split(cls, split: Any, *, device: torch.device | str = "cpu", fill: float = 0.0,
                    channels_last: bool = False) -> BatchSource:
-        """A ``data.Split`` (float images already normalised; ``fill``: a zero pixel's value)."""
+        """A ``splits.Split`` (float images already normalised; ``fill``: a zero pixel's value)."""
         return cls(split.x, split.y, device=device, fill=fill, channels_last=channels_last)
 
     def __len__(self) -> int:

@@ -4,7 +4,8 @@ A prepared split holds ``x`` (uint8, N x C x H x W, raw pixel levels) and ``y``
 (int64, N, labels re-indexed to 0..K-1 in the order of the configured classes),
 plus ``orig_y`` (the dataset's own labels). The manifest records the dataset and its split,
 the raw files read (with their sha256), the image conversion applied, the class list and
-names, counts, pixel scale, normalisation statistics and the sha256 of every shard.
+names, counts, pixel scale, normalisation statistics and the sha256 of every shard; they are
+read back, verified, by :mod:`pruneshot.data.splits`.
 
 Raw data comes from :func:`load_raw`: scikit-learn's bundled ``digits``; ``mnist``,
 ``fashion_mnist``, ``cifar10``, ``cifar100`` and ``svhn`` downloaded from their official
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 
 from pruneshot.data.registry import CIFAR10_MEMBERS, CIFAR100_MEMBERS, DatasetSpec, get_spec, resolve_split
-from pruneshot.io import load_tensors, read_json, save_tensors, sha256_file, write_json
+from pruneshot.io import save_tensors, sha256_file, write_json
 
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights of R, G, B used to turn RGB into one gray channel."""
@@ -376,34 +377,3 @@ def prepare_target(raw: RawDataset, classes: list[int], out_dir: Path,
             manifest["provenance"] = provenance
         write_json(tmp / "manifest.json", manifest)
     return manifest
-
-
-@dataclass
-class Split:
-    """A prepared split as float tensors: x (N, C, H, W) normalised, y (N,) int64."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.y)
-
-
-def load_verified(manifest_path: Path | str, split: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """(manifest, tensors as stored) of a split named in a manifest, after verifying its sha256."""
-    manifest_path = Path(manifest_path)
-    manifest = read_json(manifest_path)
-    entry = manifest["splits"][split]
-    path = manifest_path.parent / entry["file"]
-    digest = sha256_file(path)
-    if digest != entry["sha256"]:
-        raise ValueError(f"{path}: sha256 {digest} does not match the manifest ({entry['sha256']})")
-    return manifest, load_tensors(path)
-
-
-def load_split(manifest_path: Path | str, split: str, normalization: dict[str, float]) -> Split:
-    """Load a split named in a manifest, verify its sha256, scale to [0, 1] and normalise."""
-    manifest, t = load_verified(manifest_path, split)
-    x = t["x"].float() / manifest["max_value"]
-    x = (x - normalization["mean"]) / normalization["std"]
-    return Split(x=x, y=t["y"].long())

@@ -1,25 +1,42 @@
 """Registry of pruning methods. Adding a method = adding one module here that defines a
-``PruningMethod`` subclass decorated with ``@register``; nothing else changes."""
+``PruningMethod`` subclass decorated with ``@register`` (with its options dataclass as ``options_class``),
+then regenerating config/schema.yaml (``python -m pruneshot.methods.schema --write``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import pkgutil
 
-from pruneshot.methods.base import AdaptContext, PruningMethod, SearchContext, SearchResult, TargetMethod
+from pruneshot.methods.base import (
+    AdaptContext,
+    MethodOptions,
+    PruningMethod,
+    SearchContext,
+    SearchResult,
+    TargetMethod,
+    option,
+    options_for,
+)
 
 REGISTRY: dict[str, type[PruningMethod]] = {}
 
 
 def register(cls: type[PruningMethod]) -> type[PruningMethod]:
-    """Class decorator: make a method available under ``cls.name``."""
+    """Class decorator: make a method available under ``cls.name`` (its ``options_class`` checked here)."""
     if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
         raise ValueError(f"method name {cls.name!r} registered twice")
+    opts = cls.options_class
+    if not (isinstance(opts, type) and issubclass(opts, MethodOptions) and dataclasses.is_dataclass(opts)):
+        raise TypeError(f"method {cls.name!r}: options_class must be a MethodOptions dataclass, got {opts!r}")
+    opts.specs()  # every field typed, described and with a default
     REGISTRY[cls.name] = cls
     return cls
 
 
 _discovered = False
+#: Modules of this package that define no method.
+_NOT_METHODS = ("base", "schema")
 
 
 def _discover() -> None:
@@ -28,7 +45,7 @@ def _discover() -> None:
     if _discovered:
         return
     for mod in pkgutil.iter_modules(__path__):
-        if mod.name != "base":
+        if mod.name not in _NOT_METHODS:
             importlib.import_module(f"{__name__}.{mod.name}")
     _discovered = True
 
@@ -48,5 +65,5 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["REGISTRY", "AdaptContext", "PruningMethod", "SearchContext", "SearchResult", "TargetMethod", "available",
-           "get_method", "register"]
+__all__ = ["REGISTRY", "AdaptContext", "MethodOptions", "PruningMethod", "SearchContext", "SearchResult",
+           "TargetMethod", "available", "get_method", "option", "options_for", "register"]

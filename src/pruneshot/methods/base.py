@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 
 if TYPE_CHECKING:
     from pruneshot.runtime.checkpoint import Checkpointer
@@ -82,8 +84,141 @@ class AdaptContext:
     log: Callable[[str], None] = print
 
 
+# --- method options: one typed dataclass per method, the single definition of its config section ---------------
+
+#: Metadata keys of an option field that become JSON-schema bounds (config/schema.yaml), in schema order.
+BOUNDS = ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum")
+_BOUND_TEXT = {"minimum": ">=", "exclusiveMinimum": ">", "maximum": "<=", "exclusiveMaximum": "<"}
+_BOUND_OK: dict[str, Callable[[Any, Any], bool]] = {
+    "minimum": lambda v, b: v >= b, "exclusiveMinimum": lambda v, b: v > b,
+    "maximum": lambda v, b: v <= b, "exclusiveMaximum": lambda v, b: v < b,
+}
+
+
+def option(default: Any, help: str, *, key: str | None = None, minimum: float | None = None,
+           exclusive_minimum: float | None = None, maximum: float | None = None,
+           exclusive_maximum: float | None = None) -> Any:
+    """A field of a ``MethodOptions`` dataclass: its default, one-line description and bounds.
+
+    The field's annotation gives the type: ``int``, ``float`` (any number), ``bool``, ``str`` or a
+    ``Literal`` of strings (an enum). ``key``: the config key when it is not a Python name (``lambda``).
+    """
+    meta: dict[str, Any] = {"help": help}
+    if key is not None:
+        meta["key"] = key
+    for name, value in zip(BOUNDS, (minimum, exclusive_minimum, maximum, exclusive_maximum), strict=True):
+        if value is not None:
+            meta[name] = value
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One option as the config sees it: key, JSON-schema type, default, description, enum and bounds."""
+
+    key: str
+    attr: str
+    type: str
+    default: Any
+    help: str
+    enum: tuple[str, ...] | None = None
+    bounds: tuple[tuple[str, Any], ...] = ()
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is not allowed for this option (None when it is)."""
+        kind = {"integer": "an integer", "number": "a number", "boolean": "true or false",
+                "string": "a string"}[self.type]
+        if self.type == "boolean":
+            ok = isinstance(value, bool)
+        elif self.type == "integer":
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif self.type == "number":
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, str)
+        if self.enum is not None:
+            kind = f"one of {', '.join(self.enum)}"
+            ok = ok and value in self.enum
+        if ok and self.bounds:
+            ok = all(_BOUND_OK[name](value, bound) for name, bound in self.bounds)
+        if ok:
+            return None
+        limits = " and ".join(f"{_BOUND_TEXT[name]} {bound}" for name, bound in self.bounds)
+        return f"must be {kind}{' ' + limits if limits else ''}, got {value!r}"
+
+
+_JSON_TYPES: dict[Any, str] = {bool: "boolean", int: "integer", float: "number", str: "string"}
+
+
+class MethodOptions:
+    """Base of a method's options dataclass (``PruningMethod.options_class``).
+
+    Subclasses are ``@dataclass(frozen=True)`` with a docstring (the config section's description) and
+    one ``option(...)`` field per config key, in config order. ``check`` holds rules across options.
+    """
+
+    @classmethod
+    def specs(cls) -> tuple[OptionSpec, ...]:
+        """The options, in field order."""
+        hints = typing.get_type_hints(cls)
+        out = []
+        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+            if "help" not in f.metadata or f.default is dataclasses.MISSING:
+                raise TypeError(f"{cls.__name__}.{f.name}: declare options with option(default, help, ...)")
+            hint = hints[f.name]
+            if typing.get_origin(hint) is Literal:
+                enum = typing.get_args(hint)
+                if not all(isinstance(v, str) for v in enum):
+                    raise TypeError(f"{cls.__name__}.{f.name}: a Literal option must list strings")
+                kind = "string"
+            elif hint in _JSON_TYPES:
+                enum, kind = None, _JSON_TYPES[hint]
+            else:
+                raise TypeError(f"{cls.__name__}.{f.name}: unsupported option type {hint!r}")
+            out.append(OptionSpec(key=f.metadata.get("key", f.name), attr=f.name, type=kind, default=f.default,
+                                  help=f.metadata["help"], enum=enum,
+                                  bounds=tuple((b, f.metadata[b]) for b in BOUNDS if b in f.metadata)))
+        return tuple(out)
+
+    @classmethod
+    def description(cls) -> str:
+        """The config section's description: the class docstring on one line."""
+        return " ".join((cls.__doc__ or "").split())
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Config key -> default, in config order."""
+        return {s.key: s.default for s in cls.specs()}
+
+    @classmethod
+    def resolve(cls, method: str, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` completed with the defaults and validated (unknown keys, types, enums, bounds, ``check``).
+
+        Returns a new dict in config order holding the given values themselves (no conversion)."""
+        specs = cls.specs()
+        unknown = sorted(set(options) - {s.key for s in specs})
+        if unknown:
+            raise ValueError(f"{method}: unknown option(s) {unknown}; allowed: {sorted(s.key for s in specs)}")
+        merged = {s.key: options.get(s.key, s.default) for s in specs}
+        for s in specs:
+            problem = s.problem(merged[s.key])
+            if problem:
+                raise ValueError(f"{method}: option '{s.key}' {problem}")
+        cls(**{s.attr: merged[s.key] for s in specs}).check(method)
+        return merged
+
+    def check(self, method: str) -> None:
+        """Rules across options (raise ValueError naming ``method`` and the options); none by default."""
+
+
+@dataclass(frozen=True)
+class NoOptions(MethodOptions):
+    """The options of a method without any."""
+
+
 class PruningMethod(ABC):
-    """One pruning method. Subclasses set the class attributes and implement ``search``.
+    """One pruning method. Subclasses set the class attributes and implement ``search`` (source side)
+    or ``adapt`` (target side, see ``TargetMethod``).
 
     name: config name; side: 'source' (searched once on source data, one architecture for
     every episode) or 'target' (prunes while adapting to each episode); provenance: where
@@ -100,14 +235,33 @@ class PruningMethod(ABC):
     #: Config sections of other methods this one builds on; the pipeline passes them nested in
     #: ``options`` under their names (e.g. double pruning reads channel_scaling and basis_scaling).
     option_sections: ClassVar[tuple[str, ...]] = ()
+    #: The method's options (its config section); ``NoOptions`` for a method without any.
+    options_class: ClassVar[type[MethodOptions]] = NoOptions
+
+    def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """``options`` (as the pipeline passes them, see ``options_for``) validated and completed with defaults.
+
+        The sections of ``option_sections`` are resolved by their own methods and stay nested under their
+        names (missing or null: that method's defaults), after the method's own options."""
+        from pruneshot.methods import get_method
+
+        own = {k: v for k, v in options.items() if k not in self.option_sections}
+        resolved = self.options_class.resolve(self.name, own)
+        for section in self.option_sections:
+            sub = options.get(section) or {}
+            if not isinstance(sub, Mapping):
+                raise ValueError(f"{self.name}: option '{section}' must be a mapping of {section} options, "
+                                 f"got {type(sub).__name__}")
+            resolved[section] = get_method(section).resolve_options(sub)
+        return resolved
 
     def arms(self, configured: list[str]) -> list[str]:
         """Transfer arms this method is evaluated with, given the configured ones."""
         return list(configured)
 
-    @abstractmethod
     def search(self, ctx: SearchContext) -> SearchResult:
-        """Return a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
+        """Source-side methods: a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
+        raise NotImplementedError(f"{self.name} is a {self.side}-side method: it has no source-side search()")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
         """Target-side methods: prune while adapting to one episode's support set."""
@@ -117,8 +271,8 @@ class PruningMethod(ABC):
 class TargetMethod(PruningMethod):
     """A method that prunes per episode on the target support set (side 'target').
 
-    Its source-side ``search`` hands the pretrained network on unchanged (the starting point of
-    every episode); the pruning happens in ``adapt``, which at budget >= 1 must return
+    It has no source-side search: every episode starts from the pretrained network, and the pruning
+    happens in ``adapt``, which at budget >= 1 must return
     ``ctx.model`` unchanged (no training either), so budget 1 equals the dense method exactly.
     Target methods have no ``reinit`` arm: their units are defined by the pretrained weights.
     """
@@ -127,11 +281,6 @@ class TargetMethod(PruningMethod):
 
     def arms(self, configured: list[str]) -> list[str]:
         return [a for a in configured if a != "reinit"]
-
-    def search(self, ctx: SearchContext) -> SearchResult:
-        return dense_result(ctx, {"requested_budget": ctx.budget, "metric": ctx.metric},
-                            "target-side method: the pretrained network is handed to every episode, "
-                            "which prunes it on its support set")
 
     @abstractmethod
     def adapt(self, ctx: AdaptContext) -> SearchResult:
@@ -146,12 +295,18 @@ def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cos
     return cost(build_model(model.spec_with_widths(widths)), metric) / dense_cost
 
 
-def merge_options(method: str, defaults: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated by ``options``; an unknown option is an error naming the allowed ones."""
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        raise ValueError(f"{method}: unknown option(s) {unknown}; allowed: {sorted(defaults)}")
-    return {**defaults, **options}
+def options_for(config: Mapping[str, Any], method: PruningMethod | type[PruningMethod] | str) -> dict[str, Any]:
+    """The options the pipeline passes to ``method`` for ``config``: its config section, plus the sections
+    of the methods it builds on (``method.option_sections``), nested under their names (copies)."""
+    if isinstance(method, str):
+        from pruneshot.methods import get_method
+
+        method = get_method(method)
+    own = config.get(method.name)
+    options = dict(own) if isinstance(own, dict) else {}
+    for section in method.option_sections:
+        options[section] = dict(config.get(section) or {})
+    return options
 
 
 def dense_result(ctx: SearchContext, info: dict[str, Any], note: str) -> SearchResult:

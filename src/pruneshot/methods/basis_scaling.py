@@ -26,46 +26,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
 
-# Keep in sync with the `basis_scaling` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "importance": "taylor",
-    "ranking": "global",
-    "rounds": 5,
-    "steps_per_round": 10,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "revert_when_larger": True,
-}
+
+@dataclass(frozen=True)
+class BasisScalingOptions(MethodOptions):
+    """Basis scaling (Wong et al. 2021; abstracts and patent claim read). Each conv is split by SVD into a
+    frozen k x k basis conv and a 1x1 BasisScalingConv whose only trainable part is the per-basis
+    scale s (init 1); s and the new head train on the support set; the least important bases are
+    pruned iteratively until the budget is met. Importance, schedule and thresholds are not in the
+    sources: the defaults below are reconstructions."""
+
+    importance: Literal["taylor", "mean_abs"] = option(
+        "taylor", "taylor: (sum over batches of grad_s_i * s_i)^2; mean_abs: mean |grad_s_i * s_i|.")
+    ranking: Literal["global", "per_layer"] = option(
+        "global", "Rank bases across all layers, or prune each layer by the same fraction.")
+    rounds: int = option(5, "Pruning rounds; after round j the cost target is budget ** (j / rounds) of the dense "
+                            "cost, so the last round meets the budget.", minimum=1)
+    steps_per_round: int = option(10, "Training steps (E) on the support set before each pruning round.", minimum=1)
+    lr: float = option(0.01, "SGD learning rate of the scales s and the new head (no weight decay).",
+                       exclusive_minimum=0)
+    momentum: float = option(0.9, "SGD momentum (one optimiser across all rounds).", minimum=0, maximum=1)
+    revert_when_larger: bool = option(
+        True, "Keep a layer as one k x k conv (with s folded in) where the two-layer decomposition would have "
+              "more parameters (kept r' >= k^2 C_in C_out / (k^2 C_in + C_out)).")
+
 
 #: Support sets up to this size are used whole at every step; larger ones are sampled.
 BATCH_SIZE = 64
-
-
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = merge_options("basis_scaling", DEFAULTS, options)
-    if opts["importance"] not in ("taylor", "mean_abs"):
-        raise ValueError(f"basis_scaling: option 'importance' must be taylor or mean_abs, got {opts['importance']!r}")
-    if opts["ranking"] not in ("global", "per_layer"):
-        raise ValueError(f"basis_scaling: option 'ranking' must be global or per_layer, got {opts['ranking']!r}")
-    for key in ("rounds", "steps_per_round"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise ValueError(f"basis_scaling: option '{key}' must be an integer >= 1, got {opts[key]!r}")
-    if not opts["lr"] > 0:
-        raise ValueError(f"basis_scaling: option 'lr' must be > 0, got {opts['lr']!r}")
-    if not 0 <= opts["momentum"] <= 1:
-        raise ValueError(f"basis_scaling: option 'momentum' must be in [0, 1], got {opts['momentum']!r}")
-    if not isinstance(opts["revert_when_larger"], bool):
-        raise ValueError("basis_scaling: option 'revert_when_larger' must be true or false")
-    return opts
 
 
 # --- shared by the scaling methods (channel_scaling, double_pruning) ------------------------
@@ -273,6 +269,7 @@ def budget_one_result(ctx: AdaptContext, info: dict[str, Any]) -> SearchResult:
 @register
 class BasisScaling(TargetMethod):
     name = "basis_scaling"
+    options_class = BasisScalingOptions
     provenance = "abstract-level"
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "importance and schedule reconstructed")
@@ -280,7 +277,7 @@ class BasisScaling(TargetMethod):
     def adapt(self, ctx: AdaptContext) -> SearchResult:
         from pruneshot.models.cost import cost
 
-        opts = _options(ctx.options)
+        opts = self.resolve_options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
                      "provenance_note": "layer algebra from the abstracts/patent; importance, schedule and "
                                         "thresholds are reconstructions"}

@@ -20,42 +20,35 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
 from pruneshot.methods.basis_scaling import budget_one_result, fit_steps, greedy_prune, per_layer_prune, round_targets
 
-# Keep in sync with the `channel_scaling` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "l1": 0.001,
-    "threshold": 0.01,
-    "ranking": "global",
-    "rounds": 5,
-    "steps_per_round": 10,
-    "lr": 0.01,
-    "momentum": 0.9,
-}
 
+@dataclass(frozen=True)
+class ChannelScalingOptions(MethodOptions):
+    """Channel scaling (Wong et al.; abstract and patent abstract read): frozen convs, a trainable
+    per-channel scale after each block's activation with an L1 penalty; channels whose |scale| is
+    below the threshold are removed, iterated until the budget is met; scales are folded into the
+    next layer. Defaults are reconstructions."""
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = merge_options("channel_scaling", DEFAULTS, options)
-    if opts["ranking"] not in ("global", "per_layer"):
-        raise ValueError(f"channel_scaling: option 'ranking' must be global or per_layer, got {opts['ranking']!r}")
-    for key in ("rounds", "steps_per_round"):
-        if not isinstance(opts[key], int) or opts[key] < 1:
-            raise ValueError(f"channel_scaling: option '{key}' must be an integer >= 1, got {opts[key]!r}")
-    for key in ("l1", "threshold"):
-        if not opts[key] >= 0:
-            raise ValueError(f"channel_scaling: option '{key}' must be >= 0, got {opts[key]!r}")
-    if not opts["lr"] > 0:
-        raise ValueError(f"channel_scaling: option 'lr' must be > 0, got {opts['lr']!r}")
-    if not 0 <= opts["momentum"] <= 1:
-        raise ValueError(f"channel_scaling: option 'momentum' must be in [0, 1], got {opts['momentum']!r}")
-    return opts
+    l1: float = option(0.001, "Weight of the L1 penalty on the channel scales.", minimum=0)
+    threshold: float = option(
+        0.01, "Channels with |scale| below this are removed after each round; when that does not reach the "
+              "round's cost target, the smallest |scale| channels are removed until it does.", minimum=0)
+    ranking: Literal["global", "per_layer"] = option(
+        "global", "Rank |scale| across all groups, or remove the same fraction of every group.")
+    rounds: int = option(5, "Pruning rounds; the cost target after round j is budget ** (j / rounds).", minimum=1)
+    steps_per_round: int = option(10, "Training steps on the support set before each pruning round.", minimum=1)
+    lr: float = option(0.01, "SGD learning rate of the channel scales and the new head (no weight decay).",
+                       exclusive_minimum=0)
+    momentum: float = option(0.9, "SGD momentum (one optimiser across all rounds).", minimum=0, maximum=1)
 
 
 class ChannelScaled(nn.Module):
@@ -241,6 +234,7 @@ def channel_scaling_stage(
 @register
 class ChannelScaling(TargetMethod):
     name = "channel_scaling"
+    options_class = ChannelScalingOptions
     provenance = "abstract-level"
     reference = ("Wong et al. 2021, channel scaling (abstract, patent abstract); l1, threshold and schedule "
                  "reconstructed")
@@ -248,7 +242,7 @@ class ChannelScaling(TargetMethod):
     def adapt(self, ctx: AdaptContext) -> SearchResult:
         from pruneshot.models.cost import cost
 
-        opts = _options(ctx.options)
+        opts = self.resolve_options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
                      "provenance_note": "scales, L1 and threshold removal from the abstracts; l1 weight, "
                                         "threshold, schedule and ranking are reconstructions"}

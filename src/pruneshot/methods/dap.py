@@ -27,43 +27,66 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
+    MethodOptions,
     PruningMethod,
     SearchContext,
     SearchResult,
     dense_result,
-    merge_options,
+    option,
     width_ratio,
 )
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
-# Keep in sync with the `dap` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "lambda": 1.0,
-    "steps": 300,
-    "batch_size": 64,
-    "lr": 0.05,
-    "theta_init": 0.0,
-    "tau_gate_start": 1.0,
-    "tau_gate_end": 0.01,
-    "tau_penalty_start": 1.0,
-    "tau_penalty_end": 0.01,
-    "noise": True,
-    "weights": "frozen",
-    "weight_lr": 0.01,
-    "resample_every": 50,
-    "extraction": "topk",
-}
-WEIGHT_MODES = ("frozen", "alternate", "resample")
-EXTRACTIONS = ("topk", "threshold")
+
+@dataclass(frozen=True)
+class DAPOptions(MethodOptions):
+    """RECONSTRUCTION of differentiable architecture pruning for transfer (Colombo & Gao 2021;
+    only the abstract was read, no public code). Per-channel logits theta; forward gate
+    sigmoid((theta + logistic noise) / tau_gate); penalty lambda * sum_c cost_c *
+    sigmoid(theta_c / tau_penalty) with cost_c the channel's share of budget.metric; both
+    temperatures anneal geometrically. Every default below is a reconstruction."""
+
+    lambda_: float = option(
+        1.0, "Weight of the cost penalty. cost_c = cost removed with channel c alone / dense cost; the shares sum "
+             "to about 2 over all channels (weights between two groups count in both).", key="lambda", minimum=0)
+    steps: int = option(300, "Architecture (theta) optimisation steps on source mini-batches.", minimum=1)
+    batch_size: int = option(64, "Source mini-batch size of the theta steps.", minimum=2)
+    lr: float = option(0.05, "Adam learning rate of theta.", exclusive_minimum=0)
+    theta_init: float = option(0.0, "Initial value of every logit theta_c.")
+    tau_gate_start: float = option(1.0, "Forward temperature at the first step.", exclusive_minimum=0)
+    tau_gate_end: float = option(
+        0.01, "Forward temperature, annealed geometrically from start to end over the steps.", exclusive_minimum=0)
+    tau_penalty_start: float = option(1.0, "Penalty temperature at the first step.", exclusive_minimum=0)
+    tau_penalty_end: float = option(
+        0.01, "Penalty temperature, annealed geometrically from start to end over the steps.", exclusive_minimum=0)
+    noise: bool = option(True, "Add logistic noise log(u) - log(1 - u) to theta in the forward gate.")
+    weights: Literal["frozen", "alternate", "resample"] = option(
+        "frozen", "frozen: weights (and BN statistics) stay at the pretrained values while theta trains; "
+                  "alternate: one SGD weight step per theta step; resample: weights re-initialised every "
+                  "resample_every steps so theta cannot co-adapt to one weight vector. The extracted network "
+                  "always inherits the pretrained weights of its kept channels.")
+    weight_lr: float = option(0.01, "SGD learning rate of the weights (alternate and resample only).",
+                              exclusive_minimum=0)
+    resample_every: int = option(50, "Steps between weight re-initialisations (resample only).", minimum=1)
+    extraction: Literal["topk", "threshold"] = option(
+        "topk", "topk: keep the highest-theta channels (global ranking) while cost <= budget; threshold: keep "
+                "sigmoid(theta / tau_gate_end) > 0.5 (the gap to the budget is reported).")
+
+
+_ENUMS = {s.key: s.enum for s in DAPOptions.specs()}
+WEIGHT_MODES: tuple[str, ...] = _ENUMS["weights"]
+EXTRACTIONS: tuple[str, ...] = _ENUMS["extraction"]
+
 # Gates below this are exactly 0 in the forward pass: at small tau_gate, sigmoid underflows into
 # denormal floats, on which CPU arithmetic is several times slower; such a gate passes nothing anyway.
 GATE_FLOOR = 1e-12
@@ -320,33 +343,10 @@ def threshold_keep(theta: dict[str, torch.Tensor], tau: float) -> tuple[dict[str
     return keep, forced
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = merge_options("dap", DEFAULTS, options)
-    checks = {
-        "lambda": opts["lambda"] >= 0,
-        "steps": isinstance(opts["steps"], int) and opts["steps"] >= 1,
-        "batch_size": isinstance(opts["batch_size"], int) and opts["batch_size"] >= 2,
-        "lr": opts["lr"] > 0,
-        "weight_lr": opts["weight_lr"] > 0,
-        "resample_every": isinstance(opts["resample_every"], int) and opts["resample_every"] >= 1,
-        **{k: opts[k] > 0 for k in ("tau_gate_start", "tau_gate_end", "tau_penalty_start", "tau_penalty_end")},
-    }
-    for name, ok in checks.items():
-        if not ok:
-            raise ValueError(f"dap: invalid option {name}={opts[name]!r} (need lambda >= 0; steps, resample_every "
-                             "integers >= 1; batch_size an integer >= 2; lr, weight_lr and every tau > 0)")
-    if opts["weights"] not in WEIGHT_MODES:
-        raise ValueError(f"dap: invalid option weights={opts['weights']!r}; allowed: {', '.join(WEIGHT_MODES)}")
-    if opts["extraction"] not in EXTRACTIONS:
-        raise ValueError(f"dap: invalid option extraction={opts['extraction']!r}; allowed: {', '.join(EXTRACTIONS)}")
-    if not isinstance(opts["noise"], bool):
-        raise ValueError(f"dap: invalid option noise={opts['noise']!r}; need true or false")
-    return opts
-
-
 @register
 class DAP(PruningMethod):
     name = "dap"
+    options_class = DAPOptions
     side = "source"
     provenance = "reconstruction"
     reference = "Colombo & Gao 2021, Differentiable architecture pruning for transfer learning (abstract only; " \
@@ -356,7 +356,7 @@ class DAP(PruningMethod):
         from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
-        opts = _options(ctx.options)
+        opts = self.resolve_options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts, "reconstruction": True}
         if ctx.budget >= 1.0:
             return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no theta training")

@@ -16,37 +16,63 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
+    MethodOptions,
     PruningMethod,
     SearchContext,
     SearchResult,
     dense_result,
-    merge_options,
+    option,
     width_ratio,
 )
 from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
 
-# Keep in sync with the `dnal` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "arch_epochs": 10,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "batch_size": 64,
-    "threshold": 0.9,
-    "lambda_min": 1e-6,
-    "lambda_max": 1e-1,
-    "search_steps": 6,
-    "train_fc_in_arch_stage": False,
-    "keep_arch_bn_stats": True,
-}
+
+@dataclass(frozen=True)
+class DNALOptions(MethodOptions):
+    """DNAL (Guo et al. 2021; official code QingbeiGuo/DNAL), architecture stage only:
+    sigmoid(delta * alpha) channel gates after each prunable conv's BatchNorm,
+    conv/BN parameters frozen, lambda_a found by bisection for the budget."""
+
+    arch_epochs: int = option(
+        10, "Epochs E_a of architecture stage A (paper: 10). delta starts at 1 and is multiplied by 10^(4/E_a) "
+            "before every epoch, so it is 1e4 in the last one.", minimum=1)
+    lr: float = option(0.01, "SGD learning rate of the gate parameters alpha in stage A (official code 0.01).",
+                       exclusive_minimum=0)
+    momentum: float = option(0.9, "SGD momentum in stage A (official code 0.9; weight decay is 0).",
+                             minimum=0, maximum=1)
+    batch_size: int = option(64, "Mini-batch size of stage A on the source training split.", minimum=1)
+    threshold: float = option(
+        0.9, "Keep channel c when sigmoid(delta_final * alpha_c) exceeds this (official code 0.9). A group with "
+             "no channel above it keeps its largest-alpha channel (recorded in the search info).",
+        exclusive_minimum=0, exclusive_maximum=1)
+    lambda_min: float = option(1e-6, "Lower end of the log-scale bisection range of the size penalty weight "
+                                     "lambda_a.", exclusive_minimum=0)
+    lambda_max: float = option(1e-1, "Upper end of the log-scale bisection range of lambda_a.", exclusive_minimum=0)
+    search_steps: int = option(
+        6, "Stage-A runs of the lambda_a bisection (one run per step). The run whose cost ratio is the largest "
+           "<= budget is kept (else the smallest); every tried (lambda_a, ratio) is recorded.", minimum=1)
+    train_fc_in_arch_stage: bool = option(
+        False, "Also train the Linear classifier in stage A (a quirk of the official code, which does not freeze "
+               "Linear layers). Off: only alpha trains.")
+    keep_arch_bn_stats: bool = option(
+        True, "BN runs in train mode in stage A, so its running statistics change. false: the extracted network "
+              "gets the pretrained running statistics back; true: it keeps those of the stage-A run (statistics "
+              "of the gated network, as in the official code).")
+
+    def check(self, method: str) -> None:
+        if not self.lambda_min < self.lambda_max:
+            raise ValueError(f"{method}: need 0 < lambda_min < lambda_max, got lambda_min={self.lambda_min!r}, "
+                             f"lambda_max={self.lambda_max!r}")
 
 
 def gate_points(model: nn.Module) -> dict[str, list[nn.Module]]:
@@ -202,18 +228,10 @@ def best_trial(trials: list[dict[str, Any]], budget: float) -> int:
     return min(range(len(trials)), key=lambda i: trials[i]["ratio"])
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = merge_options("dnal", DEFAULTS, options)
-    if not 0 < opts["lambda_min"] < opts["lambda_max"]:
-        raise ValueError("dnal: need 0 < lambda_min < lambda_max")
-    if opts["arch_epochs"] < 1 or opts["search_steps"] < 1 or opts["batch_size"] < 1:
-        raise ValueError("dnal: arch_epochs, search_steps and batch_size must be >= 1")
-    return opts
-
-
 @register
 class DNAL(PruningMethod):
     name = "dnal"
+    options_class = DNALOptions
     side = "source"
     provenance = "official code"
     reference = "Guo et al. 2021, DNAL; QingbeiGuo/DNAL"
@@ -222,7 +240,7 @@ class DNAL(PruningMethod):
         from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
-        opts = _options(ctx.options)
+        opts = self.resolve_options(ctx.options)
         dense = ctx.model
         groups = dense.channel_groups()
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}

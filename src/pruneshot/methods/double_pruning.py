@@ -32,7 +32,8 @@ masked form.
 from __future__ import annotations
 
 import copy
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -40,32 +41,23 @@ from torch import nn
 from pruneshot.methods import basis_scaling as bs
 from pruneshot.methods import channel_scaling as cs
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, SearchResult, TargetMethod, merge_options
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
 
-# Keep in sync with the `double_pruning` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "order": "channel_first",
-    "first_stage_exponent": 0.5,
-}
+
+@dataclass(frozen=True)
+class DoublePruningOptions(MethodOptions):
+    """Double pruning (Wong et al. 2021): channel scaling and basis scaling on the same network, each
+    with the options of its own section. The budget split is a reconstruction."""
+
+    order: Literal["channel_first", "basis_first"] = option(
+        "channel_first", "Which stage runs first (methods.md default - channel scaling first).")
+    first_stage_exponent: float = option(
+        0.5, "The first stage prunes to budget ** first_stage_exponent of the dense cost, the second to budget.",
+        exclusive_minimum=0, exclusive_maximum=1)
+
 
 #: Optional nested keys carrying the stages' own option sections (passed by the pipeline).
 STAGE_KEYS = ("channel_scaling", "basis_scaling")
-
-
-def _options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """(double_pruning options, channel_scaling options, basis_scaling options), each merged with its defaults."""
-    own = {k: v for k, v in options.items() if k not in STAGE_KEYS}
-    stages = {k: options.get(k) or {} for k in STAGE_KEYS}
-    for k, v in stages.items():
-        if not isinstance(v, dict):
-            raise ValueError(f"double_pruning: option '{k}' must be a mapping of {k} options, got {type(v).__name__}")
-    opts = merge_options("double_pruning", DEFAULTS, own)
-    if opts["order"] not in ("channel_first", "basis_first"):
-        raise ValueError(f"double_pruning: option 'order' must be channel_first or basis_first, got {opts['order']!r}")
-    if not 0 < opts["first_stage_exponent"] < 1:
-        raise ValueError("double_pruning: option 'first_stage_exponent' must be in (0, 1), got "
-                         f"{opts['first_stage_exponent']!r}")
-    return opts, cs._options(stages["channel_scaling"]), bs._options(stages["basis_scaling"])
 
 
 @torch.no_grad()
@@ -145,6 +137,7 @@ def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any]
 class DoublePruning(TargetMethod):
     name = "double_pruning"
     option_sections = STAGE_KEYS
+    options_class = DoublePruningOptions
     provenance = "abstract-level"
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "budget split between the stages reconstructed")
@@ -152,7 +145,9 @@ class DoublePruning(TargetMethod):
     def adapt(self, ctx: AdaptContext) -> SearchResult:
         from pruneshot.models.cost import cost
 
-        opts, c_opts, b_opts = _options(ctx.options)
+        resolved = self.resolve_options(ctx.options)
+        opts = {k: v for k, v in resolved.items() if k not in STAGE_KEYS}
+        c_opts, b_opts = resolved["channel_scaling"], resolved["basis_scaling"]
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
                      "channel_scaling_options": c_opts, "basis_scaling_options": b_opts,
                      "provenance_note": "both unit kinds from the abstracts/patent; the budget split, the "

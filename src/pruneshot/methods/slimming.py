@@ -10,32 +10,37 @@ network keeps the fine-tuned weights and BN statistics.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pruneshot.data.prepare import Split
+from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
+    MethodOptions,
     PruningMethod,
     SearchContext,
     SearchResult,
     dense_result,
-    merge_options,
+    option,
     width_ratio,
 )
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
-# Keep in sync with the `slimming` section of config/schema.yaml.
-DEFAULTS: dict[str, Any] = {
-    "l1": 1e-4,
-    "epochs": 3,
-    "lr": 0.01,
-    "momentum": 0.9,
-    "batch_size": 64,
-}
+
+@dataclass(frozen=True)
+class SlimmingOptions(MethodOptions):
+    """Network Slimming (Liu et al. 2017): L1 on BatchNorm gammas during a short source fine-tune
+    of the whole network, then keep the globally largest |gamma| for the budget."""
+
+    l1: float = option(1e-4, "Weight of the L1 penalty on the BatchNorm scales (Liu et al. 2017 use 1e-4 on CIFAR).",
+                       minimum=0)
+    epochs: int = option(3, "Epochs of the sparsity fine-tune on the source training split.", minimum=0)
+    lr: float = option(0.01, "SGD learning rate of the sparsity fine-tune (no weight decay).", exclusive_minimum=0)
+    momentum: float = option(0.9, "SGD momentum of the sparsity fine-tune.", minimum=0, maximum=1)
+    batch_size: int = option(64, "Mini-batch size of the sparsity fine-tune.", minimum=1)
 
 
 def bn_gammas(model: nn.Module) -> dict[str, list[nn.Parameter]]:
@@ -147,16 +152,10 @@ def global_keep(
     return keep_for(lo), lo
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = merge_options("slimming", DEFAULTS, options)
-    if opts["epochs"] < 0 or opts["batch_size"] < 1 or opts["l1"] < 0:
-        raise ValueError("slimming: need epochs >= 0, batch_size >= 1, l1 >= 0")
-    return opts
-
-
 @register
 class Slimming(PruningMethod):
     name = "slimming"
+    options_class = SlimmingOptions
     side = "source"
     provenance = "baseline"
     reference = "Liu et al. 2017, Network Slimming"
@@ -165,7 +164,7 @@ class Slimming(PruningMethod):
         from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
-        opts = _options(ctx.options)
+        opts = self.resolve_options(ctx.options)
         model = ctx.model
         groups = model.channel_groups()
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts}

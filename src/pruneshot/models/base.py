@@ -44,6 +44,16 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     return _backbone_class(spec.get("name")).from_spec(spec)
 
 
+def build_seeded(spec: dict[str, Any], seed: int) -> nn.Module:
+    """The architecture ``spec`` freshly initialised under ``seed``; the global RNG state is left as it was."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        return build_model(spec)
+    finally:
+        torch.random.set_rng_state(state)
+
+
 def backbone_spec(backbone: dict[str, Any], in_channels: int, input_size: int, num_classes: int) -> dict[str, Any]:
     """The architecture spec of the configured ``backbone`` section (``name`` plus its options) for
     inputs (in_channels, input_size, input_size) and ``num_classes`` outputs."""

@@ -7,12 +7,12 @@ throughout; nothing here reads or writes files or draws anything.
 
 Conventions (see each function):
 
-- Wilcoxon signed-rank test: Wilcoxon's zero handling (zero differences dropped), average
-  ranks for tied |d|, statistic min(W+, W-), two-sided p from the exact null distribution
-  (no ties, at most 50 non-zero differences) or the normal approximation with tie and 0.5
-  continuity correction. Equals ``scipy.stats.wilcoxon(a, b, zero_method="wilcox",
-  correction=True, method="exact" | "asymptotic")``; scipy's default ``method="auto"``
-  differs when there are zeros or ties (it then runs a permutation test for n <= 13).
+- Wilcoxon signed-rank test: ``scipy.stats.wilcoxon(d, zero_method="wilcox", correction=True,
+  method=...)`` (zero differences dropped, average ranks for tied |d|, statistic min(W+, W-))
+  with our own choice of ``method``: "exact" (the exact null distribution) when there are no
+  ties and at most 50 non-zero differences, else "asymptotic" (the normal approximation with
+  tie and 0.5 continuity correction). scipy's default ``method="auto"`` differs when there are
+  zeros or ties (it then runs a permutation test for n <= 13).
 - Multiple comparisons: Holm-Bonferroni over the whole family passed in.
 - Ranks: Meta-Dataset's rule (Triantafillou et al. 2020): methods within the 95% margin
   1.96 * sqrt(s1^2/n1 + s2^2/n2) of the best remaining one share its rank.
@@ -22,54 +22,44 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import cache
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats as sps
 
-#: Methods evaluated at one budget only (1.0): they belong to every budget's comparison.
-BUDGET_FREE = ("dense", "linear_probe")
+from pruneshot.config import budget_value
+
+#: The methods every other one is tested against: the unpruned network and the random-channel control.
+BASELINES = ("dense", "random")
 #: Largest number of non-zero differences for which the exact null distribution is used.
 EXACT_MAX_N = 50
 #: Identifying columns added to the grouping keys when present and not constant.
 _IMPLICIT_KEYS = ("ways",)
 _Z95 = 1.96
 
-# --------------------------------------------------------------------------- Wilcoxon
+# --------------------------------------------------------------------------- methods
+
+
+def budget_free_methods(methods: Iterable[str]) -> list[str]:
+    """The names among ``methods`` whose registered method ignores the budget (``budget_free``: run at
+    budget 1.0 only, so they belong to every budget's comparison), sorted by name."""
+    return sorted({str(m) for m in methods if _is_budget_free(str(m))})
 
 
 @cache
-def _rank_sum_counts(n: int) -> tuple[int, ...]:
-    """counts[s] = number of subsets of the ranks {1..n} whose sum is s (s = 0..n(n+1)/2).
+def _is_budget_free(name: str) -> bool:
+    # Imported here: the registry imports torch, which reading tables does not need otherwise.
+    from pruneshot.methods import available, get_method
 
-    Under H0 each of the 2**n sign assignments is equally likely, so W+ = s with probability
-    counts[s] / 2**n. Built by dynamic programming: adding rank k shifts a copy of the counts by k.
-    """
-    counts = [1]
-    for k in range(1, n + 1):
-        new = counts + [0] * k
-        for s, c in enumerate(counts):
-            new[s + k] += c
-        counts = new
-    return tuple(counts)
+    # A name the registry does not know (a method since renamed or removed, a hand-made table) counts
+    # as budget-dependent: it is compared and ranked at its own budget only.
+    return name in available() and get_method(name).budget_free
 
 
-def _average_ranks(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ranks 1..n of ``values`` (ties get the mean of their positions) and the sizes of tie groups."""
-    order = np.argsort(values, kind="mergesort")
-    ranks = np.empty(len(values), dtype=float)
-    sizes = []
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-            j += 1
-        ranks[order[i:j + 1]] = (i + j) / 2 + 1  # positions i..j (0-based) -> mean rank
-        sizes.append(j - i + 1)
-        i = j + 1
-    return ranks, np.asarray(sizes, dtype=float)
+# --------------------------------------------------------------------------- Wilcoxon
 
 
 def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float], *, decimals: int | None = 12) -> dict[str, Any]:
@@ -84,11 +74,14 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float], *, decimals: in
     p-value (two-sided):
 
     - ``method="exact"`` when n' <= 50 and no |d| are tied: p = min(1, 2 * P(W <= statistic)) under
-      the exact null distribution of W+ (all 2**n' sign patterns equally likely, counted by dynamic
-      programming over rank sums).
+      the exact null distribution of W+ (all 2**n' sign patterns equally likely); scipy
+      ``method="exact"``.
     - ``method="normal"`` otherwise: mu = n'(n'+1)/4, sigma^2 = n'(n'+1)(2n'+1)/24 - sum(t^3 - t)/48
       over tie groups of size t; z = (W+ - mu - 0.5 * sign(W+ - mu)) / sigma (0.5 continuity
-      correction towards the mean); p = 2 * (1 - Phi(|z|)), capped at 1.
+      correction towards the mean); p = 2 * (1 - Phi(|z|)), capped at 1; scipy ``method="asymptotic"``
+      with ``correction=True``.
+
+    The test itself is ``scipy.stats.wilcoxon`` on the rounded non-zero d with ``zero_method="wilcox"``.
 
     All differences zero (or empty input): statistic 0, p 1.0, effect size 0, ``method="exact"``.
 
@@ -116,25 +109,17 @@ def wilcoxon_signed_rank(a: Sequence[float], b: Sequence[float], *, decimals: in
     if m == 0:
         return {**result, "w_plus": 0.0, "w_minus": 0.0, "statistic": 0.0, "p_value": 1.0,
                 "method": "exact", "effect_size": 0.0}
-    ranks, tie_sizes = _average_ranks(np.abs(nonzero))
+    magnitude = np.abs(nonzero)
+    ranks = sps.rankdata(magnitude)  # average ranks where |d| ties
     w_plus = float(ranks[nonzero > 0].sum())
     w_minus = float(ranks[nonzero < 0].sum())
-    statistic = min(w_plus, w_minus)
-    has_ties = bool((tie_sizes > 1).any())
-    if m <= EXACT_MAX_N and not has_ties:
-        counts = _rank_sum_counts(m)
-        lower = sum(counts[: round(statistic) + 1])  # P(W <= statistic) * 2**m
-        p_value = min(1.0, 2 * lower / 2**m)
-        method = "exact"
-    else:
-        mu = m * (m + 1) / 4
-        var = m * (m + 1) * (2 * m + 1) / 24 - float((tie_sizes**3 - tie_sizes).sum()) / 48
-        dev = w_plus - mu
-        z = (dev - 0.5 * math.copysign(1.0, dev)) / math.sqrt(var) if dev != 0 else 0.0
-        p_value = min(1.0, math.erfc(abs(z) / math.sqrt(2)))  # 2 * (1 - Phi(|z|))
-        method = "normal"
-    return {**result, "w_plus": w_plus, "w_minus": w_minus, "statistic": statistic, "p_value": p_value,
-            "method": method, "effect_size": (w_plus - w_minus) / (w_plus + w_minus)}
+    # scipy's method="auto" would switch to a permutation test with zeros or ties; the regime is ours.
+    exact = m <= EXACT_MAX_N and len(np.unique(magnitude)) == m
+    res = sps.wilcoxon(nonzero, zero_method="wilcox", correction=True, alternative="two-sided",
+                       method="exact" if exact else "asymptotic")
+    return {**result, "w_plus": w_plus, "w_minus": w_minus, "statistic": float(res.statistic),
+            "p_value": min(1.0, float(res.pvalue)), "method": "exact" if exact else "normal",
+            "effect_size": (w_plus - w_minus) / (w_plus + w_minus)}
 
 
 # --------------------------------------------------------------------------- Holm
@@ -218,14 +203,10 @@ def _with_implicit(keys: Sequence[str], df: pd.DataFrame) -> list[str]:
     return out
 
 
-def _budget_key(value: Any) -> float:
-    return round(float(value), 9)
-
-
 def _norm(col: str, value: Any) -> Any:
     """Comparable form of an identifying value read from a CSV (1 == 1.0, '5' == 5)."""
     if col == "requested_budget":
-        return _budget_key(value)
+        return budget_value(value)
     if col in ("shots", "replicate", "ways"):
         return int(float(value))
     return str(value)
@@ -268,15 +249,16 @@ def _episode_map(episodes: pd.DataFrame) -> dict[str, dict[int, float]]:
     return out
 
 
-def paired_comparisons(results: pd.DataFrame, episodes: pd.DataFrame, baselines: Sequence[str] = ("dense", "random"),
-                       alpha: float = 0.05, *, budget_free: Sequence[str] = BUDGET_FREE) -> pd.DataFrame:
+def paired_comparisons(results: pd.DataFrame, episodes: pd.DataFrame, baselines: Sequence[str] = BASELINES,
+                       alpha: float = 0.05, *, budget_free: Sequence[str] | None = None) -> pd.DataFrame:
     """Wilcoxon signed-rank test of every method row against each baseline on the shared episodes.
 
     ``results`` is results.csv, ``episodes`` is episodes.csv (``row_id, episode, accuracy``; read
     ``row_id`` as text). For each row (status "ok") of a method other than the baseline, the
     baseline row is the ok row with the same target, shots, arm, replicate (and ways when present)
-    and, unless the baseline is budget-free (``dense``, ``linear_probe``: one budget-1.0 row, the
-    largest budget is taken if there are several), the same requested_budget. Rows without such a
+    and, unless the baseline is budget-free (``budget_free``; default: the registry's budget-free
+    methods, :func:`budget_free_methods`, e.g. dense: one budget-1.0 row, the largest budget is taken
+    if there are several), the same requested_budget. Rows without such a
     baseline row are skipped (e.g. random not in the study, the reinit arm of a target-side method).
     Per-episode accuracies are paired by episode index over the intersection of the two rows'
     episodes; ``n`` is its size (0: no test, NaN statistics). One output row per replicate.
@@ -297,6 +279,7 @@ def paired_comparisons(results: pd.DataFrame, episodes: pd.DataFrame, baselines:
     df = results.copy()
     if "status" in df.columns:
         df = df[df["status"].fillna("").astype(str) == "ok"]
+    budget_free = budget_free_methods(df["method"]) if budget_free is None else budget_free
     match_cols = ["target", "shots", "arm", "replicate", *extra]
     eps = _episode_map(episodes)
     records = []
@@ -306,12 +289,12 @@ def paired_comparisons(results: pd.DataFrame, episodes: pd.DataFrame, baselines:
         for _, row in base_rows.iterrows():
             key = tuple(_norm(c, row[c]) for c in match_cols)
             if base not in budget_free:
-                key = (*key, _budget_key(row["requested_budget"]))
-            index.setdefault(key, []).append((_budget_key(row["requested_budget"]), row))
+                key = (*key, budget_value(row["requested_budget"]))
+            index.setdefault(key, []).append((budget_value(row["requested_budget"]), row))
         for _, row in df[df["method"].astype(str) != base].iterrows():
             key = tuple(_norm(c, row[c]) for c in match_cols)
             if base not in budget_free:
-                key = (*key, _budget_key(row["requested_budget"]))
+                key = (*key, budget_value(row["requested_budget"]))
             if key not in index:
                 continue
             base_row = max(index[key], key=lambda t: t[0])[1]
@@ -345,12 +328,13 @@ def paired_comparisons(results: pd.DataFrame, episodes: pd.DataFrame, baselines:
 
 
 def rank_table(results: pd.DataFrame, keys: Sequence[str] = ("target", "shots", "arm", "requested_budget"),
-               *, budget_free: Sequence[str] = BUDGET_FREE, z: float = _Z95) -> pd.DataFrame:
+               *, budget_free: Sequence[str] | None = None, z: float = _Z95) -> pd.DataFrame:
     """Meta-Dataset ranks (:func:`ci_ranks`) of the methods in every cell.
 
     A cell is one value of ``keys`` (``ways`` added when it varies): the methods run at that
-    requested_budget plus the budget-free methods (dense, linear_probe; their budget-1.0 row, the
-    largest budget if several) of the same target/shots/arm, which thus appear in every budget's
+    requested_budget plus the budget-free methods (``budget_free``; default: the registry's,
+    :func:`budget_free_methods`, e.g. dense, linear_probe; their budget-1.0 row, the largest budget if
+    several) of the same target/shots/arm, which thus appear in every budget's
     cell. Where only budget-free methods ran, their own budget is the cell. Only ok rows count.
 
     Per (cell, method), replicates are combined: ``mean`` = mean of ``acc_mean`` over replicates,
@@ -372,12 +356,13 @@ def rank_table(results: pd.DataFrame, keys: Sequence[str] = ("target", "shots", 
         return pd.DataFrame(columns=[*keys, *columns_out])
     df["acc_std"] = pd.to_numeric(df["acc_std"], errors="coerce").fillna(0.0)
     df["n_episodes"] = pd.to_numeric(df["n_episodes"], errors="coerce")
-    df["_budget"] = df[budget_col].map(_budget_key)
+    df["_budget"] = df[budget_col].map(budget_value)
     per = df.groupby([*group_keys, "_budget", "method"], dropna=False, sort=True).agg(
         method_budget=(budget_col, "first"), mean=("acc_mean", "mean"), std=("acc_std", lambda s: (s**2).mean()),
         n=("n_episodes", "mean"), n_replicates=("acc_mean", "size"),
     ).reset_index()
     per["std"] = np.sqrt(per["std"])
+    budget_free = budget_free_methods(per["method"]) if budget_free is None else budget_free
     free = per["method"].astype(str).isin(list(budget_free))
     records = []
     for gkey, group in per.groupby(group_keys, dropna=False, sort=True) if group_keys else [((), per)]:

@@ -1,2 +1,3 @@
-"""What every job runs inside: MLflow tracking and its spool (``tracking``), resumable
-checkpoints (``checkpoint``), GPU leases (``gpus``) and provenance (``provenance``)."""
+"""What every job runs inside: MLflow runs (``tracking``) and the offline spool with its replay
+(``spool``), resumable checkpoints (``checkpoint``), GPU leases (``gpus``) and provenance
+(``provenance``)."""

@@ -1,8 +1,8 @@
 """Resumable long jobs: atomic, never-pickled training checkpoints.
 
-A job's checkpoint is one directory (for pipeline jobs ``results/checkpoints/<the job's output
-directory below results/>``, e.g. ``results/checkpoints/pretrain/r0/``; not a Snakemake or DVC
-output) holding two files:
+A job's checkpoint is one directory (for pipeline jobs ``results/<study>/checkpoints/<the job's
+output directory below results/<study>/>``, e.g. ``results/digits_default/checkpoints/pretrain/r0/``;
+not a Snakemake or DVC output) holding two files:
 
 * ``state-<n>.safetensors``: every tensor -- model weights and BatchNorm buffers, optimiser state
   (SGD momentum buffers, Adam moments and step counts, per parameter index), ``torch.Generator``
@@ -44,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from pruneshot.paths import RESULTS, RESULTS_DIR
 
 FORMAT = "pruneshot-checkpoint/1"
 MANIFEST = "checkpoint.json"
@@ -148,16 +150,17 @@ class Checkpoint:
 def checkpoint_location(out_dir: Path | str) -> tuple[Path, Path]:
     """(checkpoint directory, cleanup root) for a job writing into ``out_dir``.
 
-    Below a ``results`` directory (the nearest one): ``results/checkpoints/<the rest>``, e.g.
-    ``results/pretrain/r0`` -> ``results/checkpoints/pretrain/r0``, root ``results``. Elsewhere
-    (stages called directly): ``<parent>/.checkpoints/<name>``, root ``<parent>``. Emptied
-    directories are removed up to (not including) the root."""
+    Below a study root ``results/<study>/`` (the nearest ``results``): ``results/<study>/checkpoints/
+    <the rest>`` (:data:`pruneshot.paths.RESULTS` ``["checkpoints"]``), e.g.
+    ``results/digits_default/search/dap/b0.5/r0`` -> ``results/digits_default/checkpoints/search/dap/b0.5/r0``,
+    root ``results/<study>``. Elsewhere (stages called directly): ``<parent>/.checkpoints/<name>``,
+    root ``<parent>``. Emptied directories are removed up to (not including) the root."""
     out_dir = Path(out_dir)
     parts = out_dir.parts
-    if "results" in parts[:-1]:
-        i = len(parts) - 1 - parts[::-1].index("results")
-        root = Path(*parts[: i + 1])
-        return root.joinpath("checkpoints", *parts[i + 1 :]), root
+    if RESULTS_DIR in parts[:-2]:  # results/<study>/<at least one more part>
+        i = len(parts) - 3 - parts[-3::-1].index(RESULTS_DIR)
+        root = Path(*parts[: i + 2])
+        return root.joinpath(RESULTS["checkpoints"], *parts[i + 2 :]), root
     return out_dir.parent / ".checkpoints" / out_dir.name, out_dir.parent
 
 

@@ -10,16 +10,8 @@ Layout of a study in MLflow:
   Every MLflow call is wrapped: an exception or a spent time budget switches the
   job to *offline* mode (no further MLflow calls) and, at exit, one JSON spool
   record with everything needed to replay the whole run is written atomically.
-* ``sync_spool`` (a rule after all jobs) replays spool records.
-
-Replay policy (idempotent, never deletes): each record is logged as a *fresh*
-run carrying all params, tags and metrics and the tag ``pruneshot.replay_of``
-(the record's spool id). A partial run the job managed to create is kept, set to
-FAILED and tagged ``pruneshot.superseded_by=<new run id>``. Before replaying,
-``sync_spool`` looks for a terminated run with the same ``pruneshot.replay_of``
-tag (a sync that died after logging but before moving the file) and then only
-moves the file; a replay left RUNNING is superseded the same way. Replayed files
-move to ``<spool_dir>/synced/``, so a second sync does nothing.
+* :func:`pruneshot.runtime.spool.sync_spool` (a rule after all jobs) replays spool
+  records; the spool format and the replay policy are described there.
 
 HTTP retries and timeouts are bounded by ``configure_timeouts`` (environment
 variables read by MLflow on every request); a "database is locked" SQLite
@@ -39,8 +31,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
-
-from pruneshot.io import write_json
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -73,11 +63,8 @@ REPLAY_OF_TAG = "pruneshot.replay_of"
 REPLACES_TAG = "pruneshot.replaces_run_id"
 SUPERSEDED_TAG = "pruneshot.superseded_by"
 EXCEPTION_TAG = "pruneshot.exception"
-SPOOL_FORMAT = "pruneshot.mlflow-spool/1"
-SYNCED_DIR = "synced"
 
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-_BAD_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 # --------------------------------------------------------------------------- configuration
@@ -461,8 +448,8 @@ class JobRun:
                 self._unsent_tags.pop(key, None)
 
     def _record(self, end_ms: int) -> dict[str, Any]:
+        """Everything needed to replay this run (the spool record, less its format tag)."""
         return {
-            "format": SPOOL_FORMAT,
             "spool_id": self.spool_id,
             "tracking_uri": self.study.get("tracking_uri", ""),
             "experiment_name": self.study.get("experiment_name", ""),
@@ -483,134 +470,6 @@ class JobRun:
         }
 
     def _write_spool(self, end_ms: int) -> None:
-        record = self._record(end_ms)
-        stem = _BAD_FILE_CHARS.sub("_", self.run_name).strip("._")[:80] or "run"
-        path = self.spool_dir / f"{stem}-{self.spool_id}.json"
-        try:
-            write_json(path, record)  # temp file beside it + os.replace
-        except Exception:
-            _log.exception("could not write MLflow spool %s; record follows:\n%s", path, json.dumps(record))
-            return
-        self.spool_path = path
-        _log.warning("MLflow data for run %r spooled to %s", self.run_name, path)
+        from pruneshot.runtime.spool import write_record  # spool imports this module: not at the top
 
-
-# --------------------------------------------------------------------------- sync
-
-
-def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, int]:
-    """Replay every spool record in ``spool_dir`` (optionally against another ``tracking_uri``).
-
-    Each record becomes a fresh, complete run (see the module docstring for the
-    idempotent replay policy); replayed files are moved to ``spool_dir/synced/``.
-    A failing record is logged and left in place; the others still sync. Returns
-    ``{"records", "synced", "failed", "metrics"}`` (metrics: values logged).
-    """
-    spool_dir = Path(spool_dir)
-    counts = {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
-    if not spool_dir.is_dir():
-        return counts
-    clients: dict[str, MlflowClient] = {}
-    for path in sorted(spool_dir.glob("*.json")):
-        counts["records"] += 1
-        try:
-            with open(path) as f:
-                record = json.load(f)
-            if record.get("format") != SPOOL_FORMAT:
-                raise ValueError(f"not a spool record (format={record.get('format')!r})")
-            uri = tracking_uri or record["tracking_uri"]
-            if uri not in clients:
-                clients[uri] = _client(uri)
-            counts["metrics"] += _replay(clients[uri], record)
-            (spool_dir / SYNCED_DIR).mkdir(exist_ok=True)
-            os.replace(path, spool_dir / SYNCED_DIR / path.name)
-            counts["synced"] += 1
-        except Exception as exc:
-            counts["failed"] += 1
-            _log.warning("could not sync MLflow spool record %s: %s: %s", path, type(exc).__name__, exc)
-    return counts
-
-
-def _get_run_or_none(client: MlflowClient, run_id: str | None) -> Any:
-    if not run_id:
-        return None
-    try:
-        return client.get_run(run_id)
-    except Exception:
-        return None
-
-
-def _resolve_experiment(client: MlflowClient, record: dict[str, Any]) -> str:
-    name = record.get("experiment_name")
-    if name:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is not None:
-            if experiment.lifecycle_stage == "deleted":
-                client.restore_experiment(experiment.experiment_id)
-            return experiment.experiment_id
-    if record.get("experiment_id"):
-        try:
-            return client.get_experiment(record["experiment_id"]).experiment_id
-        except Exception:
-            if not name:
-                raise
-    if not name:
-        raise ValueError("record names no experiment")
-    return _ensure_experiment(client, name, None)
-
-
-def _find_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[Any]:
-    return list(
-        client.search_runs(
-            [experiment_id],
-            filter_string=f"tags.`{tag}` = '{value}'",
-            order_by=["attributes.start_time DESC"],
-            max_results=50,
-        )
-    )
-
-
-def _supersede(client: MlflowClient, run_id: str, new_run_id: str) -> None:
-    client.set_tag(run_id, SUPERSEDED_TAG, new_run_id)
-    client.set_terminated(run_id, status="FAILED")
-
-
-def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
-    """Log one spool record; returns the number of metric values logged (0 if already there)."""
-    partial = _get_run_or_none(client, record.get("run_id"))
-    if record.get("complete") and partial is not None:
-        return 0  # everything reached this store; the record only reports slowness
-    experiment_id = _resolve_experiment(client, record)
-    spool_id = record["spool_id"]
-    stale = []
-    for run in _find_runs(client, experiment_id, REPLAY_OF_TAG, spool_id):
-        if run.info.status != "RUNNING":  # an earlier sync logged it all, died before moving the file
-            if partial is not None and SUPERSEDED_TAG not in partial.data.tags:
-                _supersede(client, partial.info.run_id, run.info.run_id)
-            return 0
-        stale.append(run.info.run_id)
-
-    parent_id = record.get("parent_run_id") or ""
-    parent = _get_run_or_none(client, parent_id)
-    if parent is None or parent.info.experiment_id != experiment_id:
-        studies = _find_runs(client, experiment_id, ROLE_TAG, "study")
-        parent_id = studies[0].info.run_id if studies else ""
-
-    tags = dict(record.get("tags") or {})
-    tags.pop(PARENT_TAG, None)
-    tags.update({SPOOL_ID_TAG: spool_id, REPLAY_OF_TAG: spool_id})
-    if parent_id:
-        tags[PARENT_TAG] = parent_id
-    if record.get("run_id"):
-        tags[REPLACES_TAG] = record["run_id"]
-    run = client.create_run(
-        experiment_id, start_time=record.get("start_time"), tags=tags, run_name=record.get("run_name")
-    )
-    new_id = run.info.run_id
-    metrics = record.get("metrics") or []
-    for batch_metrics, params, batch_tags in _batches(metrics, record.get("params") or {}, {}):
-        _log_batch(client, new_id, batch_metrics, params, batch_tags)
-    client.set_terminated(new_id, status=record.get("status") or "FINISHED", end_time=record.get("end_time"))
-    for old_id in [*stale, *([record["run_id"]] if partial is not None else [])]:
-        _supersede(client, old_id, new_id)
-    return len(metrics)
+        self.spool_path = write_record(self.spool_dir, self.run_name, self.spool_id, self._record(end_ms))

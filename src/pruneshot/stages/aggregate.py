@@ -1,0 +1,137 @@
+"""Stage aggregate: every transfer cell into the tidy results table, the per-episode table and
+metrics.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pruneshot.config import budget_label
+from pruneshot.io import read_json, sha256_file, write_json
+from pruneshot.report.load import latency_columns
+from pruneshot.stages.job import Job
+
+
+def _row_id(*parts: object) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:10]
+
+
+def _network(method: Any, rec: dict[str, Any], transfer: dict[str, Any], metric: str) -> dict[str, Any]:
+    """The network columns of a cell: a source-side method's search record as it is; for a target-side
+    method (no search) the same fields from the transfer record (dense cost counted on the loaded
+    pretrained network, its weights hash) and the budget it was asked for."""
+    if method.side == "source":
+        return rec
+    nan = float("nan")
+    return {"status": "ok", "budget_metric": metric, "requested_budget": transfer["requested_budget"],
+            "dense_params": transfer.get("dense_params", nan), "dense_flops": transfer.get("dense_flops", nan),
+            "search_device": "cpu", "weights_sha256": transfer["weights_sha256"]}
+
+
+def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
+              target_manifests: dict[str, Path], out_csv: Path, out_episodes_csv: Path,
+              out_metrics: Path, job: Job) -> list[dict[str, Any]]:
+    """Collect every transfer cell into one tidy table (one row per method, budget, target, shots,
+    arm, replicate), a long per-episode table, and metrics.json for ``dvc metrics show``.
+
+    ``cells`` items: {"arm": name, "transfer": path, "network": path, "profile": path, "pretrain": path};
+    ``network`` is the search record of a source-side method's network and the pretrain metrics for a
+    target-side method (whose networks are pruned per episode and described by the transfer record).
+    A method's side and source come from the method registry.
+    """
+    import pandas as pd
+
+    from pruneshot.methods import get_method
+
+    data_sha = {"source": sha256_file(source_manifest),
+                **{t: sha256_file(p) for t, p in target_manifests.items()}}
+    rows, episode_rows = [], []
+    cache: dict[str, dict[str, Any]] = {}
+
+    def load(path: Any) -> dict[str, Any]:
+        if str(path) not in cache:
+            cache[str(path)] = read_json(path)
+        return cache[str(path)]
+
+    for cell in cells:
+        job_rec, pr, pre = load(cell["transfer"]), load(cell["profile"]), load(cell["pretrain"])
+        arm = cell["arm"]
+        method = get_method(job_rec["method"])
+        se = _network(method, load(cell["network"]), job_rec, config["budget"]["metric"])
+        failed = job_rec.get("status") == "failed"
+        tr = {**job_rec, **job_rec["arms"][arm], "arm": arm}
+        prov = tr["provenance"]
+        seeds = prov["seeds"]
+        row_id = _row_id(tr["method"], budget_label(tr["requested_budget"]), tr["target"], tr["ways"],
+                         tr["shots"], arm, tr["replicate"], prov["config_sha256"], prov["git_commit"])
+        nan = float("nan")
+        if se.get("status") == "failed":  # no network: no cost either
+            cost_cols = {k: nan for k in ("achieved_params", "achieved_flops", "params_ratio", "flops_ratio")}
+            cost_cols |= {"search_seconds": se["search_seconds"], "search_scope": "once"}
+        elif "achieved" in tr:  # target-side: pruned per episode, cost averaged over this cell's episodes
+            ach = tr["achieved"]
+            cost_cols = {
+                "achieved_params": ach["params"], "achieved_flops": ach["flops"],
+                "params_ratio": ach["params"] / se["dense_params"], "flops_ratio": ach["flops"] / se["dense_flops"],
+                "search_seconds": ach["adapt_seconds_mean"], "search_scope": "per episode",
+            }
+        elif failed and method.side == "target":  # per-episode pruning never finished
+            cost_cols = {k: nan for k in ("achieved_params", "achieved_flops", "params_ratio", "flops_ratio")}
+            cost_cols |= {"search_seconds": nan, "search_scope": "per episode"}
+        else:
+            cost_cols = {
+                "achieved_params": se["achieved_params"], "achieved_flops": se["achieved_flops"],
+                "params_ratio": se["params_ratio"], "flops_ratio": se["flops_ratio"],
+                "search_seconds": se["search_seconds"], "search_scope": "once",
+            }
+        cost_cols["budget_gap"] = se["requested_budget"] - cost_cols[f"{se['budget_metric']}_ratio"]
+        summary = tr.get("summary") or {"mean": nan, "ci95": nan, "std": nan, "n": 0}
+        row = {
+            "row_id": row_id, "method": tr["method"], "method_source": method.provenance,
+            "side": method.side, "backbone": config["backbone"]["name"],
+            "source": config["data"]["source"]["dataset"], "target": tr["target"], "ways": tr["ways"],
+            "shots": tr["shots"], "arm": tr["arm"], "budget_metric": se["budget_metric"],
+            "requested_budget": se["requested_budget"], "achieved_params": cost_cols["achieved_params"],
+            "achieved_flops": cost_cols["achieved_flops"], "dense_params": se["dense_params"],
+            "dense_flops": se["dense_flops"], "params_ratio": cost_cols["params_ratio"],
+            "flops_ratio": cost_cols["flops_ratio"], "budget_gap": cost_cols["budget_gap"],
+            **latency_columns(pr),
+            "search_seconds": cost_cols["search_seconds"], "search_scope": cost_cols["search_scope"],
+            "search_device": se["search_device"],
+            "acc_mean": summary["mean"], "acc_ci95": summary["ci95"],
+            "acc_std": summary["std"], "n_episodes": summary["n"],
+            "replicate": tr["replicate"], "seed_pretrain": seeds["pretrain"], "seed_search": seeds["search"],
+            "seed_episode": seeds["episode_root"],
+            "seed_finetune": tr["episodes"][0]["finetune_seed"] if tr["episodes"] else "",
+            "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"],
+            "config_sha256": prov["config_sha256"], "data_sha256": data_sha[tr["target"]],
+            "checkpoint_sha256": se["weights_sha256"], "pretrain_sha256": pre["weights_sha256"],
+            "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "failed" if failed else "ok",
+            "error": tr.get("error", "") if failed else "",
+            "transfer_record": str(cell["transfer"]),
+            "transfer_seconds": tr["seconds"],
+        }
+        rows.append(row)
+        episode_rows += [{"row_id": row_id, "episode": e["episode"], "accuracy": e["accuracy"]}
+                         for e in tr["episodes"]]
+    order = ["method", "requested_budget", "target", "shots", "arm", "replicate"]
+    table = pd.DataFrame(rows).sort_values(order, ascending=[True, False, True, True, True, True])
+    from pruneshot.io import atomic_path
+
+    with atomic_path(out_csv) as tmp:
+        table.to_csv(tmp, index=False)
+    with atomic_path(out_episodes_csv) as tmp:
+        pd.DataFrame(episode_rows).to_csv(tmp, index=False)
+    metrics = {
+        f"{r['method']}/b{budget_label(r['requested_budget'])}/{r['target']}/{r['shots']}shot/{r['arm']}"
+        f"/r{r['replicate']}": {"acc_mean": round(r["acc_mean"], 6), "acc_ci95": round(r["acc_ci95"], 6),
+                                "params_ratio": round(r["params_ratio"], 6),
+                                "flops_ratio": round(r["flops_ratio"], 6)}
+        for r in rows if r["status"] == "ok"
+    }
+    metrics["failed_cells"] = sum(r["status"] != "ok" for r in rows)
+    write_json(out_metrics, metrics)
+    job.log(f"aggregated {len(rows)} cells, {len(episode_rows)} episode results")
+    return rows

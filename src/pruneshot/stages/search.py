@@ -1,0 +1,113 @@
+"""Stage search: one source-side method at one budget on the pretrained backbone."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from pruneshot.config import budget_label
+from pruneshot.io import read_json, save_tensors, sha256_file, write_json
+from pruneshot.stages.job import Job, checkpointer, error_text, inject_failure, seeds_for
+
+
+def load_source(manifest_path: Path) -> tuple[dict[str, Any], Any, Any]:
+    """(manifest, train split, val split) of the prepared source data, normalised as the manifest says."""
+    from pruneshot.data import splits as data
+
+    manifest = read_json(manifest_path)
+    norm = manifest["normalization"]
+    return (manifest, data.load_split(manifest_path, "train", norm),
+            data.load_split(manifest_path, "val", norm))
+
+
+def search(config: dict[str, Any], method_name: str, budget: float, replicate: int, manifest_path: Path,
+           pretrained_weights: Path, pretrained_arch: Path, pretrained_metrics: Path,
+           out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
+    """Run one method's search at one budget; save the physically pruned network and its record."""
+    from pruneshot.methods import SearchContext, get_method, options_for
+    from pruneshot.models.base import load_model, state_dict_for_save
+    from pruneshot.models.cost import cost, count_flops, count_params, input_shape
+    from pruneshot.seeds import seed_everything
+
+    method = get_method(method_name)
+    if method.side != "source":
+        raise ValueError(f"{method_name} is a {method.side}-side method: it prunes per episode in transfer and has "
+                         "no search")
+    seeds = seeds_for(config, replicate)
+    seed_everything(seeds["search"])
+    _, train_split, val_split = load_source(manifest_path)
+    spec = read_json(pretrained_arch)
+    model = load_model(str(pretrained_weights), spec)
+    dense_params = count_params(model)
+    dense_flops = count_flops(model, input_shape(spec))
+    metric = config["budget"]["metric"]
+    inputs = [manifest_path, pretrained_weights, pretrained_arch]
+    upstream = read_json(pretrained_metrics).get("mlflow_run_id")
+    params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
+              "side": method.side}
+    options = options_for(config, method)
+    code = (type(method).__module__.removeprefix("pruneshot."), "methods.base", "models.base", "models.cifar",
+            "models.surgery")
+    ckpt = checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
+                         job.input_hashes(inputs), modules=code)
+    with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
+        import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
+
+        t0 = time.perf_counter()
+        try:
+            inject_failure("search", method_name)
+            result = method.search(SearchContext(
+                model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
+                seed=seeds["search"], options=options,
+                log=job.log, log_metrics=run.log_metrics, checkpoint=ckpt))
+        except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
+            failure = error_text(exc)
+            job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
+            run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
+            run_id = run.run_id
+        else:
+            failure = None
+            seconds = time.perf_counter() - t0
+            pruned = result.model.eval()
+            achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
+            run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
+                             "achieved_flops": achieved["flops"],
+                             "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
+                                                                      else dense_flops)}, None)
+            run_id = run.run_id
+    if failure is not None:
+        # Snakemake needs every output: an empty weights file and the failure in arch and record.
+        save_tensors(out_weights, {})
+        write_json(out_arch, {"failed": True, "error": failure})
+        record = {
+            "method": method_name, "side": method.side, "method_provenance": method.provenance,
+            "reference": method.reference, "replicate": replicate, "budget_metric": metric,
+            "requested_budget": budget, "status": "failed", "error": failure,
+            "dense_params": dense_params, "dense_flops": dense_flops, "search_device": "cpu",
+            "search_seconds": time.perf_counter() - t0, "weights_sha256": sha256_file(out_weights),
+            "mlflow_run_id": run_id, "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+        }
+        write_json(out_record, record)
+        ckpt.clear()
+        job.log(f"{method_name} budget {budget_label(budget)}: FAILED ({failure}); recorded as a failed cell")
+        return record
+    save_tensors(out_weights, state_dict_for_save(pruned))
+    write_json(out_arch, pruned.spec)
+    record = {
+        "method": method_name, "side": method.side, "method_provenance": method.provenance,
+        "reference": method.reference, "replicate": replicate,
+        "budget_metric": metric, "requested_budget": budget, "status": "ok", "error": "",
+        "achieved_params": achieved["params"], "achieved_flops": achieved["flops"],
+        "dense_params": dense_params, "dense_flops": dense_flops,
+        "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
+        "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
+        "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
+        "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+    }
+    write_json(out_record, record)
+    ckpt.clear()  # the outputs are complete: the checkpoint is no longer needed
+    job.log(f"{method_name} budget {budget_label(budget)} ({metric}): params {achieved['params']}/"
+            f"{dense_params} flops {achieved['flops']}/{dense_flops} in {seconds:.2f}s")
+    return record

@@ -1,0 +1,321 @@
+"""Stage transfer: one network, every saved episode of one (target, shots), every arm of its method.
+
+Read top to bottom: :func:`transfer` prepares what every episode shares, then per episode
+:func:`_head` gives the network a new seeded head, :func:`_adapt` lets a target-side method prune
+it on the support set (once, shared by the arms), :func:`_arm_start` picks each arm's starting
+network and :func:`_score` trains it and scores the query set. :func:`_record` writes the result,
+each accuracy keyed by its episode index."""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pruneshot.io import read_json, sha256_file, write_json
+from pruneshot.runtime.provenance import process_age_s
+from pruneshot.seeds import derive_seed
+from pruneshot.stages.job import Job, error_text, inject_failure, seeds_for
+
+ALL_ARMS = ("finetune", "linear_probe", "reinit")
+
+
+def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
+                  arms: list[str]) -> dict[str, Any]:
+    """Seeds of one episode's transfer. ``head`` (new classifier) and ``adapt`` (target-side pruning)
+    are shared by every method and arm, so arms and methods are paired; ``finetune[arm]`` (mini-batch
+    order, and the fresh weights of the reinit arm) is per arm."""
+    root = config["study"]["root_seed"]
+    axis = (replicate, target, ways, shots, episode)
+    return {
+        "head": derive_seed(root, "finetune", *axis, "head"),
+        "adapt": derive_seed(root, "adapt", *axis),
+        "finetune": {arm: derive_seed(root, "finetune", *axis, arm) for arm in arms},
+    }
+
+
+@dataclass
+class _Setting:
+    """What every episode of the job shares (read once)."""
+
+    method: Any
+    arms: list[str]
+    ways: int
+    shots: int
+    target: str
+    replicate: int
+    budget: float
+    metric: str
+    options: dict[str, Any]
+    tc: dict[str, Any]  # config['transfer']
+    device: Any  # torch.device the arms train and score on
+    augment: Any  # Augment | None
+    fill: float  # crop padding value of a level-0 pixel after normalisation
+    spec: dict[str, Any]  # the loaded network's architecture
+
+
+@dataclass
+class _Episode:
+    """One saved episode: CPU tensors (for target-side pruning) and their copies on the arms' device."""
+
+    index: int
+    support: tuple[Any, Any]
+    query: tuple[Any, Any]
+    on_device: tuple[Any, Any, Any, Any]
+
+
+def _check_arms(method: Any, arms: list[str]) -> None:
+    allowed = method.arms(list(ALL_ARMS))
+    bad = [a for a in arms if a not in allowed]
+    if bad or not arms:
+        raise ValueError(f"{method.name} ({method.side}-side) cannot run transfer arm(s) {bad or arms}; "
+                         f"allowed: {allowed}")
+
+
+def _augment(tc: dict[str, Any]) -> tuple[str, Any]:
+    """(mode, Augment or None) of ``transfer.augment``."""
+    from pruneshot.data.pipeline import Augment
+
+    mode = tc.get("augment", "none")
+    if mode not in ("none", "crop_flip"):
+        raise ValueError(f"transfer.augment: unknown mode {mode!r}; allowed: none, crop_flip")
+    return mode, Augment(crop_padding=int(tc.get("crop_padding", 4)), flip=True) if mode == "crop_flip" else None
+
+
+def _episodes(eps: dict[str, Any], pool: Any, device: Any) -> list[_Episode]:
+    import torch
+
+    out = []
+    for ep in eps["episodes"]:
+        sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
+        qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+        out.append(_Episode(ep["index"], (sx, sy), (qx, qy), tuple(t.to(device) for t in (sx, sy, qx, qy))))
+    return out
+
+
+def _head(network: Any, ways: int, seed: int) -> Any:
+    """A copy of ``network`` with a fresh ``ways``-way head drawn under ``seed``."""
+    import torch
+
+    model = copy.deepcopy(network)
+    model.reset_classifier(ways, torch.Generator().manual_seed(seed))
+    return model
+
+
+def _adapt(s: _Setting, network: Any, ep: _Episode, seeds: dict[str, Any], dense_cost: float,
+           log: Any) -> tuple[Any, dict[str, Any]]:
+    """Target-side pruning of the episode's headed network on its support set: (pruned network, entry
+    of the record's ``adapted`` list)."""
+    import torch
+
+    from pruneshot.methods import AdaptContext
+    from pruneshot.models.cost import cost
+
+    model = _head(network, s.ways, seeds["head"]).eval()
+    t0 = time.perf_counter()
+    torch.manual_seed(seeds["adapt"])
+    res = s.method.adapt(AdaptContext(model=model, budget=s.budget, metric=s.metric, support_x=ep.support[0],
+                                      support_y=ep.support[1], seed=seeds["adapt"], dense_cost=dense_cost,
+                                      options=s.options, log=log))
+    start = res.model.eval()
+    a_cost = {m: cost(start, m) for m in ("params", "flops")}
+    return start, {
+        "episode": ep.index, "adapt_seed": seeds["adapt"], "adapt_seconds": time.perf_counter() - t0,
+        "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": a_cost[s.metric] / dense_cost,
+        "spec": start.spec, "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
+    }
+
+
+def _arm_start(s: _Setting, arm: str, network: Any, adapted: Any, seeds: dict[str, Any]) -> Any:
+    """The network ``arm`` trains on this episode, on the arms' device: the target-side pruned one,
+    else the loaded network (reinit: its architecture freshly initialised) with the episode's head.
+    Built and seeded on the CPU (the global RNG is seeded with the arm's seed first), then moved."""
+    import torch
+
+    from pruneshot.models.base import build_seeded
+
+    seed = seeds["finetune"][arm]
+    torch.manual_seed(seed)
+    if adapted is not None:
+        model = copy.deepcopy(adapted)
+    else:
+        base = build_seeded(s.spec, seed) if arm == "reinit" else network
+        model = _head(base, s.ways, seeds["head"])
+    return model.to(s.device).eval()
+
+
+def _score(s: _Setting, arm: str, model: Any, ep: _Episode, seed: int) -> float:
+    """Train ``model`` under ``arm`` on the support set; its accuracy on the query set."""
+    from pruneshot.training import accuracy, finetune_episode
+
+    sx, sy, qx, qy = ep.on_device
+    tc = s.tc
+    finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"], lr=tc["lr"],
+                     momentum=tc["momentum"], weight_decay=tc["weight_decay"], batch_size=tc["batch_size"],
+                     seed=seed, augment=s.augment, fill=s.fill)
+    return accuracy(model, qx, qy)
+
+
+def _run_episodes(s: _Setting, network: Any, episodes: list[_Episode], config: dict[str, Any], run: Any,
+                  job: Job) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Every episode under every arm: (per-arm results, per-episode seeds, target-side ``adapted`` entries)."""
+    from pruneshot.models.cost import cost
+
+    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0} for a in s.arms}
+    seeds_rows: list[dict[str, Any]] = []
+    adapted: list[dict[str, Any]] = []
+    dense_cost = None
+    if s.method.side == "target":  # the budget's reference: the dense network with a ways-way head
+        probe = copy.deepcopy(network)
+        probe.reset_classifier(s.ways)
+        dense_cost = cost(probe, s.metric)
+    t0 = time.perf_counter()
+    for ep in episodes:
+        es = episode_seeds(config, s.replicate, s.target, s.ways, s.shots, ep.index, s.arms)
+        seeds_rows.append({"episode": ep.index, "head": es["head"]})
+        start = None
+        if dense_cost is not None:
+            start, entry = _adapt(s, network, ep, es, dense_cost, job.log)
+            adapted.append(entry)
+            run.log_metrics({"achieved_ratio": entry["achieved_ratio"], "adapt_seconds": entry["adapt_seconds"]},
+                            ep.index)
+        for arm in s.arms:
+            ta = time.perf_counter()
+            seed = es["finetune"][arm]
+            acc = _score(s, arm, _arm_start(s, arm, network, start, es), ep, seed)
+            per_arm[arm]["episodes"].append({"episode": ep.index, "accuracy": acc, "finetune_seed": seed})
+            per_arm[arm]["seconds"] += time.perf_counter() - ta
+            run.log_metrics({f"{arm}/episode_acc": acc}, ep.index)
+        done = len(seeds_rows)
+        if done % 10 == 0 or done == len(episodes):
+            el = time.perf_counter() - t0
+            means = ", ".join(f"{a} {sum(e['accuracy'] for e in r['episodes']) / len(r['episodes']):.4f}"
+                              for a, r in per_arm.items())
+            job.log(f"episode {done}/{len(episodes)} mean acc {means} elapsed {el:.1f}s "
+                    f"left~{el / done * (len(episodes) - done):.1f}s")
+    return per_arm, seeds_rows, adapted
+
+
+def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: int, target: str, replicate: int,
+             budget: float, weights: Path, arch: Path, network_record: Path, source_manifest: Path,
+             target_manifest: Path, episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
+    """Transfer one network to every saved episode under each of ``arms``; score each query set.
+
+    The network (``weights``, ``arch``) is a source-side method's searched network at ``budget``
+    (``network_record``: its search record) or, for a target-side method, the pretrained backbone
+    (``network_record``: its pretrain metrics), which each episode prunes to ``budget`` on its support
+    set (``method.adapt``, once per episode, shared by the arms). Per episode the network gets a new
+    seeded ``ways``-way head; each arm trains its own copy ('finetune': all kept weights,
+    'linear_probe': the head only, 'reinit': the same architecture freshly initialised, then as
+    finetune). A target-side method's achieved cost and seconds are recorded per episode. One MLflow
+    run per job; metrics are prefixed by the arm.
+
+    The arms train and score on ``transfer.device`` (model and episode tensors are moved there;
+    every random draw stays on the CPU, so the seeds mean the same on any device). Target-side
+    pruning and all cost counting stay on the CPU."""
+    from pruneshot.data import splits
+    from pruneshot.data.pipeline import resolve_device, zero_level
+    from pruneshot.methods import get_method, options_for
+    from pruneshot.models.base import load_model
+    from pruneshot.models.cost import count_flops, count_params, input_shape
+
+    method = get_method(method_name)
+    _check_arms(method, arms)
+    tc = config["transfer"]
+    device = resolve_device(tc.get("device", "auto"), "transfer.device")  # a missing GPU fails before any work
+    rec = read_json(network_record)
+    # Target images are normalised with the source statistics the backbone was trained on.
+    norm = read_json(source_manifest)["normalization"]
+    pool = splits.load_split(target_manifest, "pool", norm)
+    eps = read_json(episodes_path)
+    augment_mode, augment = _augment(tc)
+    s = _Setting(method=method, arms=list(arms), ways=eps["ways"], shots=shots, target=target, replicate=replicate,
+                 budget=float(budget), metric=config["budget"]["metric"], options=options_for(config, method), tc=tc,
+                 device=device, augment=augment, fill=zero_level(read_json(target_manifest)["max_value"], norm),
+                 spec=read_json(arch))
+    seeds = seeds_for(config, replicate)
+    inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
+    params = {"method": method_name, "arms": ",".join(arms), "shots": shots, "ways": s.ways, "target": target,
+              "budget": s.budget, "replicate": replicate, "side": method.side,
+              **{f"transfer.{k}": v for k, v in tc.items()}, "transfer.device_used": str(device)}
+    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0} for a in arms}
+    seeds_rows: list[dict[str, Any]] = []
+    adapted: list[dict[str, Any]] = []
+    dense: dict[str, int] = {}
+    t0 = time.perf_counter()
+    failure = f"search failed: {rec['error']}" if rec.get("status") == "failed" else None
+    with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
+        overhead = process_age_s()
+        if failure is None:
+            try:
+                network = load_model(str(weights), s.spec)
+                dense = {"dense_params": count_params(network),
+                         "dense_flops": count_flops(network, input_shape(s.spec))} if method.side == "target" else {}
+                inject_failure("transfer", method_name)
+                job.log(f"process start to first training step: {overhead}s; arms {arms}")
+                per_arm, seeds_rows, adapted = _run_episodes(s, network, _episodes(eps, pool, device), config, run,
+                                                             job)
+            except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
+                failure = error_text(exc)
+                job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
+                run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
+        if failure is None:
+            from pruneshot.report.stats import mean_ci
+
+            for arm, r in per_arm.items():
+                r["summary"] = mean_ci([e["accuracy"] for e in r["episodes"]])
+                run.log_metrics({f"{arm}/acc_mean": r["summary"]["mean"], f"{arm}/acc_ci95": r["summary"]["ci95"]},
+                                None)
+        run_id = run.run_id
+    if failure is not None:
+        per_arm = {a: {"episodes": [], "seconds": 0.0, "summary": None} for a in arms}
+        seeds_rows, adapted = [], []
+    record = _record(s, config, failure, per_arm, seeds_rows, adapted, dense, device, augment_mode,
+                     time.perf_counter() - t0, overhead, network_record, weights, run_id, rec, job, inputs, seeds)
+    write_json(out, record)
+    if failure is not None:
+        job.log(f"{method_name} {shots}-shot: FAILED ({failure}); recorded as a failed cell")
+    for arm, r in per_arm.items():
+        if r["summary"] is not None:
+            job.log(f"{method_name}/{arm} {shots}-shot: {r['summary']['mean']:.4f} +- {r['summary']['ci95']:.4f} "
+                    f"over {r['summary']['n']} episodes")
+    return record
+
+
+def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: dict[str, Any],
+            seeds_rows: list[dict[str, Any]], adapted: list[dict[str, Any]], dense: dict[str, int], device: Any,
+            augment_mode: str, seconds: float, overhead: float, network_record: Path, weights: Path,
+            run_id: str | None, rec: dict[str, Any], job: Job, inputs: list[Path],
+            seeds: dict[str, int]) -> dict[str, Any]:
+    """The transfer record: per arm its episodes ({episode, accuracy, finetune_seed}), seconds and
+    summary; per episode its head seed; for a target-side method the per-episode ``adapted``
+    networks, their mean cost (``achieved``) and the dense cost the ratios refer to."""
+    from pruneshot.runtime.provenance import device_name
+
+    record = {
+        "method": s.method.name, "side": s.method.side, "shots": s.shots, "ways": s.ways,
+        "target": s.target, "replicate": s.replicate, "requested_budget": s.budget,
+        "status": "ok" if failure is None else "failed", "error": failure or "",
+        "arms": per_arm, "episode_seeds": seeds_rows,
+        "device": {"device": str(device), "name": device_name(str(device)), "dtype": "float32",
+                   "augment": augment_mode},
+        "seconds": seconds, "overhead_s": overhead,
+        "network_record": Path(network_record).as_posix(), "network_record_sha256": sha256_file(network_record),
+        "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
+        "upstream_run_id": rec.get("mlflow_run_id"),
+        "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]},
+                                     device=str(device)),
+    }
+    if s.method.side == "target":
+        record.update(dense)
+    if failure is None and adapted:
+        record["adapted"] = adapted
+        record["achieved"] = {
+            key: sum(a[key] for a in adapted) / len(adapted) for key in ("params", "flops", "achieved_ratio")
+        } | {"adapt_seconds_mean": sum(a["adapt_seconds"] for a in adapted) / len(adapted),
+             "ratio_min": min(a["achieved_ratio"] for a in adapted),
+             "ratio_max": max(a["achieved_ratio"] for a in adapted)}
+    return record

@@ -41,6 +41,7 @@ test: setup test-deps
 lint: setup
 	ruff check .
 	snakemake --lint
+	python -m pruneshot.methods.schema --check
 
 # Regenerate tables and report from existing (e.g. `dvc pull`ed) artefacts, no training.
 report: setup

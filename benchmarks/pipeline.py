@@ -21,6 +21,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pruneshot.config import load_config
+from pruneshot.paths import for_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -77,18 +80,20 @@ def main() -> int:
         rerun = timed(cmd, work)
         dry = timed([*cmd, "-n"], work)
         overheads = {}
-        records = sorted(work.glob("results/transfer/**/*.json")) + sorted(work.glob("results/pretrain/*/metrics.json"))
+        paths = for_config(load_config(work / "config/config.yaml"))
+        res, logs = work / paths.results_root, work / paths.logs_root
+        records = sorted((res / "transfer").glob("**/*.json")) + sorted((res / "pretrain").glob("*/metrics.json"))
         for path in records:
             rec = json.loads(path.read_text())
             if rec.get("overhead_s") is not None:
                 overheads[str(path.relative_to(work))] = rec["overhead_s"]
         jobs = {}
-        for tsv in work.glob("logs/benchmarks/**/*.tsv"):
+        for tsv in (logs / "benchmarks").glob("**/*.tsv"):
             lines = tsv.read_text().splitlines()
             header, values = lines[0].split("\t"), lines[-1].split("\t")
-            jobs[str(tsv.relative_to(work / "logs/benchmarks"))] = dict(zip(header, values, strict=False))
+            jobs[str(tsv.relative_to(logs / "benchmarks"))] = dict(zip(header, values, strict=False))
         n_jobs = len(jobs)
-        methods = method_rows(work / "results/tables/results.csv")
+        methods = method_rows(work / paths.result("results_csv"))
     ov = list(overheads.values())
     result = {
         "config": args.config, "cores": args.cores, "python": platform.python_version(),

@@ -28,7 +28,10 @@ def main() -> int:
     from pruneshot.io import read_json
     from pruneshot.methods import get_method
     from pruneshot.models.base import load_model
-    from pruneshot.stages import job as stages
+    from pruneshot.stages.data import prepare_source
+    from pruneshot.stages.job import Job
+    from pruneshot.stages.pretrain import pretrain
+    from pruneshot.stages.search import search
     from pruneshot.training import accuracy
 
     ap = argparse.ArgumentParser(description=__doc__)
@@ -40,13 +43,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="pruneshot-retention-") as tmp:
         t = Path(tmp)
 
-        def job(rule: str) -> stages.Job:
-            return stages.Job(rule=rule, wildcards={}, config={}, log_path=t / f"{rule}.log")
+        def job(rule: str) -> Job:
+            return Job(rule=rule, wildcards={}, config={}, log_path=t / f"{rule}.log")
 
         cfg["data"]["cache_dir"] = str(t / "cache")
-        stages.prepare_source(cfg, t / "src", job("prepare_source"))
+        prepare_source(cfg, t / "src", job("prepare_source"))
         pre = t / "pretrain"
-        stages.pretrain(cfg, 0, t / "src/manifest.json", pre / "model.safetensors", pre / "arch.json",
+        pretrain(cfg, 0, t / "src/manifest.json", pre / "model.safetensors", pre / "arch.json",
                         pre / "metrics.json", job("pretrain"))
         norm = read_json(t / "src/manifest.json")["normalization"]
         val = load_split(t / "src/manifest.json", "val", norm)
@@ -59,7 +62,7 @@ def main() -> int:
             for budget in cfg["budget"]["levels"]:
                 d = t / "search" / name / str(budget)
                 t0 = time.perf_counter()
-                rec = stages.search(cfg, name, float(budget), 0, t / "src/manifest.json", pre / "model.safetensors",
+                rec = search(cfg, name, float(budget), 0, t / "src/manifest.json", pre / "model.safetensors",
                                     pre / "arch.json", pre / "metrics.json", d / "model.safetensors", d / "arch.json",
                                     d / "record.json", job(f"search_{name}_{budget}"))
                 pruned = load_model(str(d / "model.safetensors"), read_json(d / "arch.json"))

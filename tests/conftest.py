@@ -41,6 +41,15 @@ def run(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedPr
     return proc
 
 
+def study_dir(proj: Path, kind: str = "results") -> Path:
+    """``results/<study.name>/`` (``kind="logs"``: ``logs/<study.name>/``) of the study that ``proj``'s
+    config/config.yaml describes: every output of a study lies below it (pruneshot.paths)."""
+    import yaml
+
+    name = yaml.safe_load((proj / "config/config.yaml").read_text())["study"]["name"]
+    return proj / kind / name
+
+
 def copy_worktree(dst: Path) -> None:
     """Tracked and untracked-but-not-ignored files of this checkout (what a commit would hold)."""
     out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,

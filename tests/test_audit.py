@@ -127,7 +127,7 @@ def write_study(root: Path) -> None:
                                "arms": {"finetune": {"episodes": episodes, "summary": {"mean": 0.6, "ci95": 0.1}}}}
         if side == "source":
             net = [U_CHECKPOINT, se_arch]
-            rec |= {"network_record": se_rec, "search_record_sha256": _sha(root / se_rec),
+            rec |= {"network_record": se_rec, "network_record_sha256": _sha(root / se_rec),
                     "weights_sha256": _sha(root / U_CHECKPOINT), "upstream_run_id": "run-se"}
             prof = U.result("profile", **wc)
         else:
@@ -404,7 +404,7 @@ def test_lineage_of_a_row_shows_every_level_with_its_hashes(study: Path) -> None
     assert positions == sorted(positions)
     # paths with their hashes as the records hold them
     for path, sha in [(CHECKPOINT, se["weights_sha256"]), (CHECKPOINT, tr["weights_sha256"]),
-                      (search_rel, tr["search_record_sha256"]),
+                      (search_rel, tr["network_record_sha256"]),
                       (P.result("pretrain_weights", replicate=0), pre["weights_sha256"]),
                       (src_rel, inputs[src_rel]),
                       (P.result("target_pool", target="digits_5to9"), target["splits"]["pool"]["sha256"]),

@@ -319,3 +319,12 @@ def test_study_name_is_checked_before_any_other_problem(cfg, schema):
     cfg["episodes"]["shots"] = [500]  # a semantic problem too: the name is reported with the schema errors
     msg = _error(cfg, schema)
     assert "'..'" in msg and "shots" not in msg
+
+
+def test_the_schema_offers_exactly_the_arms_the_methods_define():
+    """``transfer.arms`` in config/schema.yaml is checked against ``pruneshot.methods.ARMS`` (written once there)."""
+    from pruneshot.config import SCHEMA_PATH
+    from pruneshot.methods import ARMS
+
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    assert tuple(schema["properties"]["transfer"]["properties"]["arms"]["items"]["enum"]) == ARMS

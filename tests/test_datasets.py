@@ -32,7 +32,8 @@ from pruneshot.config import ConfigError, validate_config
 from pruneshot.data import prepare as data
 from pruneshot.data.registry import REGISTRY, effective_shape, resolve_split
 from pruneshot.io import load_tensors, read_json
-from pruneshot.stages import job as stages
+from pruneshot.stages.data import prepare_source, prepare_target
+from pruneshot.stages.job import Job
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
@@ -214,8 +215,8 @@ def make_config(tmp: Path, srv, generated, source: dict, targets: dict, image: d
     return validate_config(cfg) if validate else cfg
 
 
-def job(cfg: dict, rule: str = "prepare") -> stages.Job:
-    return stages.Job(rule=rule, wildcards={}, config=cfg)
+def job(cfg: dict, rule: str = "prepare") -> Job:
+    return Job(rule=rule, wildcards={}, config=cfg)
 
 
 def pairs(x: np.ndarray, y: np.ndarray) -> Counter:
@@ -253,7 +254,7 @@ def test_prepare_downloaded_dataset(name, server, generated, tmp_path):
                       {"t": {"dataset": name, "classes": tgt_cls}})
     assert cfg["data"]["source"]["split"] is None and cfg["data"]["targets"]["t"]["split"] is None
 
-    src = stages.prepare_source(cfg, tmp_path / "source", job(cfg))
+    src = prepare_source(cfg, tmp_path / "source", job(cfg))
     spec = REGISTRY[name]
     assert src["dataset"] == name and src["split"] == "train" and src["role"] == "source"
     assert src["classes"] == src_cls
@@ -277,7 +278,7 @@ def test_prepare_downloaded_dataset(name, server, generated, tmp_path):
     assert [src_cls[v] for v in tr["y"].tolist()] == tr["orig_y"].tolist()
     assert tr["x"].dtype == torch.uint8 and tuple(tr["x"].shape[1:]) == spec.shape
 
-    tgt = stages.prepare_target(cfg, "t", tmp_path / "target", job(cfg))
+    tgt = prepare_target(cfg, "t", tmp_path / "target", job(cfg))
     assert tgt["split"] == "test" and tgt["classes"] == tgt_cls and tgt["role"] == "target"
     pool = load_tensors(tmp_path / "target" / "pool.safetensors")
     want_x, want_y = subset(g, "test", tgt_cls)
@@ -300,7 +301,7 @@ def test_svhn_label_10_is_digit_0(server, generated, tmp_path):
 def test_split_all_is_train_then_test_and_cache_is_reused(server, generated, tmp_path):
     cfg = make_config(tmp_path, server, generated, {"dataset": "mnist", "classes": [0, 1], "split": "test"},
                       {"t": {"dataset": "mnist", "classes": [3, 4], "split": "all"}})
-    m = stages.prepare_target(cfg, "t", tmp_path / "t", job(cfg))
+    m = prepare_target(cfg, "t", tmp_path / "t", job(cfg))
     assert m["split"] == "all"
     assert [f["file"] for f in m["source_files"]] == [
         "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
@@ -311,7 +312,7 @@ def test_split_all_is_train_then_test_and_cache_is_reused(server, generated, tmp
     assert len(server.state.requests) == 4
 
     # the source (split test) reuses the verified cache: no request at all
-    src = stages.prepare_source(cfg, tmp_path / "s", job(cfg))
+    src = prepare_source(cfg, tmp_path / "s", job(cfg))
     assert src["split"] == "test" and len(server.state.requests) == 4
     tr = load_tensors(tmp_path / "s" / "train.safetensors")
     va = load_tensors(tmp_path / "s" / "val.safetensors")
@@ -320,7 +321,7 @@ def test_split_all_is_train_then_test_and_cache_is_reused(server, generated, tmp
     # a cached file that no longer matches its sha256 is fetched again, never used
     cached = tmp_path / "cache" / "mnist" / "t10k-labels-idx1-ubyte.gz"
     cached.write_bytes(cached.read_bytes()[:-3] + b"xyz")
-    stages.prepare_source(cfg, tmp_path / "s", job(cfg))
+    prepare_source(cfg, tmp_path / "s", job(cfg))
     assert server.state.requests[4:] == ["/mnist/t10k-labels-idx1-ubyte.gz"]
     assert cached.read_bytes() == generated["mnist"].files[cached.name]
 
@@ -331,7 +332,7 @@ def test_prepare_replaces_an_existing_output_dir(server, generated, tmp_path):
     out = tmp_path / "t"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    stages.prepare_target(cfg, "t", out, job(cfg))
+    prepare_target(cfg, "t", out, job(cfg))
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "pool.safetensors"]
     assert leftovers(out) == ["t"]
 
@@ -347,7 +348,7 @@ def test_mirror_does_not_change_the_prepared_data(server, generated, tmp_path):
         cfg = make_config(tmp_path / str(i), server, generated, {"dataset": "digits", "classes": [0, 1]},
                           {"t": {"dataset": "mnist", "classes": [3, 4]}}, image={"size": 8})
         cfg["data"]["download"]["mirrors"] = {"mnist": url}
-        manifests.append(stages.prepare_target(cfg, "t", tmp_path / str(i) / "t", job(cfg)))
+        manifests.append(prepare_target(cfg, "t", tmp_path / str(i) / "t", job(cfg)))
     # the data are the same; only the job's provenance (config hash: the mirror setting) differs
     assert manifests[0].pop("provenance")["config_sha256"] != manifests[1].pop("provenance")["config_sha256"]
     assert manifests[0] == manifests[1]
@@ -360,8 +361,8 @@ def test_mirror_does_not_change_the_prepared_data(server, generated, tmp_path):
 def test_gray_source_to_rgb_target_shape(server, generated, tmp_path):
     cfg = make_config(tmp_path, server, generated, {"dataset": "mnist", "classes": [0, 1, 2]},
                       {"c": {"dataset": "cifar10", "classes": [0, 9]}}, image={"channels": 3, "size": 32})
-    src = stages.prepare_source(cfg, tmp_path / "s", job(cfg))
-    tgt = stages.prepare_target(cfg, "c", tmp_path / "c", job(cfg))
+    src = prepare_source(cfg, tmp_path / "s", job(cfg))
+    tgt = prepare_target(cfg, "c", tmp_path / "c", job(cfg))
     assert src["image_shape"] == tgt["image_shape"] == [3, 32, 32]
     assert src["native_shape"] == [1, 28, 28] and src["conversion"] == {"channels": 3, "size": 32}
     assert tgt["native_shape"] == [3, 32, 32]
@@ -382,8 +383,8 @@ def test_gray_source_to_rgb_target_shape(server, generated, tmp_path):
 def test_rgb_source_to_gray_target_shape(server, generated, tmp_path):
     cfg = make_config(tmp_path, server, generated, {"dataset": "cifar10", "classes": [3, 4, 5]},
                       {"m": {"dataset": "mnist", "classes": [3, 4]}}, image={"channels": 1, "size": 28})
-    src = stages.prepare_source(cfg, tmp_path / "s", job(cfg))
-    tgt = stages.prepare_target(cfg, "m", tmp_path / "m", job(cfg))
+    src = prepare_source(cfg, tmp_path / "s", job(cfg))
+    tgt = prepare_target(cfg, "m", tmp_path / "m", job(cfg))
     assert src["image_shape"] == tgt["image_shape"] == [1, 28, 28]
     pool = load_tensors(tmp_path / "m" / "pool.safetensors")
     assert np.array_equal(pool["x"].numpy(), subset(generated["mnist"], "test", [3, 4])[0])
@@ -421,7 +422,7 @@ def test_reconcile_known_values():
 def test_digits_source_keeps_working_with_image_settings(tmp_path):
     cfg = make_config(tmp_path, None, {}, {"dataset": "digits", "classes": [0, 1, 2]},
                       {"t": {"dataset": "digits", "classes": [5, 6]}}, image={"size": 16})
-    m = stages.prepare_source(cfg, tmp_path / "s", job(cfg))
+    m = prepare_source(cfg, tmp_path / "s", job(cfg))
     assert m["split"] == "all" and m["image_shape"] == [1, 16, 16] and m["max_value"] == 16
     assert m["source_files"][0]["file"] == "sklearn.datasets.load_digits"
     assert load_tensors(tmp_path / "s" / "train.safetensors")["x"].max() <= 16
@@ -448,8 +449,8 @@ def test_imagefolder_prepare(image_root, tmp_path):
                       {"dataset": "imagefolder", "root": str(image_root), "classes": [3, 0]},
                       {"t": {"dataset": "imagefolder", "root": str(image_root), "classes": [2, 1]}},
                       image={"size": 8})
-    src = stages.prepare_source(cfg, tmp_path / "s", job(cfg))
-    tgt = stages.prepare_target(cfg, "t", tmp_path / "t", job(cfg))
+    src = prepare_source(cfg, tmp_path / "s", job(cfg))
+    tgt = prepare_target(cfg, "t", tmp_path / "t", job(cfg))
     assert src["class_names"] == ["normal", "benign"] and tgt["class_names"] == ["malignant", "cyst"]
     assert src["image_shape"] == tgt["image_shape"] == [3, 8, 8] and src["split"] == "all"
     pool = load_tensors(tmp_path / "t" / "pool.safetensors")
@@ -470,7 +471,7 @@ def test_imagefolder_gray_matches_mnist_shape(image_root, tmp_path, server, gene
     cfg = make_config(tmp_path, server, generated, {"dataset": "mnist", "classes": [0, 1]},
                       {"t": {"dataset": "imagefolder", "root": str(image_root), "classes": [0, 1]}},
                       image={"channels": 1, "size": 28})
-    tgt = stages.prepare_target(cfg, "t", tmp_path / "t", job(cfg))
+    tgt = prepare_target(cfg, "t", tmp_path / "t", job(cfg))
     assert tgt["image_shape"] == [1, 28, 28]
     pool = load_tensors(tmp_path / "t" / "pool.safetensors")
     first = Image.open(image_root / "benign" / "0.png").convert("L").resize((28, 28), Image.Resampling.BILINEAR)
@@ -501,7 +502,7 @@ def test_imagefolder_errors_leave_nothing(case, match, image_root, tmp_path):
                       image={"channels": 1, "size": 8})
     out = tmp_path / "out" / "t"
     with pytest.raises(data.DatasetError, match=match) as err:
-        stages.prepare_target(cfg, "t", out, job(cfg))
+        prepare_target(cfg, "t", out, job(cfg))
     assert "imagefolder" in str(err.value) and str(root) in str(err.value)
     assert not (tmp_path / "out").exists() or leftovers(out) == []
 
@@ -518,7 +519,7 @@ def _target_cfg(tmp_path, server, generated, name, **kw):
 def _fails(cfg, tmp_path) -> str:
     out = tmp_path / "out" / "t"
     with pytest.raises(data.DatasetError) as err:
-        stages.prepare_target(cfg, "t", out, job(cfg))
+        prepare_target(cfg, "t", out, job(cfg))
     assert not out.exists() and (not out.parent.exists() or leftovers(out) == [])
     return str(err.value)
 
@@ -724,25 +725,26 @@ def test_snakemake_builds_data_from_the_local_server(server, generated, tmp_path
     cfgfile.write_text(yaml.safe_dump(copy.deepcopy(cfg)))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PRUNESHOT_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    targets = ["results/data/source/manifest.json", "results/episodes/fash/2way_1shot.json"]
+    res = f"results/{cfg['study']['name']}"
+    targets = [f"{res}/data/source/manifest.json", f"{res}/episodes/fash/2way_1shot.json"]
     proc = subprocess.run(
         [str(Path(sys.executable).parent / "snakemake"), *targets, "--snakefile", str(ROOT / "workflow" / "Snakefile"),
          "--directory", str(work), "--cores", "1", "--configfile", str(cfgfile)],
         cwd=work, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    src = read_json(work / "results/data/source/manifest.json")
+    src = read_json(work / res / "data/source/manifest.json")
     assert src["dataset"] == "mnist" and src["split"] == "train" and src["classes"] == [0, 1, 2]
     assert src["splits"]["train"]["n"] + src["splits"]["val"]["n"] == int(
         np.isin(generated["mnist"].y["train"], [0, 1, 2]).sum())
-    tgt = read_json(work / "results/data/target/fash/manifest.json")
+    tgt = read_json(work / res / "data/target/fash/manifest.json")
     assert tgt["dataset"] == "fashion_mnist" and tgt["split"] == "test"
     assert tgt["class_names"] == ["T-shirt/top", "Trouser", "Pullover"]
-    ep = read_json(work / "results/episodes/fash/2way_1shot.json")
+    ep = read_json(work / res / "episodes/fash/2way_1shot.json")
     assert ep["pool_sha256"] == tgt["splits"]["pool"]["sha256"] and len(ep["episodes"]) == 2
     assert (work / "cache" / "fashion_mnist" / "t10k-images-idx3-ubyte.gz").is_file()
-    assert sorted(p.name for p in (work / "results/data/target").iterdir()) == ["fash"]  # no staging dirs left
-    assert sorted(p.name for p in (work / "results/data").iterdir()) == ["source", "target"]
+    assert sorted(p.name for p in (work / res / "data/target").iterdir()) == ["fash"]  # no staging dirs left
+    assert sorted(p.name for p in (work / res / "data").iterdir()) == ["source", "target"]
     requested = sorted(set(server.state.requests))
     assert requested == sorted([f"/mnist/{n}" for n in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz")]
                                + [f"/fashion_mnist/{n}" for n in ("t10k-images-idx3-ubyte.gz",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, run
+from conftest import BIN, run, study_dir
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 def _isolate_mlflow(proj: Path) -> None:
     """Point the copy's jobs at the copy's own MLflow database (study.json names the shared project's
     by absolute path), keeping study.json's mtime so that Snakemake sees nothing new."""
-    path = proj / "results/mlflow/study.json"
+    path = study_dir(proj) / "mlflow/study.json"
     st = path.stat()
     study = json.loads(path.read_text())
     study["tracking_uri"] = f"sqlite:///{proj / 'mlflow.db'}"
@@ -31,7 +31,7 @@ def _isolate_mlflow(proj: Path) -> None:
 
 def _digests(root: Path) -> dict[str, str]:
     return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((root / "results").rglob("*")) if p.is_file()}
+            for p in sorted(study_dir(root).rglob("*")) if p.is_file()}
 
 
 def _md5(path: Path) -> str:
@@ -74,7 +74,7 @@ def test_snakemake_then_dvc_commit_push_pull(project: Path, tmp_path: Path) -> N
     status = _status(proj)  # DVC sees new params and outputs not yet recorded
     changes = json.dumps(status)
     assert "pipeline" in status and "config/config.yaml" in changes, status
-    for out in ("results/search", "results/transfer", "results/tables"):
+    for out in ("results/tiny/search", "results/tiny/transfer", "results/tiny/tables"):
         assert out in changes, (out, status)
 
     # one command records the outputs in dvc.lock; it runs nothing
@@ -88,11 +88,11 @@ def test_snakemake_then_dvc_commit_push_pull(project: Path, tmp_path: Path) -> N
     lock = yaml.safe_load((proj / "dvc.lock").read_text())["stages"]["pipeline"]
     assert lock["params"]["config/config.yaml"]["dap"]["steps"] == cfg["dap"]["steps"]
     outs = {o["path"]: o for o in lock["outs"]}
-    assert outs["results/metrics.json"]["md5"] == _md5(proj / "results/metrics.json")
-    tables = outs["results/tables"]["md5"]
+    assert outs["results/tiny/metrics.json"]["md5"] == _md5(study_dir(proj) / "metrics.json")
+    tables = outs["results/tiny/tables"]["md5"]
     listing = json.loads((proj / ".dvc/cache/files/md5" / tables[:2] / tables[2:]).read_text())
     assert {e["relpath"]: e["md5"] for e in listing} == {
-        p.name: _md5(p) for p in (proj / "results/tables").iterdir() if p.is_file()}
+        p.name: _md5(p) for p in (study_dir(proj) / "tables").iterdir() if p.is_file()}
     dry = run([str(BIN / "snakemake"), "-n", "--cores", "1"], proj)
     assert "Nothing to be done" in dry.stdout + dry.stderr  # Snakemake's view is unchanged too
 
@@ -104,11 +104,11 @@ def test_snakemake_then_dvc_commit_push_pull(project: Path, tmp_path: Path) -> N
     run(["git", "clone", "-q", str(proj), str(clone)], tmp_path)
     run([str(BIN / "dvc"), "remote", "add", "--local", "-f", "-d", "cluster", str(remote)], clone)
     run([str(BIN / "dvc"), "pull"], clone)
-    for rel in ("results/tables/results.csv", "results/tables/episodes.csv", "results/metrics.json",
-                "results/search/dap/b0.5/r0/record.json"):
+    for rel in ("results/tiny/tables/results.csv", "results/tiny/tables/episodes.csv", "results/tiny/metrics.json",
+                "results/tiny/search/dap/b0.5/r0/record.json"):
         assert (clone / rel).read_bytes() == (proj / rel).read_bytes(), rel
     assert (project / "mlflow.db").stat().st_mtime_ns == shared_db  # the copy's jobs logged to its own
     # the pulled dap search is the rerun one (new config), the others are the originals
-    new, old = (json.loads((clone / f"results/search/{m}/b0.5/r0/record.json").read_text())["provenance"]
+    new, old = (json.loads((study_dir(clone) / f"search/{m}/b0.5/r0/record.json").read_text())["provenance"]
                 for m in ("dap", "random"))
     assert new["config_sha256"] != old["config_sha256"]

@@ -4,7 +4,7 @@ metric once `sync_tracking` replays the spool, and leaves the results and the re
 
 What is counted ("metric values"): the values of every metric history of a job's run in MLflow
 (``get_metric_history`` per key, all steps). A job's expected values are rebuilt from its JSON
-record under ``results/`` (the source of truth), exactly what the stage logs:
+record under ``results/<study>/`` (the source of truth), exactly what the stage logs:
 
 * pretrain (``results/pretrain/r{r}/metrics.json``): ``train_loss`` and ``val_acc`` at every epoch of
   ``history``, plus ``best_val_acc`` and ``seconds`` at step 0;
@@ -34,7 +34,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, ROOT, MlflowServer, _env, copy_worktree
+from conftest import BIN, ROOT, MlflowServer, _env, copy_worktree, study_dir
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.integration
@@ -55,9 +55,9 @@ REPORT_SECTIONS = ("results", "ranks", "comparisons", "failures")
 RESULT_COLUMNS = ["row_id", "method", "requested_budget", "target", "shots", "arm", "replicate", "status",
                   "acc_mean", "acc_ci95", "acc_std", "n_episodes", "achieved_params", "params_ratio", "flops_ratio"]
 PATTERNS = {
-    "pretrain": re.compile(r"results/pretrain/r(?P<replicate>\d+)/metrics\.json$"),
-    "search": re.compile(r"results/search/(?P<method>\w+)/b(?P<budget>[\d.]+)/r(?P<replicate>\d+)/record\.json$"),
-    "transfer": re.compile(r"results/transfer/(?P<target>\w+)/(?P<method>\w+)/b(?P<budget>[\d.]+)/"
+    "pretrain": re.compile(r"/pretrain/r(?P<replicate>\d+)/metrics\.json$"),
+    "search": re.compile(r"/search/(?P<method>\w+)/b(?P<budget>[\d.]+)/r(?P<replicate>\d+)/record\.json$"),
+    "transfer": re.compile(r"/transfer/(?P<target>\w+)/(?P<method>\w+)/b(?P<budget>[\d.]+)/"
                            r"(?P<shots>\d+)shot/r(?P<replicate>\d+)\.json$"),
 }
 
@@ -94,7 +94,7 @@ def _expected(ws: Path) -> dict[JobId, Values]:
     """Every tracked job's metric values, rebuilt from its JSON record (see the module docstring)."""
     out: dict[JobId, Values] = {}
     for rule, pattern in PATTERNS.items():
-        for path in sorted((ws / "results" / rule).rglob("*.json")):
+        for path in sorted((study_dir(ws) / rule).rglob("*.json")):
             m = pattern.search(path.as_posix())
             if m is None:
                 continue
@@ -113,8 +113,8 @@ def _expected(ws: Path) -> dict[JobId, Values]:
                 values[("achieved_ratio", 0)] = rec[f"{rec['budget_metric']}_ratio"]
             elif rule == "transfer" and rec["status"] == "ok":
                 for arm, res in rec["arms"].items():
-                    for i, acc in enumerate(res["episode_accuracies"]):
-                        values[(f"{arm}/episode_acc", i)] = acc
+                    for e in res["episodes"]:
+                        values[(f"{arm}/episode_acc", e["episode"])] = e["accuracy"]
                     values[(f"{arm}/acc_mean", 0)] = res["summary"]["mean"]
                     values[(f"{arm}/acc_ci95", 0)] = res["summary"]["ci95"]
                 for a in rec.get("adapted", []):
@@ -155,7 +155,7 @@ def _logged(client: MlflowClient, run_id: str) -> tuple[Values, int]:
 def _assert_mlflow_matches_files(ws: Path, tracking_uri: str, study_name: str) -> dict[str, int]:
     """Every tracked job has exactly one effective FINISHED run under the study's parent run, holding
     exactly the metric values of its JSON record; returns the value counts (files, MLflow)."""
-    study = json.loads((ws / "results/mlflow/study.json").read_text())
+    study = json.loads((study_dir(ws) / "mlflow/study.json").read_text())
     client = MlflowClient(tracking_uri)
     experiment = client.get_experiment_by_name(study_name)
     assert experiment is not None and experiment.experiment_id == study["experiment_id"]
@@ -181,7 +181,7 @@ def _assert_mlflow_matches_files(ws: Path, tracking_uri: str, study_name: str) -
 
 
 def _report_sections(ws: Path) -> dict[str, str]:
-    html = (ws / "results/report/index.html").read_text()
+    html = (study_dir(ws) / "report/index.html").read_text()
     out = {}
     for sid in REPORT_SECTIONS:
         m = re.search(rf'<section id="{sid}">.*?</section>', html, flags=re.S)
@@ -191,10 +191,10 @@ def _report_sections(ws: Path) -> dict[str, str]:
 
 
 def _benchmark_wall_s(ws: Path, rule: str, path: Path) -> float:
-    rel = path.relative_to(ws / "results" / rule).with_suffix("")
+    rel = path.relative_to(study_dir(ws) / rule).with_suffix("")
     if rule != "transfer":
-        rel = rel.parent  # results/pretrain/r0/metrics.json -> logs/benchmarks/pretrain/r0.tsv
-    tsv = ws / "logs/benchmarks" / rule / f"{rel}.tsv"
+        rel = rel.parent  # results/<study>/pretrain/r0/metrics.json -> logs/<study>/benchmarks/pretrain/r0.tsv
+    tsv = study_dir(ws, "logs") / "benchmarks" / rule / f"{rel}.tsv"
     return float(pd.read_csv(tsv, sep="\t")["s"].iloc[0])
 
 
@@ -212,7 +212,7 @@ def _overheads(ws: Path) -> dict[str, float]:
     """Per tracked job (its record, relative to ``ws``): benchmark wall time minus its own work."""
     out = {}
     for rule, pattern in PATTERNS.items():
-        for path in (ws / "results" / rule).rglob("*.json"):
+        for path in (study_dir(ws) / rule).rglob("*.json"):
             if pattern.search(path.as_posix()):
                 rec = json.loads(path.read_text())
                 out[path.relative_to(ws).as_posix()] = _benchmark_wall_s(ws, rule, path) - _own_work_s(rule, rec)
@@ -251,16 +251,16 @@ def reference(server: MlflowServer, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_runs_read_back_from_server(reference: Path, server: MlflowServer) -> None:
-    study = json.loads((reference / "results/mlflow/study.json").read_text())
+    study = json.loads((study_dir(reference) / "mlflow/study.json").read_text())
     assert study["tracking_uri"] == server.url
-    assert not list((reference / "logs/mlflow_spool").glob("*.json"))  # nothing had to be spooled
+    assert not list((study_dir(reference, "logs") / "mlflow_spool").glob("*.json"))  # nothing had to be spooled
     counts = _assert_mlflow_matches_files(reference, server.url, "micro")
     assert counts["files"] > 0
     # the GPU jobs leased a (fake) device and said which in their logs
-    assert "leased GPU" in (reference / "logs/pretrain/r0.log").read_text()
-    for log in (reference / "logs/transfer").rglob("*.log"):
+    assert "leased GPU" in (study_dir(reference, "logs") / "pretrain/r0.log").read_text()
+    for log in (study_dir(reference, "logs") / "transfer").rglob("*.log"):
         assert re.search(r"leased GPU [01] of 2 \(CUDA_VISIBLE_DEVICES=[01]", log.read_text()), log
-    for log in (reference / "logs/search").rglob("*.log"):
+    for log in (study_dir(reference, "logs") / "search").rglob("*.log"):
         assert "leased GPU" not in log.read_text()  # no GPU requested: nothing leased
 
 
@@ -275,7 +275,7 @@ def test_server_killed_mid_run(reference: Path, server: MlflowServer, tmp_path: 
     try:
         # the pretrain job writes its log once its MLflow run is open and training starts
         deadline = time.monotonic() + 600
-        while not (ws / "logs/pretrain/r0.log").exists():
+        while not (study_dir(ws, "logs") / "pretrain/r0.log").exists():
             assert proc.poll() is None, out_path.read_text()[-5000:]
             assert time.monotonic() < deadline, "pretrain never started"
             time.sleep(0.05)
@@ -290,7 +290,7 @@ def test_server_killed_mid_run(reference: Path, server: MlflowServer, tmp_path: 
     _check(proc, out_path.read_text())
 
     # every search and transfer job started after the kill: each went offline and spooled its run
-    spool = ws / "logs/mlflow_spool"
+    spool = study_dir(ws, "logs") / "mlflow_spool"
     records = [json.loads(p.read_text()) for p in sorted(spool.glob("*.json"))]
     by_rule: dict[str, int] = {}
     for rec in records:
@@ -300,7 +300,7 @@ def test_server_killed_mid_run(reference: Path, server: MlflowServer, tmp_path: 
     expected = _expected(ws)
     for rule in ("search", "transfer"):
         assert by_rule.get(rule) == sum(r == rule for r, _ in expected), by_rule
-    sync_during = json.loads((ws / "results/mlflow/sync.json").read_text())["spool"]
+    sync_during = json.loads((study_dir(ws) / "mlflow/sync.json").read_text())["spool"]
     assert sync_during["synced"] == 0 and sync_during["failed"] == len(records)  # the server was still dead
 
     # jobs finished within seconds of their own work: no slower than in the uninterrupted run
@@ -317,14 +317,14 @@ def test_server_killed_mid_run(reference: Path, server: MlflowServer, tmp_path: 
                           capture_output=True, text=True, timeout=900)
     _check(sync, sync.stdout + sync.stderr)
     assert "rule transfer:" not in sync.stdout + sync.stderr  # nothing recomputed
-    summary = json.loads((ws / "results/mlflow/sync.json").read_text())["spool"]
+    summary = json.loads((study_dir(ws) / "mlflow/sync.json").read_text())["spool"]
     assert summary["synced"] == len(records) and summary["failed"] == 0, summary
     assert not list(spool.glob("*.json")) and len(list((spool / "synced").glob("*.json"))) == len(records)
     counts = _assert_mlflow_matches_files(ws, server.url, "micro")  # nothing lost
     assert summary["metrics"] <= counts["mlflow"]
 
     # the results and the report equal those of the uninterrupted run
-    got = pd.read_csv(ws / "results/tables/results.csv")[RESULT_COLUMNS]
-    want = pd.read_csv(reference / "results/tables/results.csv")[RESULT_COLUMNS]
+    got = pd.read_csv(study_dir(ws) / "tables/results.csv")[RESULT_COLUMNS]
+    want = pd.read_csv(study_dir(reference) / "tables/results.csv")[RESULT_COLUMNS]
     pd.testing.assert_frame_equal(got, want)
     assert _report_sections(ws) == _report_sections(reference)

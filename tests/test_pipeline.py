@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, ROOT, run
+from conftest import BIN, ROOT, free_port, run, study_dir
 
 TINY = ROOT / "tests/configs/tiny.yaml"
 
@@ -40,23 +40,24 @@ def expected_cells() -> list[dict]:
 
 def test_every_output_exists(project: Path) -> None:
     cfg = tiny_config()
-    for rel in ["results/report/index.html", "results/tables/results.csv", "results/tables/episodes.csv",
-                "results/metrics.json", "results/mlflow/study.json", "results/mlflow/sync.json",
-                "results/pretrain/r0/model.safetensors", "results/pretrain/r0/arch.json",
-                "results/data/source/manifest.json", "results/data/target/digits_5to9/pool.safetensors"]:
-        assert (project / rel).is_file(), rel
+    assert [p.name for p in (project / "results").iterdir()] == ["tiny"]  # one root per study
+    for rel in ["report/index.html", "tables/results.csv", "tables/episodes.csv",
+                "metrics.json", "mlflow/study.json", "mlflow/sync.json",
+                "pretrain/r0/model.safetensors", "pretrain/r0/arch.json",
+                "data/source/manifest.json", "data/target/digits_5to9/pool.safetensors"]:
+        assert (study_dir(project) / rel).is_file(), rel
     for shots in cfg["episodes"]["shots"]:
-        assert (project / f"results/episodes/digits_5to9/5way_{shots}shot.json").is_file()
-    figures = list((project / "results/report/figures").glob("*.png"))
+        assert (study_dir(project) / f"episodes/digits_5to9/5way_{shots}shot.json").is_file()
+    figures = list((study_dir(project) / "report/figures").glob("*.png"))
     assert len(figures) >= 3
-    html = (project / "results/report/index.html").read_text()
+    html = (study_dir(project) / "report/index.html").read_text()
     assert html.count("data:image/png;base64,") >= 3
     for method in cfg["methods"]:
         assert method in html
 
 
 def test_results_table_has_full_grid(project: Path) -> None:
-    df = pd.read_csv(project / "results/tables/results.csv")
+    df = pd.read_csv(study_dir(project) / "tables/results.csv")
     got = sorted((r.method, r.requested_budget, r.shots, r.arm) for r in df.itertuples())
     want = sorted((c["method"], c["requested_budget"], c["shots"], c["arm"]) for c in expected_cells())
     assert got == want
@@ -76,12 +77,12 @@ def test_results_table_has_full_grid(project: Path) -> None:
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     assert set(df["git_commit"]) == {commit}
     # Episodes are shared: same episodes file -> same n, and per-episode rows exist for every cell.
-    eps = pd.read_csv(project / "results/tables/episodes.csv")
+    eps = pd.read_csv(study_dir(project) / "tables/episodes.csv")
     assert set(eps["row_id"]) == set(df["row_id"])
 
 
 def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path) -> None:
-    df = pd.read_csv(project / "results/tables/results.csv")
+    df = pd.read_csv(study_dir(project) / "tables/results.csv")
     assert set(df["method"]) == set(tiny_config()["methods"])
     for method, rows in df.groupby("method"):
         side = "target" if method in TARGET_SIDE else "source"
@@ -101,7 +102,7 @@ def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path)
                 assert rows["budget_gap"].between(0, 0.12).all(), (method, rows["budget_gap"].tolist())
     assert set(df.loc[df["method"] == "dap", "method_source"]) == {"reconstruction"}
     assert set(df.loc[df["method"] == "dnal", "method_source"]) == {"official code"}
-    html = (project / "results/report/index.html").read_text()
+    html = (study_dir(project) / "report/index.html").read_text()
     methods_html = html.split('id="methods-table"')[1].split("</table>")[0]
     for method in tiny_config()["methods"]:
         assert method in methods_html
@@ -109,16 +110,29 @@ def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path)
     assert "l1_filter" in gap_html and "basis_scaling" not in gap_html
 
 
-def test_target_side_profiles_time_a_per_episode_network(project: Path) -> None:
+def test_target_side_methods_have_no_search_and_each_cell_times_its_own_network(project: Path) -> None:
+    """A target-side method prunes per episode: no search job (no copy of the pretrained network per
+    budget), its transfer starts from the pretrained network, and every cell's profile times the
+    median-size network of that cell's own episodes."""
+    root = study_dir(project)
+    pretrain_sha = json.loads((root / "pretrain/r0/metrics.json").read_text())["weights_sha256"]
+    cfg = tiny_config()
     for method in TARGET_SIDE:
-        prof = json.loads((project / f"results/profile/{method}/b0.5/r0.json").read_text())
-        assert prof["network"]["from"].startswith("per-episode")
-        rec = json.loads(Path(project / prof["network"]["transfer_record"]).read_text())
-        assert prof["network"]["params"] in {a["params"] for a in rec["adapted"]}
+        assert not (root / "search" / method).exists()
+        assert not (root / f"profile/{method}/b0.5/r0.json").exists()
+        for shots in cfg["episodes"]["shots"]:
+            rel = f"digits_5to9/{method}/b0.5/{shots}shot/r0.json"
+            rec = json.loads((root / "transfer" / rel).read_text())
+            assert rec["network_record"] == "results/tiny/pretrain/r0/metrics.json"
+            assert rec["weights_sha256"] == pretrain_sha
+            prof = json.loads((root / f"profile/{method}/b0.5/digits_5to9/{shots}shot/r0.json").read_text())
+            assert prof["network"]["from"].startswith("per-episode")
+            assert prof["network"]["transfer_record"] == f"results/tiny/transfer/{rel}"
+            assert prof["network"]["params"] in {a["params"] for a in rec["adapted"]}
 
 
 def test_metrics_json_carry_provenance(project: Path) -> None:
-    record = json.loads(next((project / "results/transfer").rglob("*.json")).read_text())
+    record = json.loads(next((study_dir(project) / "transfer").rglob("*.json")).read_text())
     prov = record["provenance"]
     for key in ("git_commit", "git_dirty", "config_sha256", "rule", "wildcards", "seeds", "inputs", "packages",
                 "host", "device"):
@@ -131,7 +145,7 @@ def test_metrics_json_carry_provenance(project: Path) -> None:
 def test_mlflow_runs_read_back(project: Path) -> None:
     from mlflow.tracking import MlflowClient
 
-    study = json.loads((project / "results/mlflow/study.json").read_text())
+    study = json.loads((study_dir(project) / "mlflow/study.json").read_text())
     assert study["tracking_uri"] == f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(study["tracking_uri"])
     runs = client.search_runs([study["experiment_id"]], max_results=1000)
@@ -143,16 +157,18 @@ def test_mlflow_runs_read_back(project: Path) -> None:
     assert len(by_rule["transfer"]) == len({(c["method"], c["requested_budget"], c["shots"])
                                             for c in expected_cells()})
     assert len(by_rule["pretrain"]) == 1
-    networks = {(c["method"], c["requested_budget"]) for c in expected_cells()}
-    assert len(by_rule["search"]) == len(networks)
-    df = pd.read_csv(project / "results/tables/results.csv")
+    networks = {(c["method"], c["requested_budget"]) for c in expected_cells() if c["method"] not in TARGET_SIDE}
+    assert len(by_rule["search"]) == len(networks)  # target-side methods have no search
+    df = pd.read_csv(study_dir(project) / "tables/results.csv")
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     search_ids = {r.info.run_id for r in by_rule["search"]}
+    pretrain_ids = {r.info.run_id for r in by_rule["pretrain"]}
     for r in by_rule["transfer"]:
         tags = r.data.tags
         assert tags["pruneshot.git_commit"] == commit
         assert tags["pruneshot.config_sha256"] == df["config_sha256"].iloc[0]
-        assert tags["pruneshot.upstream_run_id"] in search_ids
+        upstream = pretrain_ids if tags["pruneshot.wildcard.method"] in TARGET_SIDE else search_ids
+        assert tags["pruneshot.upstream_run_id"] in upstream
         assert "pruneshot.wildcard.method" in tags and "pruneshot.seed.search" in tags
         assert any(k.startswith("pruneshot.input_sha256.") for k in tags)
         rows = df[df["mlflow_run_id"] == r.info.run_id]
@@ -167,7 +183,8 @@ def test_dvc_lock_records_hashes_and_params(project: Path) -> None:
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     stage = lock["stages"]["pipeline"]
     outs = {o["path"]: o for o in stage["outs"]}
-    for path in ("results/pretrain", "results/search", "results/transfer", "results/data", "results/metrics.json"):
+    for path in ("results/tiny/pretrain", "results/tiny/search", "results/tiny/transfer", "results/tiny/data",
+                 "results/tiny/metrics.json"):
         assert path in outs and len(outs[path]["md5"].split(".")[0]) == 32, path
     assert stage["params"]["config/config.yaml"]["study"]["name"] == "tiny"
     status = run([str(BIN / "dvc"), "status", "pipeline"], project).stdout
@@ -180,15 +197,15 @@ def test_immediate_rerun_does_nothing(project: Path) -> None:
 
 
 def test_transfer_is_deterministic(project: Path) -> None:
-    rel = "results/transfer/digits_5to9/random/b0.5/5shot/r0.json"
+    rel = "results/tiny/transfer/digits_5to9/random/b0.5/5shot/r0.json"
     before = json.loads((project / rel).read_text())
     (project / rel).unlink()
     run([str(BIN / "snakemake"), "--cores", "1", rel], project)
     after = json.loads((project / rel).read_text())
     assert set(after["arms"]) == set(tiny_config()["transfer"]["arms"])
     for arm, res in before["arms"].items():
-        assert after["arms"][arm]["episode_accuracies"] == res["episode_accuracies"]
-        assert after["arms"][arm]["finetune_seeds"] == res["finetune_seeds"]
+        assert after["arms"][arm]["episodes"] == res["episodes"]
+        assert [e["episode"] for e in res["episodes"]] == list(range(tiny_config()["episodes"]["count"]))
 
 
 def test_bad_config_fails_before_touching_results(project: Path, tmp_path: Path) -> None:
@@ -196,11 +213,41 @@ def test_bad_config_fails_before_touching_results(project: Path, tmp_path: Path)
     cfg["methods"] = ["dense", "magic"]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(cfg))
-    listing = sorted((p, p.stat().st_mtime_ns) for p in (project / "results").rglob("*"))
+    listing = sorted((p, p.stat().st_mtime_ns) for p in (study_dir(project)).rglob("*"))
     proc = run([str(BIN / "snakemake"), "--cores", "1", "--configfile", str(bad)], project, check=False)
     assert proc.returncode != 0
     assert "methods[1]" in proc.stderr + proc.stdout and "l1_filter" in proc.stderr + proc.stdout
-    assert sorted((p, p.stat().st_mtime_ns) for p in (project / "results").rglob("*")) == listing
+    assert sorted((p, p.stat().st_mtime_ns) for p in (study_dir(project)).rglob("*")) == listing
+
+
+def test_a_second_study_in_the_same_checkout_leaves_the_first_untouched(project: Path, tmp_path: Path) -> None:
+    """Each study writes below results/<study.name>/ and logs/<study.name>/: running another config's jobs
+    (here its data and episodes, then a failing bad source) touches no file of the first study."""
+    first = study_dir(project)
+    listing = sorted((p, p.stat().st_mtime_ns) for p in first.rglob("*"))
+    other = tiny_config()
+    other["study"]["name"] = "tiny_other"
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(other))
+    targets = ["results/tiny_other/data/source/manifest.json",
+               "results/tiny_other/episodes/digits_5to9/5way_1shot.json"]
+    run([str(BIN / "snakemake"), *targets, "--cores", "1", "--configfile", str(path)], project)
+    assert all((project / t).is_file() for t in targets)
+    assert (project / "logs/tiny_other/prepare_source.log").is_file()
+    # a config that validates, then fails in prepare_source (its mirror is a closed port on 127.0.0.1) must
+    # not remove the first study's prepared data, as one shared results/ once did
+    broken = {**other, "study": {**other["study"], "name": "tiny_broken"},
+              "data": {**other["data"], "cache_dir": str(tmp_path / "cache"),
+                       "download": {"mirrors": {"mnist": f"http://127.0.0.1:{free_port()}/"}, "attempts": 1,
+                                    "timeout_s": 5},
+                       "source": {**other["data"]["source"], "dataset": "mnist"}}}
+    path.write_text(yaml.safe_dump(broken))
+    proc = run([str(BIN / "snakemake"), "results/tiny_broken/data/source/manifest.json", "--cores", "1",
+                "--configfile", str(path)], project, check=False)
+    assert proc.returncode != 0 and "prepare_source" in proc.stdout + proc.stderr
+    assert sorted((p, p.stat().st_mtime_ns) for p in first.rglob("*")) == listing
+    dry = run([str(BIN / "snakemake"), "-n", "--cores", "1"], project)
+    assert "Nothing to be done" in dry.stdout + dry.stderr
 
 
 def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path, tmp_path: Path) -> None:
@@ -213,17 +260,17 @@ def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path
     run(["git", "clone", "-q", str(project), str(clone)], tmp_path)
     run([str(BIN / "dvc"), "remote", "add", "--local", "-f", "-d", "tmpremote", str(remote)], clone)
     run([str(BIN / "dvc"), "pull"], clone)
-    assert (clone / "results/pretrain/r0/model.safetensors").is_file()
+    assert (study_dir(clone) / "pretrain/r0/model.safetensors").is_file()
     run([str(BIN / "snakemake"), "--cores", "1", "--touch"], clone)
     dry = run([str(BIN / "snakemake"), "-n", "--cores", "1"], clone)
     assert "Nothing to be done" in dry.stdout + dry.stderr
-    original = (project / "results/tables/results.csv").read_bytes()
-    original_html = (project / "results/report/index.html").read_text()
+    original = (study_dir(project) / "tables/results.csv").read_bytes()
+    original_html = (study_dir(project) / "report/index.html").read_text()
     regen = run([str(BIN / "snakemake"), "--cores", "1", "--forcerun", "aggregate", "report"], clone)
     log = regen.stdout + regen.stderr
     for rule in ("pretrain", "search", "transfer", "profile"):
         assert f"rule {rule}:" not in log, f"{rule} ran in a regenerate-only run"
-    assert (clone / "results/tables/results.csv").read_bytes() == original
+    assert (study_dir(clone) / "tables/results.csv").read_bytes() == original
 
     def tables_only(html: str) -> list[str]:
         """Every <table> of the report outside the provenance section (which names the checkout
@@ -231,7 +278,7 @@ def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path
         body = html.split('<section id="provenance">')[0]
         return re.findall(r"<table.*?</table>", body, flags=re.S)
 
-    regenerated_html = (clone / "results/report/index.html").read_text()
+    regenerated_html = (study_dir(clone) / "report/index.html").read_text()
     assert len(tables_only(regenerated_html)) >= 5
     assert tables_only(regenerated_html) == tables_only(original_html)
 
@@ -247,8 +294,8 @@ def test_snakemake_lint_and_ruff_clean() -> None:
 def test_native_snakemake_report_with_captions(project: Path) -> None:
     import zipfile
 
-    run([str(BIN / "snakemake"), "--report", "results/report.zip"], project)
-    with zipfile.ZipFile(project / "results/report.zip") as zf:
+    run([str(BIN / "snakemake"), "--report", "results/tiny/report.zip"], project)
+    with zipfile.ZipFile(study_dir(project) / "report.zip") as zf:
         names = zf.namelist()
         html = zf.read(next(n for n in names if n.endswith("report.html"))).decode()
     assert any(n.endswith("index.html") for n in names) and any(n.endswith(".png") for n in names)
@@ -273,7 +320,8 @@ def _dry_run_counts(project: Path, cfg: dict, tmp_path: Path) -> dict[str, int]:
 def test_a_changed_setting_reruns_exactly_the_rules_that_read_it(project: Path, tmp_path: Path) -> None:
     cfg = tiny_config()
     # same settings: no computing rule reruns (earlier tests may have left aggregate/report to redo)
-    upstream = {"prepare_source", "prepare_target", "make_episodes", "pretrain", "search", "transfer", "profile"}
+    upstream = {"prepare_source", "prepare_target", "make_episodes", "pretrain", "search", "transfer", "profile",
+                "profile_adapted"}
     assert not upstream & set(_dry_run_counts(project, cfg, tmp_path))
 
     steps = {**cfg, "transfer": {**cfg["transfer"], "steps": cfg["transfer"]["steps"] + 1}}

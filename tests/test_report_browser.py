@@ -26,7 +26,7 @@ from typing import Any
 
 import pandas as pd
 import pytest
-from conftest import BIN, run
+from conftest import BIN, run, study_dir
 
 SCREENSHOT_COPY = Path("/tmp/report_screenshot.png")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -267,21 +267,22 @@ def _check_report_page(html: Path, shot: Path, tmp_path: Path) -> PageResult:
 def test_pipeline_report_renders_in_chromium(project: Path, tmp_path: Path) -> None:
     """The report the pipeline wrote: every figure decodes, no console errors; screenshot kept."""
     shot = tmp_path / "report.png"
-    _check_report_page(project / "results/report/index.html", shot, tmp_path)
+    _check_report_page(study_dir(project) / "report/index.html", shot, tmp_path)
     shutil.copyfile(shot, SCREENSHOT_COPY)
 
 
 def _copy_tables(project: Path, dst: Path) -> Path:
-    """results/tables, mlflow records and manifests of the fixture, copied (the fixture stays untouched)."""
-    for rel in ("results/tables/results.csv", "results/tables/episodes.csv", "results/mlflow/study.json",
-                "results/mlflow/sync.json", "results/data/source/manifest.json"):
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(project / rel, dst / rel)
-    for manifest in (project / "results/data/target").glob("*/manifest.json"):
-        out = dst / manifest.relative_to(project)
+    """The tables, mlflow records and manifests of the fixture's study, copied below ``dst`` at the same
+    relative paths (the fixture stays untouched); the copy's study root."""
+    src = study_dir(project)
+    root = dst / src.relative_to(project)
+    files = [src / rel for rel in ("tables/results.csv", "tables/episodes.csv", "mlflow/study.json",
+                                   "mlflow/sync.json", "data/source/manifest.json")]
+    for path in [*files, *(src / "data/target").glob("*/manifest.json")]:
+        out = root / path.relative_to(src)
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(manifest, out)
-    return dst / "results"
+        shutil.copyfile(path, out)
+    return root
 
 
 @pytest.mark.integration
@@ -322,7 +323,7 @@ def test_native_report_captions_every_output_and_shows_commit_and_config(project
     with zipfile.ZipFile(zpath) as zf:
         names = zf.namelist()
         page = zf.read(next(n for n in names if n.endswith("report.html"))).decode()
-    results = pd.read_csv(project / "results/tables/results.csv", dtype=str)
+    results = pd.read_csv(study_dir(project) / "tables/results.csv", dtype=str)
     commit = run(["git", "rev-parse", "HEAD"], project).stdout.strip()
     (config_sha,) = set(results["config_sha256"])
     assert commit in page, "landing page lacks the git commit"
@@ -337,7 +338,7 @@ def test_native_report_captions_every_output_and_shows_commit_and_config(project
     }
     for output, caption in captions.items():
         assert caption in page, f"caption of {output} missing"
-    figures = sorted(p.stem for p in (project / "results/report/figures").glob("*.png"))
+    figures = sorted(p.stem for p in (study_dir(project) / "report/figures").glob("*.png"))
     for stem in figures:
         assert any(n.endswith(f"{stem}.png") for n in names), stem
     # one caption per figure: each figure's own first words appear in the report

@@ -19,14 +19,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BIN, ROOT, _env, copy_worktree, run
+from conftest import BIN, ROOT, _env, copy_worktree, run, study_dir
 from test_training import HP, _digits_in_memory, _tiny_model
 
 from pruneshot.config import load_config
 from pruneshot.data.pipeline import Augment, BatchSource
 from pruneshot.io import read_json, sha256_file
 from pruneshot.runtime.checkpoint import MANIFEST, Checkpointer, checkpoint_location
-from pruneshot.stages import job as stages
+from pruneshot.stages.data import prepare_source
+from pruneshot.stages.job import Job, _NullRun
+from pruneshot.stages.pretrain import pretrain as pretrain_stage
+from pruneshot.stages.search import search
 from pruneshot.training import pretrain
 
 
@@ -92,23 +95,24 @@ def test_foreign_or_damaged_checkpoints_are_removed_never_resumed(tmp_path, dama
 
 
 def test_checkpoint_location_is_beside_the_outputs_not_among_them(tmp_path):
-    assert checkpoint_location(Path("results/pretrain/r0")) == (Path("results/checkpoints/pretrain/r0"),
-                                                                Path("results"))
-    assert checkpoint_location(Path("/x/results/search/dnal/b0.5/r1"))[0] == Path(
-        "/x/results/checkpoints/search/dnal/b0.5/r1")
+    assert checkpoint_location(Path("results/tiny/pretrain/r0")) == (Path("results/tiny/checkpoints/pretrain/r0"),
+                                                                     Path("results/tiny"))
+    assert checkpoint_location(Path("/x/results/s1/search/dnal/b0.5/r1"))[0] == Path(
+        "/x/results/s1/checkpoints/search/dnal/b0.5/r1")
     assert checkpoint_location(tmp_path / "pre") == (tmp_path / ".checkpoints/pre", tmp_path)
-    # clear() removes emptied parents up to the root, and leaves a sibling's checkpoint alone
-    a = Checkpointer.for_outputs(tmp_path / "results/search/dnal/b0.5/r0", "k")
-    b = Checkpointer.for_outputs(tmp_path / "results/search/dnal/b0.25/r0", "k")
+    # clear() removes emptied parents up to the study root, and leaves a sibling's checkpoint alone
+    a = Checkpointer.for_outputs(tmp_path / "results/s1/search/dnal/b0.5/r0", "k")
+    b = Checkpointer.for_outputs(tmp_path / "results/s1/search/dnal/b0.25/r0", "k")
     a.save({"x": torch.zeros(1)}, {})
     b.save({"x": torch.zeros(1)}, {})
     a.clear()
-    assert not (tmp_path / "results/checkpoints/search/dnal/b0.5").exists() and b.exists()
+    assert not (tmp_path / "results/s1/checkpoints/search/dnal/b0.5").exists() and b.exists()
     b.clear()
-    assert not (tmp_path / "results/checkpoints").exists() and (tmp_path / "results").is_dir()
+    assert not (tmp_path / "results/s1/checkpoints").exists() and (tmp_path / "results/s1").is_dir()
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())
     outs = [next(iter(o)) for o in dvc["stages"]["pipeline"]["outs"]]
-    assert not any(o == "results" or "results/checkpoints".startswith(o) for o in outs)
+    assert outs and all(o.startswith("results/${study.name}/") for o in outs)
+    assert not any(o.removeprefix("results/${study.name}/").startswith("checkpoints") for o in outs)
 
 
 # --- pretraining -----------------------------------------------------------------------------------
@@ -194,9 +198,9 @@ def test_pretrain_does_not_resume_a_checkpoint_of_other_settings(tmp_path):
 
 # --- the stages: pretrain and the source-side searches ---------------------------------------------
 
-def _job(tmp: Path, rule: str, **wildcards: str) -> stages.Job:
+def _job(tmp: Path, rule: str, **wildcards: str) -> Job:
     name = "_".join([rule, *wildcards.values()])
-    return stages.Job(rule=rule, wildcards=wildcards, config={}, log_path=tmp / "logs" / f"{name}.log")
+    return Job(rule=rule, wildcards=wildcards, config={}, log_path=tmp / "logs" / f"{name}.log")
 
 
 @pytest.fixture(scope="module")
@@ -207,9 +211,9 @@ def stage_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg["data"]["cache_dir"] = str(tmp / "cache")
     cfg["slimming"]["epochs"] = 3
     src = tmp / "source"
-    stages.prepare_source(cfg, src, _job(tmp, "prepare_source"))
+    prepare_source(cfg, src, _job(tmp, "prepare_source"))
     pre = tmp / "pretrain_ref"
-    record = stages.pretrain(cfg, 0, src / "manifest.json", pre / "model.safetensors", pre / "arch.json",
+    record = pretrain_stage(cfg, 0, src / "manifest.json", pre / "model.safetensors", pre / "arch.json",
                              pre / "metrics.json", _job(tmp, "pretrain", replicate="ref"))
     return {"cfg": cfg, "tmp": tmp, "src": src, "pre": pre, "pre_record": record}
 
@@ -221,13 +225,13 @@ def _interrupt_metrics(monkeypatch: pytest.MonkeyPatch, key: str, step: int) -> 
         if key in metrics and step_ == step:
             raise Interrupted(f"{key} at step {step}")
 
-    monkeypatch.setattr(stages._NullRun, "log_metrics", log_metrics)
+    monkeypatch.setattr(_NullRun, "log_metrics", log_metrics)
 
 
 def _record_metrics(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
     """Every (metrics, step) the job logs from now on (the per-epoch/step training curves)."""
     logged: list[tuple] = []
-    monkeypatch.setattr(stages._NullRun, "log_metrics", lambda self, metrics, step=None: logged.append(
+    monkeypatch.setattr(_NullRun, "log_metrics", lambda self, metrics, step=None: logged.append(
         (metrics, step)))
     return logged
 
@@ -241,10 +245,10 @@ def test_stage_pretrain_resumes_and_removes_its_checkpoint(stage_world, monkeypa
     with monkeypatch.context() as m:
         _interrupt_metrics(m, "val_acc", 1)  # dies logging epoch 2: epoch 1 is in the checkpoint
         with pytest.raises(Interrupted):
-            stages.pretrain(*args, _job(w["tmp"], "pretrain", replicate="killed"))
+            pretrain_stage(*args, _job(w["tmp"], "pretrain", replicate="killed"))
     assert (ck_dir / MANIFEST).is_file() and not (out / "metrics.json").exists()
     job = _job(w["tmp"], "pretrain", replicate="resumed")
-    record = stages.pretrain(*args, job)
+    record = pretrain_stage(*args, job)
     assert "resumed from checkpoint after epoch 1/3" in job.log_path.read_text()
     ref = w["pre_record"]
     assert record["resumed_after_epoch"] == 1 and ref["resumed_after_epoch"] is None
@@ -262,10 +266,10 @@ SEARCHES = [  # method, option overrides, metric that interrupts, its step, what
 ]
 
 
-def _search(w: dict, cfg: dict, method: str, name: str, job: stages.Job) -> tuple[dict, Path]:
+def _search(w: dict, cfg: dict, method: str, name: str, job: Job) -> tuple[dict, Path]:
     out = w["tmp"] / "search" / name
     pre = w["pre"]
-    record = stages.search(cfg, method, 0.5, 0, w["src"] / "manifest.json", pre / "model.safetensors",
+    record = search(cfg, method, 0.5, 0, w["src"] / "manifest.json", pre / "model.safetensors",
                            pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
                            out / "record.json", job)
     return record, out
@@ -307,7 +311,7 @@ def test_search_interrupted_mid_training_resumes_bit_identically(stage_world, mo
 
 # --- a real Snakemake job, killed with SIGKILL ----------------------------------------------------
 
-PRETRAIN_OUT = "results/pretrain/r0/model.safetensors"
+PRETRAIN_OUT = "results/tiny/pretrain/r0/model.safetensors"
 EPOCHS = 6
 
 
@@ -359,7 +363,7 @@ def test_snakemake_job_killed_with_sigkill_resumes_to_identical_weights(tmp_path
     whole, killed = _resume_project(tmp_path / "whole"), _resume_project(tmp_path / "killed")
     reference = _snakemake(whole, PRETRAIN_OUT)
     victim = _snakemake(killed, PRETRAIN_OUT, start_new_session=True)
-    manifest = killed / "results/checkpoints/pretrain/r0" / MANIFEST
+    manifest = study_dir(killed) / "checkpoints/pretrain/r0" / MANIFEST
     deadline = time.monotonic() + 300
     while True:  # kill as soon as the checkpoint holds two epochs, while later epochs are training
         try:
@@ -377,20 +381,20 @@ def test_snakemake_job_killed_with_sigkill_resumes_to_identical_weights(tmp_path
             os.kill(pid, signal.SIGKILL)
     victim.communicate(timeout=60)
     assert victim.returncode == -signal.SIGKILL
-    assert not (killed / "results/pretrain/r0/metrics.json").exists(), "the job finished before it was killed"
+    assert not (study_dir(killed) / "pretrain/r0/metrics.json").exists(), "the job finished before it was killed"
     done = len(json.loads(manifest.read_text())["state"]["history"])
     assert done >= 2
 
     run([str(BIN / "snakemake"), "--unlock"], killed)  # the killed Snakemake left its lock behind
     _wait(_snakemake(killed, "--rerun-incomplete", PRETRAIN_OUT))
-    log = (killed / "logs/pretrain/r0.log").read_text()
+    log = (study_dir(killed, "logs") / "pretrain/r0.log").read_text()
     assert f"resumed from checkpoint after epoch {done}/{EPOCHS}" in log
     assert f"epoch {done}/{EPOCHS} loss" not in log and (done == EPOCHS or f"epoch {done + 1}/{EPOCHS}" in log)
     _wait(reference)
 
-    a, b = read_json(killed / "results/pretrain/r0/metrics.json"), read_json(whole / "results/pretrain/r0/metrics.json")
+    a, b = (read_json(study_dir(p) / "pretrain/r0/metrics.json") for p in (killed, whole))
     assert sha256_file(killed / PRETRAIN_OUT) == sha256_file(whole / PRETRAIN_OUT) == a["weights_sha256"]
     assert a["history"] == b["history"] and a["best_epoch"] == b["best_epoch"]
     assert a["resumed_after_epoch"] == done and b["resumed_after_epoch"] is None
     for proj in (whole, killed):  # the checkpoint is gone once the outputs are written
-        assert not (proj / "results/checkpoints").exists()
+        assert not (study_dir(proj) / "checkpoints").exists()

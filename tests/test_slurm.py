@@ -29,7 +29,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from conftest import BIN, ROOT, _env, copy_worktree
+from conftest import BIN, ROOT, _env, copy_worktree, study_dir
 
 pytestmark = pytest.mark.integration
 
@@ -286,16 +286,16 @@ def test_slurm_results_equal_local_results(runs: dict[str, Run]) -> None:
     key = ["method", "requested_budget", "target", "shots", "arm"]
     same = ["row_id", "acc_mean", "acc_ci95", "acc_std", "n_episodes", "achieved_params", "achieved_flops",
             "checkpoint_sha256", "pretrain_sha256", "data_sha256", "status"]
-    tables = [pd.read_csv(r.cwd / "results/tables/results.csv").sort_values(key).reset_index(drop=True)
+    tables = [pd.read_csv(study_dir(r.cwd) / "tables/results.csv").sort_values(key).reset_index(drop=True)
               for r in (local, slurm)]
     assert len(tables[0]) == 3  # dense, random, channel_scaling; one budget, 1-shot, finetune
     pd.testing.assert_frame_equal(tables[0][key + same], tables[1][key + same])
-    episodes = [pd.read_csv(r.cwd / "results/tables/episodes.csv").sort_values(["row_id", "episode"])
+    episodes = [pd.read_csv(study_dir(r.cwd) / "tables/episodes.csv").sort_values(["row_id", "episode"])
                 .reset_index(drop=True) for r in (local, slurm)]
     assert len(episodes[0]) == 3 * 2
     pd.testing.assert_frame_equal(episodes[0], episodes[1])
     checkpoints = sorted(p.relative_to(local.cwd) for stage in ("pretrain", "search")
-                         for p in (local.cwd / "results" / stage).rglob("*")
+                         for p in (study_dir(local.cwd) / stage).rglob("*")
                          if p.name in ("model.safetensors", "arch.json"))
     assert len(checkpoints) == 2 * (1 + 3)  # weights and architecture: the pretrained and 3 searched networks
     for rel in checkpoints:

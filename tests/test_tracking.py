@@ -218,7 +218,7 @@ def test_spool_record_layout_and_unwritable_spool(tmp_path: Path) -> None:
     with JobRun(study, "j", tags={}, params={}, spool_dir=blocked) as job:
         pass
     assert job.offline and job.spool_path is None
-    assert spooling.write_record(blocked, "j", "id", {}) is None
+    assert tracking.write_record(blocked, "j", "id", {}) is None
 
 
 # --------------------------------------------------------------------------- HTTP server

@@ -231,7 +231,8 @@ def rows_for_transfer_record(rows: list[dict[str, str]], root: Path, record: Pat
 def record_claims(root: Path, paths: StudyPaths, rel: str, record: dict[str, Any]) -> list[Claim]:
     """Every sha256 ``record`` (the JSON at project path ``rel``) holds of another file: its inputs,
     ``weights_sha256`` (its own checkpoint for pretrain/search, the network it read for transfer/profile),
-    ``search_record_sha256``, ``pool_sha256`` and a manifest's shards."""
+    ``network_record_sha256`` (the search record or pretrain metrics it read), ``pool_sha256`` and a
+    manifest's shards."""
     out: list[Claim] = []
 
     def claim(path: str | None, expected: Any, by: str) -> None:
@@ -250,10 +251,11 @@ def record_claims(root: Path, paths: StudyPaths, rel: str, record: dict[str, Any
         else:
             weights = network_weights(paths, record)
         claim(weights, record["weights_sha256"], f"{rel} (weights_sha256)")
-    if "search_record_sha256" in record:
-        net = network_of(paths, record)
-        if net is not None and net[0] == "search_record":
-            claim(net[1], record["search_record_sha256"], f"{rel} (search_record_sha256)")
+    for key in ("network_record_sha256", "search_record_sha256"):  # the latter: records before target-side
+        if key in record:                                            # methods lost their search
+            net = network_of(paths, record)
+            if net is not None:
+                claim(net[1], record[key], f"{rel} ({key})")
     if "pool_sha256" in record and "target_manifest" in kinds:
         claim(pool_file(root, paths, kinds["target_manifest"]), record["pool_sha256"], f"{rel} (pool_sha256)")
     if isinstance(record.get("splits"), dict):  # a data manifest: its shards, beside it

@@ -1,7 +1,7 @@
 """``pruneshot audit --verify``: re-hash every file some record names with a hash and every output DVC
 recorded, and name each file whose bytes no longer match.
 
-Records hold sha256 (``provenance.inputs``, ``weights_sha256``, ``search_record_sha256``, a manifest's
+Records hold sha256 (``provenance.inputs``, ``weights_sha256``, ``network_record_sha256``, a manifest's
 shard ``sha256``, an episodes file's ``pool_sha256``, the results row's checkpoint/pretrain/data hashes);
 ``dvc.lock`` holds md5 (:mod:`pruneshot.audit.dvc`; directory outputs file by file through their
 ``.dir`` listing). Every hash compared is computed here from the bytes on disk.

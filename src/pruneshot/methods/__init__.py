@@ -9,6 +9,7 @@ import importlib
 import pkgutil
 
 from pruneshot.methods.base import (
+    ARMS,
     AdaptContext,
     MethodOptions,
     PruningMethod,
@@ -65,5 +66,5 @@ def available() -> list[str]:
     return sorted(REGISTRY)
 
 
-__all__ = ["REGISTRY", "AdaptContext", "MethodOptions", "PruningMethod", "SearchContext", "SearchResult",
+__all__ = ["ARMS", "REGISTRY", "AdaptContext", "MethodOptions", "PruningMethod", "SearchContext", "SearchResult",
            "TargetMethod", "available", "get_method", "option", "options_for", "register"]

@@ -216,6 +216,12 @@ class NoOptions(MethodOptions):
     """The options of a method without any."""
 
 
+#: Every transfer arm, in the order the pipeline runs them ('finetune': all kept weights train,
+#: 'linear_probe': only the new head, 'reinit': the architecture freshly initialised, then as finetune).
+#: config/schema.yaml's ``transfer.arms`` enum is checked against it by a test.
+ARMS: tuple[str, ...] = ("finetune", "linear_probe", "reinit")
+
+
 class PruningMethod(ABC):
     """One pruning method. Subclasses set the class attributes and implement ``search`` (source side)
     or ``adapt`` (target side, see ``TargetMethod``).

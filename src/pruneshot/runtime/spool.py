@@ -1,7 +1,8 @@
 """The offline MLflow spool: records of runs that could not be logged live, and their replay.
 
 A :class:`pruneshot.runtime.tracking.JobRun` that went offline (an MLflow error or a spent time
-budget) writes one JSON record per run with :func:`write_record`: format ``SPOOL_FORMAT``, the
+budget) writes one JSON record per run with :func:`pruneshot.runtime.tracking.write_record`: format
+``SPOOL_FORMAT``, the
 study, run name and id, status, start/end times, all tags, params and metrics, what was already
 sent and the errors. ``sync_spool`` (a rule after all jobs) replays the records.
 
@@ -20,16 +21,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pruneshot.io import write_json
 from pruneshot.runtime.tracking import (
     PARENT_TAG,
     REPLACES_TAG,
     REPLAY_OF_TAG,
     ROLE_TAG,
+    SPOOL_FORMAT,
     SPOOL_ID_TAG,
     SUPERSEDED_TAG,
     _batches,
@@ -43,29 +43,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 
-SPOOL_FORMAT = "pruneshot.mlflow-spool/1"
 SYNCED_DIR = "synced"
-
-_BAD_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
-
-
-def write_record(spool_dir: Path, run_name: str, spool_id: str, record: dict[str, Any]) -> Path | None:
-    """Write ``{"format": SPOOL_FORMAT, **record}`` atomically to ``<spool_dir>/<run name>-<spool id>.json``.
-
-    Returns the path, or None (the record is logged instead) when it cannot be written: never raises
-    for an unwritable spool.
-    """
-    record = {"format": SPOOL_FORMAT, **record}
-    stem = _BAD_FILE_CHARS.sub("_", run_name).strip("._")[:80] or "run"
-    path = Path(spool_dir) / f"{stem}-{spool_id}.json"
-    try:
-        write_json(path, record)  # temp file beside it + os.replace
-    except Exception:
-        _log.exception("could not write MLflow spool %s; record follows:\n%s", path, json.dumps(record))
-        return None
-    _log.warning("MLflow data for run %r spooled to %s", run_name, path)
-    return path
-
 
 def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, int]:
     """Replay every spool record in ``spool_dir`` (optionally against another ``tracking_uri``).

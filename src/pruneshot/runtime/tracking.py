@@ -32,6 +32,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pruneshot.io import write_json
+
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
@@ -64,6 +66,8 @@ REPLACES_TAG = "pruneshot.replaces_run_id"
 SUPERSEDED_TAG = "pruneshot.superseded_by"
 EXCEPTION_TAG = "pruneshot.exception"
 
+SPOOL_FORMAT = "pruneshot.mlflow-spool/1"
+_BAD_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
 
 
@@ -470,6 +474,23 @@ class JobRun:
         }
 
     def _write_spool(self, end_ms: int) -> None:
-        from pruneshot.runtime.spool import write_record  # spool imports this module: not at the top
 
         self.spool_path = write_record(self.spool_dir, self.run_name, self.spool_id, self._record(end_ms))
+
+
+def write_record(spool_dir: Path, run_name: str, spool_id: str, record: dict[str, Any]) -> Path | None:
+    """Write ``{"format": SPOOL_FORMAT, **record}`` atomically to ``<spool_dir>/<run name>-<spool id>.json``.
+
+    Returns the path, or None (the record is logged instead) when it cannot be written: never raises
+    for an unwritable spool.
+    """
+    record = {"format": SPOOL_FORMAT, **record}
+    stem = _BAD_FILE_CHARS.sub("_", run_name).strip("._")[:80] or "run"
+    path = Path(spool_dir) / f"{stem}-{spool_id}.json"
+    try:
+        write_json(path, record)  # temp file beside it + os.replace
+    except Exception:
+        _log.exception("could not write MLflow spool %s; record follows:\n%s", path, json.dumps(record))
+        return None
+    _log.warning("MLflow data for run %r spooled to %s", run_name, path)
+    return path

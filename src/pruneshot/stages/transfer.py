@@ -20,8 +20,6 @@ from pruneshot.runtime.provenance import process_age_s
 from pruneshot.seeds import derive_seed
 from pruneshot.stages.job import Job, error_text, inject_failure, seeds_for
 
-ALL_ARMS = ("finetune", "linear_probe", "reinit")
-
 
 def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
                   arms: list[str]) -> dict[str, Any]:
@@ -68,7 +66,9 @@ class _Episode:
 
 
 def _check_arms(method: Any, arms: list[str]) -> None:
-    allowed = method.arms(list(ALL_ARMS))
+    from pruneshot.methods import ARMS
+
+    allowed = method.arms(list(ARMS))
     bad = [a for a in arms if a not in allowed]
     if bad or not arms:
         raise ValueError(f"{method.name} ({method.side}-side) cannot run transfer arm(s) {bad or arms}; "

@@ -395,3 +395,46 @@ def test_a_target_side_row_reads_its_network_from_pretrain_and_its_cost_from_the
     arm = cells[0]["record"]["arms"]["finetune"]["episodes"]
     assert list(mine["episode"]) == [e["episode"] for e in arm]
     assert list(mine["accuracy"]) == pytest.approx([e["accuracy"] for e in arm])
+
+
+def test_the_prototype_arm_classifies_by_feature_centroids_without_training(world):
+    """'prototype': each query goes to the nearest support-class centroid (cosine) of the network's features;
+    nothing trains, so its accuracy does not depend on the arm's seed, and it equals a centroid rule
+    computed here by hand on the same features."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.data import splits
+    from pruneshot.models.base import load_model
+    from pruneshot.training import prototype_accuracy
+
+    rec = _transfer(world, "dense", 1.0, "prototype")
+    accs = rec["accuracies"]
+    assert len(accs) == world["cfg"]["episodes"]["count"] and all(0 <= a <= 1 for a in accs)
+    assert [e["episode"] for e in rec["episodes"]] == list(range(len(accs)))
+    # by hand, episode 0
+    s = _search(world, "dense", 1.0)
+    model = load_model(str(s / "model.safetensors"), read_json(s / "arch.json")).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norm = read_json(world["src"] / "manifest.json")["normalization"]
+    pool = splits.load_split(world["tgt"] / "manifest.json", "pool", norm)
+    ep = read_json(world["episodes"])["episodes"][0]
+    sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
+    qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
+    with torch.no_grad():
+        fs = F.normalize(model.forward_features(sx).flatten(1), dim=1)
+        fq = F.normalize(model.forward_features(qx).flatten(1), dim=1)
+        centroids = torch.stack([F.normalize(fs[sy == c].mean(0), dim=0) for c in range(5)])
+        want = float((torch.argmax(fq @ centroids.T, 1) == qy).float().mean())
+    assert prototype_accuracy(model, sx, sy, qx, qy) == pytest.approx(want)
+    assert accs[0] == pytest.approx(want)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing trained
+    # the support itself as queries: each image is closest to its own class centroid far more often than chance
+    assert prototype_accuracy(model, sx, sy, sx, sy) > 0.5
+
+
+def test_the_prototype_arm_runs_on_a_target_side_method_s_pruned_episode_networks(world):
+    both = _transfer_job(world, "channel_scaling", 0.5, ["finetune", "prototype"])
+    alone = _transfer(world, "channel_scaling", 0.5, "prototype")
+    assert both["arms"]["prototype"]["episodes"] == alone["episodes"]
+    assert [a["spec"] for a in both["adapted"]] == [a["spec"] for a in alone["adapted"]]

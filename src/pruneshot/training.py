@@ -30,6 +30,26 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
+def prototype_accuracy(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                       query_y: torch.Tensor, batch_size: int = 512) -> float:
+    """Top-1 accuracy (fraction) of nearest-centroid classification on the network's features (the
+    'prototype' arm: no training). Features are ``model.forward_features`` in eval mode, L2-normalised;
+    each class's prototype is the normalised mean of its support features (labels 0..ways-1); a query
+    goes to the prototype of highest cosine similarity. Support (N, C, H, W) and query on the model's device."""
+    model.eval()
+
+    def features(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.normalize(model.forward_features(x[i : i + batch_size]).flatten(1), dim=1)
+                          for i in range(0, len(x), batch_size)])
+
+    fs = features(support_x)
+    ways = int(support_y.max().item()) + 1
+    protos = F.normalize(torch.stack([fs[support_y == c].mean(0) for c in range(ways)]), dim=1)
+    pred = (features(query_x) @ protos.T).argmax(1)
+    return int((pred == query_y).sum().item()) / max(1, len(query_y))
+
+
+@torch.no_grad()
 def source_accuracy(model: nn.Module, source: BatchSource, batch_size: int = 512, amp: str = "none") -> float:
     """Top-1 accuracy (fraction) of ``model`` in eval mode on a device-resident split, in order,
     never augmented; under ``amp`` (bf16 autocast on CUDA only). One host sync at the end."""

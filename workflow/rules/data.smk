@@ -3,10 +3,10 @@ rule prepare_source:
         manifest=R("source_manifest"),
         train=R("source_train"),
         val=R("source_val"),
-    params:
-        settings=SOURCE_SETTINGS,
     log:
         LOG("prepare_source"),
+    params:
+        settings=SOURCE_SETTINGS,
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -17,10 +17,10 @@ rule prepare_target:
     output:
         manifest=R("target_manifest"),
         pool=R("target_pool"),
-    params:
-        settings=target_settings,
     log:
         LOG("prepare_target"),
+    params:
+        settings=target_settings,
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -33,10 +33,10 @@ rule make_episodes:
         pool=R("target_pool"),
     output:
         episodes=R("episodes"),
-    params:
-        settings=episode_settings,
     log:
         LOG("make_episodes"),
+    params:
+        settings=episode_settings,
     conda:
         "../../envs/pruneshot.yaml"
     script:

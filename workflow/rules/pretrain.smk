@@ -8,12 +8,12 @@ rule pretrain:
         weights=R("pretrain_weights"),
         arch=R("pretrain_arch"),
         metrics=R("pretrain_metrics"),
-    params:
-        settings=PRETRAIN_SETTINGS,
     log:
         LOG("pretrain"),
     benchmark:
         BENCH("pretrain")
+    params:
+        settings=PRETRAIN_SETTINGS,
     threads: config["pretrain"]["threads"]
     resources:
         gpu=1 if config["pretrain"]["device"] == "cuda" else 0,

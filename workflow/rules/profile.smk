@@ -8,12 +8,12 @@ rule profile:
         record=R("profile"),
     wildcard_constraints:
         method=_alts(SOURCE_SIDE),
-    params:
-        settings=PROFILE_SETTINGS,
     log:
         LOG("profile"),
     benchmark:
         BENCH("profile")
+    params:
+        settings=PROFILE_SETTINGS,
     threads: all_cores()
     conda:
         "../../envs/pruneshot.yaml"
@@ -31,12 +31,12 @@ rule profile_adapted:
         record=R("profile_adapted"),
     wildcard_constraints:
         method=_alts(TARGET_SIDE),
-    params:
-        settings=PROFILE_SETTINGS,
     log:
         LOG("profile_adapted"),
     benchmark:
         BENCH("profile_adapted")
+    params:
+        settings=PROFILE_SETTINGS,
     threads: all_cores()
     conda:
         "../../envs/pruneshot.yaml"

@@ -19,12 +19,12 @@ rule aggregate:
             caption="../report/metrics.rst",
             category="Tables",
         ),
+    log:
+        LOG("aggregate"),
     params:
         cells=aggregate_cells(),
         targets=TARGETS,
         settings=CONFIG_SHA256,
-    log:
-        LOG("aggregate"),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -52,11 +52,11 @@ rule report:
             category="Figures",
             labels={"figure": "{name}"},
         ),
+    log:
+        LOG("report"),
     params:
         targets=TARGETS,
         settings=CONFIG_SHA256,
-    log:
-        LOG("report"),
     conda:
         "../../envs/pruneshot.yaml"
     script:

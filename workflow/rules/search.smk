@@ -14,12 +14,12 @@ rule search:
         record=R("search_record"),
     wildcard_constraints:
         method=_alts(SOURCE_SIDE),
-    params:
-        settings=search_settings,
     log:
         LOG("search"),
     benchmark:
         BENCH("search")
+    params:
+        settings=search_settings,
     threads: 1
     conda:
         "../../envs/pruneshot.yaml"

@@ -95,6 +95,8 @@ def load_raw(
         files = ({"file": "sklearn.datasets.load_digits", "sha256": digest},)
         return RawDataset(x=x, y=y, max_value=16, name=name, split=split, files=files,
                           class_names=spec.class_names)
+    if name == "mnist10k":
+        return _load_mnist10k(spec, split)
     if name == "imagefolder":
         return _load_image_folder(root, image or {}, classes)
     cache = Path(cache_dir if cache_dir is not None else "data/cache") / name
@@ -119,6 +121,26 @@ def load_raw(
     files = tuple({"file": fname, "size": p.stat().st_size, "sha256": sha} for fname, (p, sha) in paths.items())
     return RawDataset(x=x_np, y=y_np, max_value=spec.max_value, name=name, split=split, files=files,
                       class_names=spec.class_names)
+
+
+def _load_mnist10k(spec: DatasetSpec, split: str) -> RawDataset:
+    """The embedded 10,000 MNIST digits, each file checked against its pinned sha256 first."""
+    from pruneshot.data import mnist10k
+    from pruneshot.data.formats import read_idx_gz
+
+    files = []
+    for fname, pinned in mnist10k.FILES.items():
+        path = mnist10k.EMBEDDED_DIR / fname
+        if not path.is_file():
+            raise DatasetError(f"dataset 'mnist10k': {path} is missing (rebuild: python -m pruneshot.data.mnist10k)")
+        digest = sha256_file(path)
+        if digest != pinned:
+            raise DatasetError(f"dataset 'mnist10k': {path} has sha256 {digest}, expected {pinned}: the embedded file "
+                               "is corrupt or was changed (rebuild: python -m pruneshot.data.mnist10k)")
+        files.append({"file": fname, "size": path.stat().st_size, "sha256": digest})
+    x, y = read_idx_gz(mnist10k.EMBEDDED_DIR / mnist10k.IMAGES, mnist10k.EMBEDDED_DIR / mnist10k.LABELS)
+    return RawDataset(x=x.numpy(), y=y.numpy(), max_value=spec.max_value, name=spec.name, split=split,
+                      files=tuple(files), class_names=spec.class_names)
 
 
 def load_entry(entry: dict[str, Any], role: str, data_cfg: dict[str, Any]) -> RawDataset:

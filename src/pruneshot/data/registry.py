@@ -134,6 +134,8 @@ _CIFAR100_NAMES = tuple(_CIFAR100_TEXT.split())
 
 REGISTRY: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", (1, 8, 8), 16, 10, ("all",), class_names=_DIGIT_NAMES),
+    # 10,000 real MNIST digits shipped in the package (pruneshot.data.mnist10k): no download, sha256-checked.
+    "mnist10k": DatasetSpec("mnist10k", (1, 28, 28), 255, 10, ("all",), class_names=_DIGIT_NAMES),
     "mnist": DatasetSpec(
         "mnist", (1, 28, 28), 255, 10, SPLITS,
         base_url="https://ossci-datasets.s3.amazonaws.com/mnist/",  # torchvision's current location
@@ -184,7 +186,7 @@ def resolve_split(name: str, split: str | None, role: str) -> str:
     """The concrete split of a config entry: ``split`` itself, or the default for ``role``.
 
     Datasets with train/test splits default to ``train`` for the source and ``test`` for targets;
-    digits and imagefolder have only ``all``. Raises ValueError for a split the dataset lacks.
+    digits, mnist10k and imagefolder have only ``all``. Raises ValueError for a split the dataset lacks.
     """
     spec = get_spec(name)
     if split is None:

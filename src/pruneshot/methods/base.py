@@ -217,9 +217,10 @@ class NoOptions(MethodOptions):
 
 
 #: Every transfer arm, in the order the pipeline runs them ('finetune': all kept weights train,
-#: 'linear_probe': only the new head, 'reinit': the architecture freshly initialised, then as finetune).
+#: 'linear_probe': only the new head, 'reinit': the architecture freshly initialised, then as finetune,
+#: 'prototype': nearest class centroid of the network's features, cosine, no training).
 #: config/schema.yaml's ``transfer.arms`` enum is checked against it by a test.
-ARMS: tuple[str, ...] = ("finetune", "linear_probe", "reinit")
+ARMS: tuple[str, ...] = ("finetune", "linear_probe", "reinit", "prototype")
 
 
 class PruningMethod(ABC):

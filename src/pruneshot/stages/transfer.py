@@ -148,10 +148,13 @@ def _arm_start(s: _Setting, arm: str, network: Any, adapted: Any, seeds: dict[st
 
 
 def _score(s: _Setting, arm: str, model: Any, ep: _Episode, seed: int) -> float:
-    """Train ``model`` under ``arm`` on the support set; its accuracy on the query set."""
-    from pruneshot.training import accuracy, finetune_episode
+    """Train ``model`` under ``arm`` on the support set; its accuracy on the query set ('prototype':
+    no training, nearest support-class centroid of the features)."""
+    from pruneshot.training import accuracy, finetune_episode, prototype_accuracy
 
     sx, sy, qx, qy = ep.on_device
+    if arm == "prototype":
+        return prototype_accuracy(model, sx, sy, qx, qy)
     tc = s.tc
     finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=tc["steps"], lr=tc["lr"],
                      momentum=tc["momentum"], weight_decay=tc["weight_decay"], batch_size=tc["batch_size"],
@@ -210,7 +213,8 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     set (``method.adapt``, once per episode, shared by the arms). Per episode the network gets a new
     seeded ``ways``-way head; each arm trains its own copy ('finetune': all kept weights,
     'linear_probe': the head only, 'reinit': the same architecture freshly initialised, then as
-    finetune). A target-side method's achieved cost and seconds are recorded per episode. One MLflow
+    finetune; 'prototype': no training, nearest class centroid of the features). A target-side
+    method's achieved cost and seconds are recorded per episode. One MLflow
     run per job; metrics are prefixed by the arm.
 
     The arms train and score on ``transfer.device`` (model and episode tensors are moved there;

@@ -446,21 +446,24 @@ def test_rank_table_and_average_ranks_by_hand():
     # budget 0.5 cell: dense 0.80, l1 0.78, random 0.70.
     #   dense-l1: 1.96 * sqrt(0.0082/100 + 0.01/100) = 0.02644 >= 0.02 -> tied (rank 1); random: 0.10 -> rank 3.
     # budget 0.25 cell: dense 0.80, random 0.75 (0.05 > 0.0264 -> rank 2), l1 0.60 (0.15 from random -> 3).
-    # linear_probe arm: no pruned method -> the budget-1.0 cell: dense 0.55, linear_probe 0.50
-    #   (0.05 > 1.96 * sqrt(2 * 0.0001) = 0.0277 -> 2).
+    # linear_probe arm: no pruned method -> the budget-1.0 cell: dense 0.55 alone; the linear_probe
+    #   method repeats dense's linear_probe arm (registry: repeats) and is ranked once, as dense.
     assert cell == {
         ("finetune", 0.5, "dense"): 1.0, ("finetune", 0.5, "l1_filter"): 1.0, ("finetune", 0.5, "random"): 3.0,
         ("finetune", 0.25, "dense"): 1.0, ("finetune", 0.25, "random"): 2.0, ("finetune", 0.25, "l1_filter"): 3.0,
-        ("linear_probe", 1.0, "dense"): 1.0, ("linear_probe", 1.0, "linear_probe"): 2.0,
+        ("linear_probe", 1.0, "dense"): 1.0,
     }
     dense = ranks[(ranks["method"] == "dense") & (ranks["arm"] == "finetune")].iloc[0]
     assert dense["mean"] == pytest.approx(0.80) and dense["std"] == pytest.approx(0.0905538514)
     assert dense["n"] == 100 and dense["n_replicates"] == 2 and dense["method_budget"] == 1.0
     avg = average_ranks(ranks)
-    # dense (1, 1, 1) = 1.0 over 3 cells; l1 (1, 3) = 2.0; linear_probe (2) = 2.0; random (3, 2) = 2.5
-    assert avg["method"].tolist() == ["dense", "l1_filter", "linear_probe", "random"]
-    assert avg["mean_rank"].tolist() == pytest.approx([1.0, 2.0, 2.0, 2.5])
-    assert avg["n_cells"].tolist() == [3, 2, 1, 2]
+    # dense (1, 1, 1) = 1.0 over 3 cells; l1 (1, 3) = 2.0; random (3, 2) = 2.5
+    assert avg["method"].tolist() == ["dense", "l1_filter", "random"]
+    assert avg["mean_rank"].tolist() == pytest.approx([1.0, 2.0, 2.5])
+    assert avg["n_cells"].tolist() == [3, 2, 2]
+    # without dense's linear_probe arm in the study, the linear_probe method is ranked as itself
+    alone = rank_table(results[~((results["method"] == "dense") & (results["arm"] == "linear_probe"))])
+    assert alone[alone["arm"] == "linear_probe"]["method"].tolist() == ["linear_probe"]
 
 
 # --------------------------------------------------------------------------- budgets and the method registry

@@ -239,6 +239,9 @@ class PruningMethod(ABC):
     provenance: ClassVar[str] = "baseline"
     reference: ClassVar[str] = ""
     budget_free: ClassVar[bool] = False
+    #: (method, arm) whose numbers this method's rows repeat exactly (same network, same seeds); the
+    #: report ranks them once, as that method. None: the method's numbers are its own.
+    repeats: ClassVar[tuple[str, str] | None] = None
     #: Config sections of other methods this one builds on; the pipeline passes them nested in
     #: ``options`` under their names (e.g. double pruning reads channel_scaling and basis_scaling).
     option_sections: ClassVar[tuple[str, ...]] = ()

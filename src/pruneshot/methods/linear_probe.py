@@ -12,6 +12,7 @@ class LinearProbe(PruningMethod):
     provenance = "baseline"
     reference = "frozen pretrained backbone, linear head"
     budget_free = True
+    repeats = ("dense", "linear_probe")  # the dense network, head-only training, the same seeds
 
     def arms(self, configured: list[str]) -> list[str]:
         # The method *is* the linear-probe protocol, whatever arms the study compares.

@@ -124,7 +124,8 @@ def _stats_statement(statistics: Statistics) -> str:
         "is the matched-pairs rank-biserial correlation r (positive: the method is better). Multiple comparisons: "
         f"Holm-Bonferroni over all {n} comparisons in this report; significant means Holm-adjusted p &lt; "
         f"{ALPHA:g}. Ranks follow Meta-Dataset: within a cell (target, shots, arm, budget; dense and linear_probe "
-        "join every budget's cell) methods whose mean is within 1.96·√(s₁²/n₁ + s₂²/n₂) of the best remaining one "
+        "join every budget's cell, and linear_probe, which repeats dense's linear_probe arm, is ranked once, as "
+        "dense) methods whose mean is within 1.96·√(s₁²/n₁ + s₂²/n₂) of the best remaining one "
         "share its rank; average ranks are over the cells a method is ranked in."
     )
 
@@ -359,7 +360,8 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         f"one mark per replicate: <span class=\"up\">{UP}</span> significantly better, "
         f"<span class=\"down\">{DOWN}</span> significantly worse, n.s. (or ·) not significant, — no comparison "
         "(no baseline run at that budget and arm). <em>rank</em>: Meta-Dataset rank / methods in the cell "
-        "(1 = best; tied methods share a rank); dense and linear_probe are ranked in every budget's cell.</p>",
+        "(1 = best; tied methods share a rank); dense and linear_probe are ranked in every budget's cell "
+        "(linear_probe once, as dense, where dense's linear_probe arm ran).</p>",
         f'<p class="legend" id="stats-statement">{_stats_statement(statistics)} {n_sig} comparison(s) '
         "significant.</p>",
         _panel_tables(main),

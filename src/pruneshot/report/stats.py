@@ -59,6 +59,21 @@ def _is_budget_free(name: str) -> bool:
     return name in available() and get_method(name).budget_free
 
 
+@cache
+def _repeats(name: str) -> tuple[str, str] | None:
+    """The (method, arm) whose numbers method ``name``'s rows repeat (the registry's ``repeats``), or None."""
+    from pruneshot.methods import available, get_method
+
+    return get_method(name).repeats if name in available() else None
+
+
+def repeated_in(methods: Iterable[str], arm: str) -> set[str]:
+    """The methods among ``methods`` whose rows in a cell of ``arm`` repeat another method's arm that is
+    also in the cell (e.g. linear_probe = dense's linear_probe arm): counted once, as that method."""
+    present = {str(m) for m in methods}
+    return {m for m in present if (rep := _repeats(m)) is not None and rep[1] == arm and rep[0] in present}
+
+
 # --------------------------------------------------------------------------- Wilcoxon
 
 
@@ -335,7 +350,9 @@ def rank_table(results: pd.DataFrame, keys: Sequence[str] = ("target", "shots", 
     requested_budget plus the budget-free methods (``budget_free``; default: the registry's,
     :func:`budget_free_methods`, e.g. dense, linear_probe; their budget-1.0 row, the largest budget if
     several) of the same target/shots/arm, which thus appear in every budget's
-    cell. Where only budget-free methods ran, their own budget is the cell. Only ok rows count.
+    cell. Where only budget-free methods ran, their own budget is the cell. Only ok rows count. A method
+    whose rows repeat another method's arm in the same cell (the registry's ``repeats``: linear_probe is
+    dense's linear_probe arm) is left out of that cell, so the same numbers are not ranked twice.
 
     Per (cell, method), replicates are combined: ``mean`` = mean of ``acc_mean`` over replicates,
     ``std`` = sqrt(mean of ``acc_std``^2) (pooled per-episode std), ``n`` = mean of ``n_episodes``
@@ -373,6 +390,9 @@ def rank_table(results: pd.DataFrame, keys: Sequence[str] = ("target", "shots", 
         budgets = sorted(set(g_pruned["_budget"]), reverse=True) or sorted(set(g_free["_budget"]), reverse=True)
         for budget in budgets:
             cell = pd.concat([g_pruned[g_pruned["_budget"] == budget], g_free])
+            if "arm" in group_keys:  # a method that repeats another's numbers is ranked once, as that one
+                arm = str(gkey[group_keys.index("arm")])
+                cell = cell[~cell["method"].astype(str).isin(repeated_in(cell["method"], arm))]
             ranks = ci_ranks({str(r.method): (r.mean, r.std, r.n) for r in cell.itertuples()}, z=z)
             base = dict(zip(group_keys, gkey, strict=True))
             cell_budget = next(iter(cell.loc[cell["_budget"] == budget, "method_budget"]), budget)

@@ -53,12 +53,16 @@ def test_dry_run_lists_the_full_grid(path, tmp_path):
     counts = _job_counts(proc.stdout)
     cfg = load_config(path)
     reps, levels = cfg["study"]["replicates"], len(cfg["budget"]["levels"])
-    free = sum(get_method(m).budget_free for m in cfg["methods"])
-    searches = reps * (free + (len(cfg["methods"]) - free) * levels)
+    def networks(side: str) -> int:  # (method, budget, replicate) of the methods of one side
+        methods = [get_method(m) for m in cfg["methods"] if get_method(m).side == side]
+        return reps * sum(1 if m.budget_free else levels for m in methods)
+
     n_targets, n_shots = len(cfg["data"]["targets"]), len(cfg["episodes"]["shots"])
+    cells = n_targets * n_shots
     assert counts["pretrain"] == reps
-    assert counts["search"] == searches
-    assert counts["transfer"] == searches * n_targets * n_shots
+    assert counts["search"] == counts["profile"] == networks("source")  # target-side methods: no search
+    assert counts["transfer"] == (networks("source") + networks("target")) * cells
+    assert counts.get("profile_adapted", 0) == networks("target") * cells
     assert counts["make_episodes"] == n_targets * n_shots
     assert counts["prepare_target"] == n_targets
     assert counts["report"] == 1

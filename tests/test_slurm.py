@@ -42,10 +42,11 @@ ACCOUNT = "pruneshot_ci"
 SLURM_BINARIES = ("munged", "mariadbd", "mariadb-install-db", "slurmdbd", "slurmctld", "slurmd", "sbatch", "srun",
                   "squeue", "sacct", "sacctmgr", "scontrol")
 SBIN_PATH = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
-GPU_RULES = {"pretrain", "transfer", "profile"}  # profiles/slurm gives these gpu=1
-# the micro study's jobs (3 methods at one budget, one target, 1-shot); `all` runs in the main process
+GPU_RULES = {"pretrain", "transfer", "profile", "profile_adapted"}  # profiles/slurm gives these gpu=1
+# the micro study's jobs (3 methods at one budget, one target, 1-shot; channel_scaling, target-side, has no
+# search and its cell's own profile_adapted); `all` runs in the main process
 EXPECTED_JOBS = ["init_tracking", "prepare_source", "prepare_target", "make_episodes", "pretrain", "sync_tracking",
-                 "aggregate", "report", *["search", "transfer", "profile"] * 3]
+                 "aggregate", "report", *["search", "profile"] * 2, *["transfer"] * 3, "profile_adapted"]
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)")
 PR_SET_CHILD_SUBREAPER = 36
 FAILING_RETRIES = 1  # fewer than the profile's, to save time: the runtime's growth shows after one retry

@@ -57,12 +57,15 @@ class _Setting:
 
 @dataclass
 class _Episode:
-    """One saved episode: CPU tensors (for target-side pruning) and their copies on the arms' device."""
+    """One saved episode's CPU tensors (target-side pruning reads them; the arms get device copies)."""
 
     index: int
     support: tuple[Any, Any]
     query: tuple[Any, Any]
-    on_device: tuple[Any, Any, Any, Any]
+
+    def on(self, device: Any) -> tuple[Any, Any, Any, Any]:
+        """(support x, support y, query x, query y) on ``device``."""
+        return tuple(t.to(device) for t in (*self.support, *self.query))
 
 
 def _check_arms(method: Any, arms: list[str]) -> None:
@@ -85,15 +88,11 @@ def _augment(tc: dict[str, Any]) -> tuple[str, Any]:
     return mode, Augment(crop_padding=int(tc.get("crop_padding", 4)), flip=True) if mode == "crop_flip" else None
 
 
-def _episodes(eps: dict[str, Any], pool: Any, device: Any) -> list[_Episode]:
+def _episodes(eps: dict[str, Any], pool: Any) -> list[_Episode]:
     import torch
 
-    out = []
-    for ep in eps["episodes"]:
-        sx, sy = pool.x[ep["support"]], torch.tensor(ep["support_labels"])
-        qx, qy = pool.x[ep["query"]], torch.tensor(ep["query_labels"])
-        out.append(_Episode(ep["index"], (sx, sy), (qx, qy), tuple(t.to(device) for t in (sx, sy, qx, qy))))
-    return out
+    return [_Episode(ep["index"], (pool.x[ep["support"]], torch.tensor(ep["support_labels"])),
+                     (pool.x[ep["query"]], torch.tensor(ep["query_labels"]))) for ep in eps["episodes"]]
 
 
 def _head(network: Any, ways: int, seed: int) -> Any:
@@ -147,12 +146,12 @@ def _arm_start(s: _Setting, arm: str, network: Any, adapted: Any, seeds: dict[st
     return model.to(s.device).eval()
 
 
-def _score(s: _Setting, arm: str, model: Any, ep: _Episode, seed: int) -> float:
+def _score(s: _Setting, arm: str, model: Any, on_device: tuple[Any, Any, Any, Any], seed: int) -> float:
     """Train ``model`` under ``arm`` on the support set; its accuracy on the query set ('prototype':
     no training, nearest support-class centroid of the features)."""
     from pruneshot.training import accuracy, finetune_episode, prototype_accuracy
 
-    sx, sy, qx, qy = ep.on_device
+    sx, sy, qx, qy = on_device
     if arm == "prototype":
         return prototype_accuracy(model, sx, sy, qx, qy)
     tc = s.tc
@@ -180,6 +179,7 @@ def _run_episodes(s: _Setting, network: Any, episodes: list[_Episode], config: d
         es = episode_seeds(config, s.replicate, s.target, s.ways, s.shots, ep.index, s.arms)
         seeds_rows.append({"episode": ep.index, "head": es["head"]})
         start = None
+        tensors = ep.on(s.device)  # one episode on the arms' device at a time
         if dense_cost is not None:
             start, entry = _adapt(s, network, ep, es, dense_cost, job.log)
             adapted.append(entry)
@@ -188,7 +188,7 @@ def _run_episodes(s: _Setting, network: Any, episodes: list[_Episode], config: d
         for arm in s.arms:
             ta = time.perf_counter()
             seed = es["finetune"][arm]
-            acc = _score(s, arm, _arm_start(s, arm, network, start, es), ep, seed)
+            acc = _score(s, arm, _arm_start(s, arm, network, start, es), tensors, seed)
             per_arm[arm]["episodes"].append({"episode": ep.index, "accuracy": acc, "finetune_seed": seed})
             per_arm[arm]["seconds"] += time.perf_counter() - ta
             run.log_metrics({f"{arm}/episode_acc": acc}, ep.index)
@@ -245,7 +245,8 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     params = {"method": method_name, "arms": ",".join(arms), "shots": shots, "ways": s.ways, "target": target,
               "budget": s.budget, "replicate": replicate, "side": method.side,
               **{f"transfer.{k}": v for k, v in tc.items()}, "transfer.device_used": str(device)}
-    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0} for a in arms}
+    # what a failed cell records (a successful one replaces it)
+    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0, "summary": None} for a in arms}
     seeds_rows: list[dict[str, Any]] = []
     adapted: list[dict[str, Any]] = []
     dense: dict[str, int] = {}
@@ -260,8 +261,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                          "dense_flops": count_flops(network, input_shape(s.spec))} if method.side == "target" else {}
                 inject_failure("transfer", method_name)
                 job.log(f"process start to first training step: {overhead}s; arms {arms}")
-                per_arm, seeds_rows, adapted = _run_episodes(s, network, _episodes(eps, pool, device), config, run,
-                                                             job)
+                per_arm, seeds_rows, adapted = _run_episodes(s, network, _episodes(eps, pool), config, run, job)
             except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
                 failure = error_text(exc)
                 job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
@@ -274,9 +274,6 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                 run.log_metrics({f"{arm}/acc_mean": r["summary"]["mean"], f"{arm}/acc_ci95": r["summary"]["ci95"]},
                                 None)
         run_id = run.run_id
-    if failure is not None:
-        per_arm = {a: {"episodes": [], "seconds": 0.0, "summary": None} for a in arms}
-        seeds_rows, adapted = [], []
     record = _record(s, config, failure, per_arm, seeds_rows, adapted, dense, device, augment_mode,
                      time.perf_counter() - t0, overhead, network_record, weights, run_id, rec, job, inputs, seeds)
     write_json(out, record)

@@ -210,6 +210,7 @@ def stage_world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     cfg = load_config(ROOT / "tests/configs/tiny.yaml")
     cfg["data"]["cache_dir"] = str(tmp / "cache")
     cfg["slimming"]["epochs"] = 3
+    cfg["slimming"]["min_steps"] = 0  # exactly 3 epochs on the small split
     src = tmp / "source"
     prepare_source(cfg, src, _job(tmp, "prepare_source"))
     pre = tmp / "pretrain_ref"

@@ -36,7 +36,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("stages")
     cfg = load_config(ROOT / "tests/configs/tiny.yaml")
     cfg["episodes"]["count"] = 3
-    cfg["transfer"]["steps"] = 4
+    cfg["transfer"]["steps"] = 8  # >= the tiny target-side schedules (double pruning: 4 + 4 adapt steps)
     cfg["data"]["cache_dir"] = str(tmp / "cache")
     src, tgt = tmp / "source", tmp / "target"
     prepare_source(cfg, src, _job("prepare_source"))
@@ -438,3 +438,239 @@ def test_the_prototype_arm_runs_on_a_target_side_method_s_pruned_episode_network
     alone = _transfer(world, "channel_scaling", 0.5, "prototype")
     assert both["arms"]["prototype"]["episodes"] == alone["episodes"]
     assert [a["spec"] for a in both["adapted"]] == [a["spec"] for a in alone["adapted"]]
+
+
+# --- fair by construction: BN treatment, support steps, several random masks, controls (issue 12) ---------
+
+
+def _source(world: dict):
+    from pruneshot.stages.search import load_source
+
+    return load_source(world["src"] / "manifest.json")
+
+
+def test_bn_recalibration_sets_the_exact_statistics_of_the_calibration_images(world):
+    """recalibrate_bn resets every BatchNorm and averages exactly over the drawn images: the first BN's
+    running mean equals the per-channel mean of its input over those images, whatever the old statistics."""
+    import torch
+
+    from pruneshot.models.base import load_model
+    from pruneshot.training import recalibrate_bn
+
+    _, train, _ = _source(world)
+    pre = world["pre"]
+    model = load_model(str(pre / "model.safetensors"), read_json(pre / "arch.json"))
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    bn.running_mean.fill_(7.0)
+    seen = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    info = recalibrate_bn(model, train.x, images=96, batch_size=32, seed=3)  # 3 batches of 32
+    hook.remove()
+    x = torch.cat(seen)
+    assert info["images"] == 96 and len(x) == 96 and [len(b) for b in seen] == [32] * 3 and not model.training
+    assert torch.allclose(bn.running_mean, x.mean((0, 2, 3)), atol=1e-5)
+    assert bn.momentum == 0.1  # restored
+    again = load_model(str(pre / "model.safetensors"), read_json(pre / "arch.json"))
+    recalibrate_bn(again, train.x, images=96, batch_size=32, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values(),
+                                                 strict=True))
+
+
+def test_every_source_side_search_that_removes_channels_is_recalibrated_and_budget_one_is_not(world):
+    """Random pruning at 0.5 leaves the dense BN statistics describing channels that are gone; the search
+    stage re-estimates them on the shared source images (the same ones for every method), and source
+    accuracy recovers. A budget-1 search returns the pretrained network untouched (its statistics were
+    recalibrated at the end of pretraining)."""
+    pre = read_json(world["pre"] / "metrics.json")
+    assert pre["bn_recalibration"]["applied"] is True
+    rec = read_json(_search(world, "random", 0.5) / "record.json")
+    bn = rec["bn_recalibration"]
+    assert bn["applied"] is True and bn["images"] > 0
+    assert bn["source_val_acc_after"] >= bn["source_val_acc_before"]
+    assert all(v["applied"] and v["seed"] == bn["seed"] for v in bn["variants"])
+    l1 = read_json(_search(world, "l1_filter", 0.5) / "record.json")["bn_recalibration"]
+    assert (l1["seed"], l1["images"]) == (bn["seed"], bn["images"])  # the same images for every method
+    dense = read_json(_search(world, "dense", 1.0) / "record.json")["bn_recalibration"]
+    assert dense["applied"] is False and "unchanged" in dense["reason"]
+
+
+def test_bn_recalibration_can_be_switched_off(world, tmp_path):
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["bn_recalibration"]["enabled"] = False
+    pre = world["pre"]
+    out = tmp_path / "s"
+    rec = search(cfg, "random", 0.5, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+                 pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
+                 out / "record.json", _job("search", method="random"))
+    bn = rec["bn_recalibration"]
+    assert (bn["applied"], bn["reason"]) == (False, "bn_recalibration.enabled is false")
+    assert [v["applied"] for v in bn["variants"]] == [False, False]
+
+
+def test_every_method_s_arm_gets_the_same_number_of_support_steps(world, monkeypatch):
+    """A target-side method's adapt steps count inside transfer.steps: its arms train for the rest, so
+    every method's network sees the same number of support-set steps, recorded per arm."""
+    import pruneshot.methods.basis_scaling as bs
+    import pruneshot.training as training
+
+    steps = world["cfg"]["transfer"]["steps"]
+    adapt_steps, arm_steps = [], []
+    fit = bs.fit_steps
+    ft = training.finetune_episode
+
+    def counting_fit(*args, **kwargs):
+        adapt_steps.append(args[4] if len(args) > 4 else kwargs["steps"])
+        return fit(*args, **kwargs)
+
+    def counting_ft(*args, **kwargs):
+        arm_steps.append(kwargs["steps"])
+        return ft(*args, **kwargs)
+
+    monkeypatch.setattr(bs, "fit_steps", counting_fit)
+    monkeypatch.setattr("pruneshot.methods.channel_scaling.fit_steps", counting_fit)
+    monkeypatch.setattr(training, "finetune_episode", counting_ft)
+    rec = _transfer_job(world, "double_pruning", 0.5, ["finetune", "prototype"], out=world["tmp"] / "dp_steps.json")
+    episodes = world["cfg"]["episodes"]["count"]
+    per_episode = sum(adapt_steps) // episodes
+    from pruneshot.methods import options_for
+
+    method = get_method("double_pruning")
+    assert per_episode == method.support_steps(options_for(world["cfg"], method)) > 0
+    assert arm_steps == [steps - per_episode] * episodes
+    assert rec["arms"]["finetune"]["support_steps"] == steps
+    assert rec["arms"]["prototype"]["support_steps"] == per_episode
+    dense = _transfer_job(world, "dense", 1.0, ["finetune"], out=world["tmp"] / "dense_steps.json")
+    assert dense["arms"]["finetune"]["support_steps"] == steps
+
+
+def test_a_schedule_longer_than_the_support_step_budget_is_refused_before_work(world):
+    from pruneshot.config import semantic_problems
+
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["transfer"]["steps"] = 3
+    problems = [p for p in semantic_problems(cfg) if "transfer.steps" in p]
+    assert any("double_pruning adapts for" in p for p in problems)
+    with pytest.raises(ValueError, match="support-set steps"):
+        _transfer_job(world, "channel_scaling", 0.5, ["finetune"], cfg=cfg, out=world["tmp"] / "refused.json")
+
+
+def test_the_reinit_arm_normalises_with_support_statistics_not_unit_variance(world, monkeypatch):
+    """A fresh network's BN statistics (mean 0, var 1) leave it unnormalised in eval mode; the reinit arm
+    trains with batch statistics and then sets the running ones from the support images (no source data)."""
+    import pruneshot.training as training
+
+    modes = []
+    ft = training.finetune_episode
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("batch_norm", "frozen"))
+        return ft(*args, **kwargs)
+
+    monkeypatch.setattr(training, "finetune_episode", spy)
+    _transfer_job(world, "random", 0.5, ["finetune", "reinit"], out=world["tmp"] / "reinit_modes.json")
+    # finetune: 3 masks, frozen statistics; reinit: one architecture, batch statistics
+    per_episode = modes[: modes.index("batch") + 1]
+    assert per_episode == ["frozen"] * 3 + ["batch"]
+    import torch
+
+    from pruneshot.stages.transfer import support_bn_statistics
+
+    spec = read_json(world["pre"] / "arch.json")
+    model = build_seeded(spec, 5)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
+    norm = read_json(world["src"] / "manifest.json")["normalization"]
+    from pruneshot.data import splits
+
+    pool = splits.load_split(world["tgt"] / "manifest.json", "pool", norm)
+    sx = pool.x[read_json(world["episodes"])["episodes"][0]["support"]]
+    seen = []
+    hook = bn.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
+    support_bn_statistics(model, sx, seed=1)
+    hook.remove()
+    assert torch.allclose(bn.running_mean, seen[0].mean((0, 2, 3)), atol=1e-5)
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    with torch.no_grad():
+        h = bn(seen[0])
+    assert float(h.mean((0, 2, 3)).abs().max()) < 1e-4  # normalised on the support
+
+
+def test_random_draws_several_masks_and_every_one_is_evaluated_on_the_same_episodes(world):
+    from pruneshot.models.base import load_model, variant_count
+
+    s = _search(world, "random", 0.5)
+    rec = read_json(s / "record.json")
+    masks = rec["info"]["mask_keeps"]
+    assert rec["info"]["masks"] == 3 == len(masks) == rec["networks"] and rec["info"]["distinct_masks"] == 3
+    assert masks[0] == rec["keep"]
+    assert variant_count(str(s / "model.safetensors")) == 3
+    spec = read_json(s / "arch.json")
+    nets = [load_model(str(s / "model.safetensors"), spec, v) for v in range(3)]
+    assert not all(a.equal(b) for a, b in zip(nets[0].state_dict().values(), nets[1].state_dict().values(),
+                                              strict=True))
+    tr = _transfer_job(world, "random", 0.5, ["finetune", "reinit"], out=world["tmp"] / "random3.json")
+    ft = tr["arms"]["finetune"]
+    for e in ft["episodes"]:
+        assert len(e["network_accuracies"]) == 3
+        assert e["accuracy"] == pytest.approx(sum(e["network_accuracies"]) / 3)
+    assert len(ft["network_means"]) == 3
+    assert "network_accuracies" not in tr["arms"]["reinit"]["episodes"][0]  # one architecture: one reinit
+
+
+def test_one_mask_reproduces_the_single_mask_control(world, tmp_path):
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["random"] = {"masks": 1}
+    pre = world["pre"]
+    out = tmp_path / "s"
+    rec = search(cfg, "random", 0.5, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+                 pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
+                 out / "record.json", _job("search", method="random"))
+    assert rec["networks"] == 1
+    assert rec["keep"] == read_json(_search(world, "random", 0.5) / "record.json")["keep"]
+
+
+def test_dense_cells_score_the_raw_pixel_control_on_the_same_episodes(world):
+    import torch
+
+    from pruneshot.data import splits
+    from pruneshot.training import pixel_prototype_accuracy
+
+    rec = _transfer_job(world, "dense", 1.0, ["finetune"], out=world["tmp"] / "dense_controls.json")
+    pix = rec["controls"]["pixel_prototype"]
+    assert [e["episode"] for e in pix["episodes"]] == [e["episode"] for e in rec["arms"]["finetune"]["episodes"]]
+    norm = read_json(world["src"] / "manifest.json")["normalization"]
+    pool = splits.load_split(world["tgt"] / "manifest.json", "pool", norm)
+    ep = read_json(world["episodes"])["episodes"][0]
+    want = pixel_prototype_accuracy(pool.x[ep["support"]], torch.tensor(ep["support_labels"]),
+                                    pool.x[ep["query"]], torch.tensor(ep["query_labels"]))
+    assert pix["episodes"][0]["accuracy"] == want
+    assert "controls" not in _transfer_job(world, "l1_filter", 0.5, ["finetune"], out=world["tmp"] / "l1c.json")
+
+
+def test_budget_one_check_finds_every_method_equal_to_dense_and_catches_one_that_is_not(world, tmp_path,
+                                                                                         monkeypatch):
+    from pruneshot.stages.sanity import budget_one
+
+    cfg = world["cfg"]
+    pre = world["pre"]
+    args = (cfg, 0, world["src"] / "manifest.json", pre / "model.safetensors", pre / "arch.json",
+            world["tgt"] / "manifest.json", world["episodes"])
+    rec = budget_one(*args, tmp_path / "b1.json", _job("budget_one"))
+    assert {r["method"] for r in rec["methods"]} == set(cfg["methods"]) - {"dense"}
+    assert all(r["equal"] for r in rec["methods"]), rec["methods"]
+    # a method that fine-tunes at budget 1 is caught
+    from pruneshot.methods.l1_filter import L1Filter
+
+    def nudged(self, ctx):
+        import torch
+
+        with torch.no_grad():
+            next(ctx.model.parameters()).add_(1e-3)
+        from pruneshot.methods.base import SearchResult
+
+        return SearchResult(model=ctx.model)
+
+    monkeypatch.setattr(L1Filter, "search", nudged)
+    bad = budget_one(*args, tmp_path / "b2.json", _job("budget_one"))
+    row = next(r for r in bad["methods"] if r["method"] == "l1_filter")
+    assert row["equal"] is False and "difference" in row["detail"]

@@ -45,7 +45,16 @@ def _summary(args: argparse.Namespace) -> int:
     print(view.drop(columns=["acc_mean", "acc_ci95"]).to_string(index=False))
     from pruneshot.paths import RESULTS, root_of
 
-    report = root_of(args.results, "results_csv") / RESULTS["report_html"]
+    root = root_of(args.results, "results_csv")
+    gates = root / RESULTS["sanity_json"]
+    if gates.is_file():
+        from pruneshot.io import read_json
+        from pruneshot.report.sanity import summary_lines
+
+        print("\n".join(summary_lines(read_json(gates))))
+    else:
+        print(f"sanity gates: not computed (no {gates})")
+    report = root / RESULTS["report_html"]
     if report.is_file():
         print(f"report: {report}")
     return 0
@@ -95,6 +104,7 @@ def _report(args: argparse.Namespace) -> int:
             return 2
         print(f"note: {episodes} not found; the report has no paired tests", file=sys.stderr)
         episodes = None
+    from pruneshot.io import read_json
     from pruneshot.paths import RESULTS, fill, root_of
 
     root = root_of(results_csv, "results_csv")
@@ -109,7 +119,9 @@ def _report(args: argparse.Namespace) -> int:
                               manifests=manifests)
     out_html = out_dir / "index.html"
     try:
-        build_report(results_csv, prov, out_html, out_dir / "figures", episodes, allow_mixed=allow_mixed)
+        gates = root / RESULTS["sanity_json"]
+        build_report(results_csv, prov, out_html, out_dir / "figures", episodes, allow_mixed=allow_mixed,
+                     sanity=read_json(gates) if gates.is_file() else None)
     except MixedResultsError as err:
         print(err, file=sys.stderr)
         return 3

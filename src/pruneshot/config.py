@@ -266,6 +266,20 @@ def _method_problems(config: dict[str, Any]) -> list[str]:
                 f"config key 'transfer.arms': method {name!r} ({method.side}-side) has no arm among {arms}; "
                 f"it is evaluated with {method.arms(['finetune', 'linear_probe', 'reinit'])}"
             )
+        if method.side == "target" and any(b < 1.0 for b in config["budget"]["levels"]):
+            from pruneshot.methods import options_for
+
+            try:
+                steps = method.support_steps(options_for(config, method))
+            except ValueError:
+                continue  # the method's own option check reports it
+            if steps > config["transfer"]["steps"]:
+                problems.append(
+                    f"config key 'transfer.steps': {name} adapts for {steps} support-set steps per episode, "
+                    f"more than transfer.steps ({config['transfer']['steps']}), the support steps every "
+                    f"method's arm gets in all (adapt's count inside them); raise transfer.steps or shorten "
+                    f"{name}'s schedule"
+                )
     return problems
 
 

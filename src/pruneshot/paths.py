@@ -40,6 +40,9 @@ RESULTS: dict[str, str] = {
     "profile": "profile/{method}/b{budget}/r{replicate}.json",
     # Target-side: each transfer cell prunes its own per-episode networks, so each is timed on its own.
     "profile_adapted": "profile/{method}/b{budget}/{target}/{shots}shot/r{replicate}.json",
+    # Gate (c)'s network checks, per replicate, and the three sanity gates of the study.
+    "budget_one": "sanity/budget_one_r{replicate}.json",
+    "sanity_json": "sanity/gates.json",
     "results_csv": "tables/results.csv",
     "episodes_csv": "tables/episodes.csv",
     "metrics_json": "metrics.json",
@@ -61,6 +64,8 @@ LOGS: dict[str, str] = {
     "transfer": "transfer/{target}/{method}/b{budget}/{shots}shot/r{replicate}.log",
     "profile": "profile/{method}/b{budget}/r{replicate}.log",
     "profile_adapted": "profile/{method}/b{budget}/{target}/{shots}shot/r{replicate}.log",
+    "budget_one": "sanity/budget_one_r{replicate}.log",
+    "sanity": "sanity/gates.log",
     "aggregate": "aggregate.log",
     "report": "report.log",
     "mlflow_spool": "mlflow_spool",

@@ -30,23 +30,38 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 @torch.no_grad()
-def prototype_accuracy(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
-                       query_y: torch.Tensor, batch_size: int = 512) -> float:
-    """Top-1 accuracy (fraction) of nearest-centroid classification on the network's features (the
-    'prototype' arm: no training). Features are ``model.forward_features`` in eval mode, L2-normalised;
-    each class's prototype is the normalised mean of its support features (labels 0..ways-1); a query
-    goes to the prototype of highest cosine similarity. Support (N, C, H, W) and query on the model's device."""
-    model.eval()
+def nearest_centroid_accuracy(features: Callable[[torch.Tensor], torch.Tensor], support_x: torch.Tensor,
+                              support_y: torch.Tensor, query_x: torch.Tensor, query_y: torch.Tensor,
+                              batch_size: int = 512) -> float:
+    """Top-1 accuracy (fraction) of cosine nearest-centroid classification: ``features`` maps a batch
+    (B, C, H, W) to (B, ...) vectors, flattened and L2-normalised; each class's prototype is the
+    normalised mean of its support features (labels 0..ways-1); a query goes to the prototype of
+    highest cosine similarity."""
 
-    def features(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([F.normalize(model.forward_features(x[i : i + batch_size]).flatten(1), dim=1)
+    def feats(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([F.normalize(features(x[i : i + batch_size]).flatten(1), dim=1)
                           for i in range(0, len(x), batch_size)])
 
-    fs = features(support_x)
+    fs = feats(support_x)
     ways = int(support_y.max().item()) + 1
     protos = F.normalize(torch.stack([fs[support_y == c].mean(0) for c in range(ways)]), dim=1)
-    pred = (features(query_x) @ protos.T).argmax(1)
+    pred = (feats(query_x) @ protos.T).argmax(1)
     return int((pred == query_y).sum().item()) / max(1, len(query_y))
+
+
+def prototype_accuracy(model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                       query_y: torch.Tensor, batch_size: int = 512) -> float:
+    """The 'prototype' arm (no training): :func:`nearest_centroid_accuracy` on ``model.forward_features``
+    in eval mode. Support (N, C, H, W) and query on the model's device."""
+    model.eval()
+    return nearest_centroid_accuracy(model.forward_features, support_x, support_y, query_x, query_y, batch_size)
+
+
+def pixel_prototype_accuracy(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                             query_y: torch.Tensor) -> float:
+    """The raw-pixel control of sanity gate (b): :func:`nearest_centroid_accuracy` on the normalised
+    pixels themselves (no network)."""
+    return nearest_centroid_accuracy(lambda x: x, support_x, support_y, query_x, query_y)
 
 
 @torch.no_grad()
@@ -59,6 +74,33 @@ def source_accuracy(model: nn.Module, source: BatchSource, batch_size: int = 512
         for xb, yb in source.epoch(batch_size):
             correct += (model(xb).argmax(1) == yb).sum()
     return int(correct.item()) / max(1, len(source))
+
+
+@torch.no_grad()
+def recalibrate_bn(model: nn.Module, x: torch.Tensor, *, images: int, batch_size: int, seed: int) -> dict[str, Any]:
+    """Re-estimate every BatchNorm's running mean and variance of ``model`` in place: statistics
+    reset, then the cumulative (``momentum=None``) average of the batch statistics of train-mode
+    forward passes over ``images`` images of ``x`` (N, C, H, W; normalised, on the model's device),
+    drawn without replacement by a permutation under ``seed``, in ceil(images / ``batch_size``)
+    batches of near-equal size (so the mean is the images' mean up to the size differences of at most
+    one image); no gradient, no other
+    state changes; the model is left in eval mode. The same ``x``, ``images`` and ``seed`` give every
+    network the same batches. Returns what was done (for the record)."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    n = min(int(images), len(x))
+    if bns and n:
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].to(x.device)
+        momenta = [bn.momentum for bn in bns]
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None
+        model.train()
+        for idx in torch.tensor_split(order, -(-n // batch_size)):  # ceil(n / batch_size) near-equal batches
+            model(x[idx])
+        for bn, m in zip(bns, momenta, strict=True):
+            bn.momentum = m
+    model.eval()
+    return {"images": n, "batch_size": int(batch_size), "seed": int(seed), "batchnorms": len(bns)}
 
 
 def device_description(device: torch.device | str) -> str:
@@ -227,13 +269,18 @@ class SGD:
 def finetune_episode(
     model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, arm: str, steps: int,
     lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
-    augment: Augment | None = None, fill: float = 0.0,
+    augment: Augment | None = None, fill: float = 0.0, batch_norm: str = "frozen",
 ) -> nn.Module:
     """Adapt ``model`` (whose head is already ``ways``-way) to one support set.
 
-    arm 'finetune': all kept weights train; 'linear_probe': only the head trains.
-    BatchNorm statistics stay frozen (eval mode) in both arms: with 1-25 support images,
-    batch statistics would be noise. Full-batch when the support fits in ``batch_size``.
+    arm 'finetune': all kept weights train; 'linear_probe': only the head trains (on support features
+    computed once when there is no augmentation).
+    ``batch_norm`` 'frozen' (pretrained networks): BatchNorm statistics stay frozen (eval mode), since
+    with 1-25 support images batch statistics would replace good source statistics with noise;
+    'batch' (a freshly initialised network, the reinit arm, which has no statistics worth keeping):
+    train mode, each step normalises with its batch's statistics, as training from scratch does (the
+    caller then sets the running statistics from the support images).
+    Full-batch when the support fits in ``batch_size``.
     Runs on the device of ``model`` and the support tensors (all three on one device); the
     random draws are made on the CPU from ``seed``, so they do not depend on the device.
     ``augment``: every step's batch is randomly cropped (padding value ``fill``: the normalised
@@ -247,19 +294,29 @@ def finetune_episode(
             p.requires_grad_(True)
     elif arm != "finetune":
         raise ValueError(f"unknown transfer arm {arm!r}; allowed: finetune, linear_probe")
+    if batch_norm not in ("frozen", "batch"):
+        raise ValueError(f"unknown batch_norm {batch_norm!r}; allowed: frozen, batch")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    model.eval()
+    model.train(batch_norm == "batch")
+    augmenting = augment is not None and augment.active
+    # linear_probe without augmentation: the frozen body (eval mode) maps each support image to the same
+    # features at every step, so they are computed once and the head trains on them (the same loss and
+    # gradients as running the body every step, at a fraction of the cost).
+    cached = None
+    if arm == "linear_probe" and not augmenting and steps > 0 and batch_norm == "frozen":
+        with torch.no_grad():
+            cached = model.forward_features(support_x)
     for _ in range(steps):
         if len(support_y) > batch_size:
             idx = torch.randperm(len(support_y), generator=gen)[:batch_size].to(support_x.device)
-            xb, yb = support_x[idx], support_y[idx]
+            xb, yb = (support_x if cached is None else cached)[idx], support_y[idx]
         else:
-            xb, yb = support_x, support_y
-        if augment is not None and augment.active:
+            xb, yb = (support_x if cached is None else cached), support_y
+        if augmenting:
             offsets, flips = draw_augmentation(len(yb), augment, gen)
             xb = crop_flip(xb, offsets, flips, augment.crop_padding, fill=fill)
-        loss = F.cross_entropy(model(xb), yb)
+        loss = F.cross_entropy(model(xb) if cached is None else model.classifier(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()

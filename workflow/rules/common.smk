@@ -113,7 +113,7 @@ def settings_hash(*parts):
 ROOT_SEED = config["study"]["root_seed"]
 SOURCE_SETTINGS = settings_hash(config["data"]["source"], ROOT_SEED, config["data"]["image"],
                                 config["data"]["download"]["checksums"].get(config["data"]["source"]["dataset"]))
-PRETRAIN_SETTINGS = settings_hash(SOURCE_SETTINGS, config["backbone"], config["pretrain"])
+PRETRAIN_SETTINGS = settings_hash(SOURCE_SETTINGS, config["backbone"], config["pretrain"], config["bn_recalibration"])
 PROFILE_SETTINGS = settings_hash(config["profile"])
 
 
@@ -156,6 +156,11 @@ def aggregate_cells():
         }
         for c in cells()
     ]
+
+
+def sanity_transfers():
+    """The transfer records the sanity gates read: every dense cell and every other budget-1.0 cell."""
+    return sorted({R("transfer", **c) for c in cells() if c["method"] == "dense" or c["budget"] == "1"})
 
 
 def final_targets():

@@ -14,6 +14,7 @@ rule sync_tracking:
         study=R("study_json"),
         records=transfer_outputs(),
         profiles=profile_outputs(),
+        budget_one=expand(R("budget_one"), replicate=REPLICATES),
     output:
         sync=R("sync_json"),
     log:

@@ -59,6 +59,9 @@ class SearchResult:
     keep: dict[str, list[int]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
     masked: nn.Module | None = None
+    #: Further networks of the same architecture (e.g. random's other masks): saved with ``model``,
+    #: each evaluated on every episode; a cell's episode accuracy is the mean over all of them.
+    variants: list[nn.Module] = field(default_factory=list)
 
 
 @dataclass
@@ -242,6 +245,13 @@ class PruningMethod(ABC):
     #: (method, arm) whose numbers this method's rows repeat exactly (same network, same seeds); the
     #: report ranks them once, as that method. None: the method's numbers are its own.
     repeats: ClassVar[tuple[str, str] | None] = None
+    #: Keys of ``SearchResult.info`` (dotted for nested dicts) that show the method's mechanism acting,
+    #: e.g. slimming's gamma sparsity; results.csv's ``mechanism`` column and the report's mechanism table
+    #: carry them (target-side: the mean over a cell's episodes).
+    mechanism: ClassVar[tuple[str, ...]] = ()
+    #: Network-free controls the transfer stage scores on this method's episodes (recorded under
+    #: ``controls``; 'pixel_prototype': cosine nearest centroid on the raw normalised pixels, sanity gate b).
+    controls: ClassVar[tuple[str, ...]] = ()
     #: Config sections of other methods this one builds on; the pipeline passes them nested in
     #: ``options`` under their names (e.g. double pruning reads channel_scaling and basis_scaling).
     option_sections: ClassVar[tuple[str, ...]] = ()
@@ -291,6 +301,19 @@ class TargetMethod(PruningMethod):
 
     def arms(self, configured: list[str]) -> list[str]:
         return [a for a in configured if a != "reinit"]
+
+    def support_steps(self, options: Mapping[str, Any]) -> int:
+        """Support-set SGD steps ``adapt`` takes below budget 1, for ``options`` as the pipeline passes
+        them (see ``options_for``). They count inside ``transfer.steps``: each arm then trains for the
+        rest, so every method's arm sees the same number of support-set steps. The default is the
+        round schedule of the methods here, ``rounds * steps_per_round``; a method building on others'
+        sections (``option_sections``) takes the sum of theirs."""
+        from pruneshot.methods import get_method
+
+        resolved = self.resolve_options(options)
+        if self.option_sections:
+            return sum(get_method(s).support_steps(resolved[s]) for s in self.option_sections)
+        return int(resolved["rounds"]) * int(resolved["steps_per_round"])
 
     @abstractmethod
     def adapt(self, ctx: AdaptContext) -> SearchResult:

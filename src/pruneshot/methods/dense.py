@@ -12,6 +12,7 @@ class Dense(PruningMethod):
     provenance = "baseline"
     reference = "unpruned pretrained backbone"
     budget_free = True
+    controls = ("pixel_prototype",)
 
     def search(self, ctx: SearchContext) -> SearchResult:
         return SearchResult(model=ctx.model, keep=None)

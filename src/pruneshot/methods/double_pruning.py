@@ -138,6 +138,8 @@ class DoublePruning(TargetMethod):
     name = "double_pruning"
     option_sections = STAGE_KEYS
     options_class = DoublePruningOptions
+    mechanism = ("first_stage.threshold_share", "second_stage.threshold_share", "first_stage.removed_by_threshold",
+                 "second_stage.removed_by_threshold")
     provenance = "abstract-level"
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "budget split between the stages reconstructed")

@@ -265,11 +265,39 @@ def state_dict_for_save(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def load_model(weights_path: str, spec: dict[str, Any]) -> nn.Module:
-    """Build the backbone from ``spec`` and load safetensors weights strictly."""
+#: Key prefix of the further networks a weights file may hold (``variant<i>/``, i >= 1; ``/`` cannot
+#: occur in a module's state-dict key): e.g. random's other masks, all of one architecture.
+VARIANT_PREFIX = "variant"
+
+
+def weights_for_save(model: nn.Module, variants: list[nn.Module] = ()) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: ``model``'s under their keys, each variant's under ``variant<i>/``."""
+    out = state_dict_for_save(model)
+    for i, v in enumerate(variants, start=1):
+        out |= {f"{VARIANT_PREFIX}{i}/{k}": t for k, t in state_dict_for_save(v).items()}
+    return out
+
+
+def load_model(weights_path: str, spec: dict[str, Any], variant: int = 0) -> nn.Module:
+    """Build the backbone from ``spec`` and load safetensors weights strictly: the file's main network
+    (``variant`` 0) or its ``variant``-th further network (see :data:`VARIANT_PREFIX`)."""
     from pruneshot.io import load_tensors
 
+    tensors = load_tensors(weights_path)
+    prefix = f"{VARIANT_PREFIX}{variant}/"
+    state = ({k: v for k, v in tensors.items() if "/" not in k} if variant == 0
+             else {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)})
+    if variant and not state:
+        raise ValueError(f"{weights_path}: no network {prefix!r} in this weights file")
     model = build_model(spec)
-    model.load_state_dict(load_tensors(weights_path), strict=True)
+    model.load_state_dict(state, strict=True)
     return model
+
+
+def variant_count(weights_path: str) -> int:
+    """How many networks a weights file holds (1 + its variants)."""
+    from pruneshot.io import load_tensors
+
+    prefixes = {k.split("/", 1)[0] for k in load_tensors(weights_path) if "/" in k}
+    return 1 + len(prefixes)
 

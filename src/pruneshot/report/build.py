@@ -44,16 +44,19 @@ from pruneshot.report.html import (
     _tables_html,
 )
 from pruneshot.report.load import FILE_MODE, check_mixed, load_episodes, load_results
+from pruneshot.report.sanity import mechanism_html, sanity_html
 from pruneshot.report.tables import compute_statistics
 
-_TOC = (("how-to-read", "How to read"), ("figures", "Figures"), ("methods", "Methods"),
+_TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("how-to-read", "How to read"),
+        ("figures", "Figures"), ("methods", "Methods"),
         ("results", "Results per cell"), ("ranks", "Average rank"), ("comparisons", "Paired comparisons"),
         ("reinit-gap", "Reinit gap"), ("details", "Cost detail"), ("failures", "Failures"),
         ("provenance", "Provenance"))
 
 
 def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict[str, Path],
-                episodes: pd.DataFrame | None = None, mixed: dict[str, dict[str, int]] | None = None) -> str:
+                episodes: pd.DataFrame | None = None, mixed: dict[str, dict[str, int]] | None = None,
+                sanity: dict[str, Any] | None = None) -> str:
     """The report as an HTML string (see :func:`build_report`)."""
     study = provenance.get("study") or "unnamed study"
     commit = str(provenance.get("git_commit") or "unknown")
@@ -83,6 +86,8 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         _mixed_banner(mixed or {}),
         _dirty_banner(results, provenance),
         f"<nav><ul>{toc}</ul></nav>",
+        sanity_html(sanity, results),
+        mechanism_html(results),
         '<section id="how-to-read"><h2>How to read this report</h2>',
         _how_to_read(results, statistics),
         "</section>",
@@ -100,7 +105,8 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
 
 
 def build_report(results_csv: Path, provenance: dict, out_html: Path, figures_dir: Path,
-                 episodes_csv: Path | None = None, allow_mixed: bool = False) -> dict[str, Path]:
+                 episodes_csv: Path | None = None, allow_mixed: bool = False,
+                 sanity: dict[str, Any] | None = None) -> dict[str, Path]:
     """Write a self-contained HTML report for ``results_csv`` to ``out_html`` (atomically).
 
     ``episodes_csv`` (results/tables/episodes.csv) enables the paired tests and the paired reinit
@@ -108,13 +114,14 @@ def build_report(results_csv: Path, provenance: dict, out_html: Path, figures_di
     before anything is written, unless ``allow_mixed`` (then a warning banner lists them).
     Figures are written to ``figures_dir`` (``{name}.png``, for Snakemake's report) and
     embedded as base64 ``data:`` URIs; CSS is inline; no scripts or external resources.
-    All text is HTML-escaped. Returns the figure paths.
+    All text is HTML-escaped. ``sanity``: the sanity gates (``results/<study>/sanity/gates.json``),
+    shown at the top (a red banner for a failed gate). Returns the figure paths.
     """
     results = load_results(results_csv)
     mixed = check_mixed(results, allow_mixed)
     episodes = load_episodes(episodes_csv) if episodes_csv is not None else None
     figures = make_figures(results, Path(figures_dir), episodes)
-    text = render_html(results, provenance, figures, episodes, mixed)
+    text = render_html(results, provenance, figures, episodes, mixed, sanity)
     with atomic_path(out_html) as tmp:
         tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, FILE_MODE)

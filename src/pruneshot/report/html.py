@@ -44,6 +44,8 @@ nav ul { columns: 3; font-size: 0.9rem; padding-left: 1.2rem; }
 .banner { border: 2px solid; border-radius: 4px; padding: 0.6rem 0.9rem; margin: 1rem 0; }
 .banner.warn { border-color: #b26a00; background: #fff4e0; }
 .banner.note { border-color: #6b7fa8; background: #eef2fa; }
+.banner.fail { border-color: #b00020; background: #fde7ea; color: #5c0010; }
+.banner.pass { border-color: #2e7d32; background: #e8f5e9; }
 .banner ul { margin: 0.3rem 0 0; }
 figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.9rem; max-width: 80ch; }

@@ -3,6 +3,7 @@ metrics.json."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,41 @@ def _network(method: Any, rec: dict[str, Any], transfer: dict[str, Any], metric:
     return {"status": "ok", "budget_metric": metric, "requested_budget": transfer["requested_budget"],
             "dense_params": transfer.get("dense_params", nan), "dense_flops": transfer.get("dense_flops", nan),
             "search_device": "cpu", "weights_sha256": transfer["weights_sha256"]}
+
+
+def _dig(info: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(info, dict) or part not in info:
+            return None
+        info = info[part]
+    return info
+
+
+def mechanism_figures(method: Any, network: dict[str, Any], transfer: dict[str, Any]) -> dict[str, float]:
+    """The method's ``mechanism`` info values for one cell: from its search record (source side) or the
+    mean over the cell's per-episode ``adapted`` entries (target side); keys that are absent or not
+    numbers are left out."""
+    import math
+
+    infos = [network.get("info") or {}] if method.side == "source" else [a.get("info") or {}
+                                                                          for a in transfer.get("adapted", [])]
+    out = {}
+    for key in method.mechanism:
+        vals = [v for v in (_dig(i, key) for i in infos) if isinstance(v, int | float) and not isinstance(v, bool)
+                and math.isfinite(v)]
+        if vals:
+            out[key] = round(sum(vals) / len(vals), 6)
+    return out
+
+
+def bn_statistics(side: str, network: dict[str, Any], pretrain: dict[str, Any]) -> str:
+    """Where a cell's BatchNorm statistics come from: 'recalibrated after search' (a searched network,
+    re-estimated on the shared source images), 'pretrained, recalibrated' (the pretrained network's, itself
+    recalibrated on them) or 'pretrained' (bn_recalibration disabled, or a record from before it)."""
+    search = network.get("bn_recalibration") or {} if side == "source" else {}
+    if search.get("applied"):
+        return "recalibrated after search"
+    return "pretrained, recalibrated" if (pretrain.get("bn_recalibration") or {}).get("applied") else "pretrained"
 
 
 def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
@@ -102,6 +138,12 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "search_device": se["search_device"],
             "acc_mean": summary["mean"], "acc_ci95": summary["ci95"],
             "acc_std": summary["std"], "n_episodes": summary["n"],
+            "support_steps": tr.get("support_steps", nan), "bn_statistics": bn_statistics(method.side, se, pre),
+            "mechanism": json.dumps(mechanism_figures(method, se, tr)) if not failed else "{}",
+            # several networks per cell (random's masks): acc_mean is over their per-episode mean
+            "networks": len(tr.get("network_means") or [None]),
+            "network_acc_min": min(tr["network_means"]) if tr.get("network_means") else nan,
+            "network_acc_max": max(tr["network_means"]) if tr.get("network_means") else nan,
             "replicate": tr["replicate"], "seed_pretrain": seeds["pretrain"], "seed_search": seeds["search"],
             "seed_episode": seeds["episode_root"],
             "seed_finetune": tr["episodes"][0]["finetune_seed"] if tr["episodes"] else "",

@@ -64,7 +64,18 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
                             amp=amp, channels_last=channels_last, log=job.log,
                             log_metrics=run.log_metrics, checkpoint=ckpt)
         seconds = time.perf_counter() - t0
-        run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds}, None)
+        # the dense network every search starts from gets the statistics every searched network gets
+        from pruneshot.data import splits
+        from pruneshot.stages.calibration import recalibrate
+
+        norm = manifest["normalization"]
+        bn = recalibrate(config, replicate, model, splits.load_split(manifest_path, "train", norm),
+                         splits.load_split(manifest_path, "val", norm))
+        if bn["applied"]:
+            job.log(f"BatchNorm recalibrated on {bn['images']} source images: source val acc "
+                    f"{bn['source_val_acc_before']:.4f} -> {bn['source_val_acc_after']:.4f}")
+        run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds,
+                         **({"val_acc_recalibrated": bn["source_val_acc_after"]} if bn["applied"] else {})}, None)
         run_id = run.run_id
     save_tensors(out_weights, state_dict_for_save(model))
     write_json(out_arch, model.spec)
@@ -72,7 +83,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
         "replicate": replicate, "best_epoch": info["best_epoch"], "best_val_acc": info["best_val_acc"],
         "epochs_run": info["epochs_run"], "history": info["history"], "seconds": seconds,
         "resumed_after_epoch": info["resumed_after_epoch"], "seconds_before_resume": info["seconds_before_resume"],
-        "overhead_s": overhead, "applied": info["applied"],
+        "overhead_s": overhead, "applied": info["applied"], "bn_recalibration": bn,
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
         "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
         "provenance": job.provenance([manifest_path], seeds, device=str(device)),

@@ -22,12 +22,30 @@ def load_source(manifest_path: Path) -> tuple[dict[str, Any], Any, Any]:
             data.load_split(manifest_path, "val", norm))
 
 
+def _recalibrate(config: dict[str, Any], replicate: int, pretrained_weights: Path, spec: dict[str, Any],
+                 pruned: Any, train: Any, val: Any) -> dict[str, Any]:
+    """The shared BatchNorm recalibration of a searched network (:mod:`pruneshot.stages.calibration`),
+    skipped when the search returned the pretrained network unchanged (same architecture, every tensor
+    equal): it already has the recalibrated statistics of pretraining, so budget 1 stays dense, bit for bit."""
+    import torch
+
+    from pruneshot.models.base import load_model
+    from pruneshot.stages.calibration import recalibrate
+
+    if pruned.spec == spec:
+        dense = load_model(str(pretrained_weights), spec).state_dict()
+        now = pruned.state_dict()
+        if dense.keys() == now.keys() and all(torch.equal(dense[k], now[k]) for k in dense):
+            return {"applied": False, "reason": "the search returned the pretrained network unchanged"}
+    return recalibrate(config, replicate, pruned, train, val)
+
+
 def search(config: dict[str, Any], method_name: str, budget: float, replicate: int, manifest_path: Path,
            pretrained_weights: Path, pretrained_arch: Path, pretrained_metrics: Path,
            out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
     """Run one method's search at one budget; save the physically pruned network and its record."""
     from pruneshot.methods import SearchContext, get_method, options_for
-    from pruneshot.models.base import load_model, state_dict_for_save
+    from pruneshot.models.base import load_model, weights_for_save
     from pruneshot.models.cost import cost, count_flops, count_params, input_shape
     from pruneshot.seeds import seed_everything
 
@@ -69,8 +87,18 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             run_id = run.run_id
         else:
             failure = None
-            seconds = time.perf_counter() - t0
+            seconds = time.perf_counter() - t0  # the method's own time; the shared recalibration is not in it
             pruned = result.model.eval()
+            variants = [v.eval() for v in result.variants]
+            if any(v.spec != pruned.spec for v in variants):
+                raise ValueError(f"{method_name}: every variant network must have the main network's architecture")
+            bn = _recalibrate(config, replicate, pretrained_weights, spec, pruned, train_split, val_split)
+            if variants:
+                bn["variants"] = [_recalibrate(config, replicate, pretrained_weights, spec, v, train_split,
+                                               val_split) for v in variants]
+            if bn["applied"]:
+                job.log(f"BatchNorm recalibrated on {bn['images']} source images: source val acc "
+                        f"{bn['source_val_acc_before']:.4f} -> {bn['source_val_acc_after']:.4f}")
             achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
             run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
                              "achieved_flops": achieved["flops"],
@@ -93,7 +121,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         ckpt.clear()
         job.log(f"{method_name} budget {budget_label(budget)}: FAILED ({failure}); recorded as a failed cell")
         return record
-    save_tensors(out_weights, state_dict_for_save(pruned))
+    save_tensors(out_weights, weights_for_save(pruned, variants))
     write_json(out_arch, pruned.spec)
     record = {
         "method": method_name, "side": method.side, "method_provenance": method.provenance,
@@ -103,6 +131,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "dense_params": dense_params, "dense_flops": dense_flops,
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
         "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
+        "bn_recalibration": bn, "networks": 1 + len(variants),
         "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
         "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
     }

@@ -49,13 +49,20 @@ def test_default_config_is_valid(cfg, schema):
 
     # the embedded default runs every registered method, with every transfer arm
     assert sorted(out["methods"]) == available()
-    assert out["transfer"]["arms"] == ["finetune", "linear_probe", "reinit"]
-    assert out["data"]["targets"]["digits_5to9"]["classes"] == [5, 6, 7, 8, 9]
+    assert out["transfer"]["arms"] == ["finetune", "linear_probe", "reinit", "prototype"]
+    # real MNIST digits 0-4 -> 5-9 from the embedded mnist10k, at 14x14 (issue 12: pretraining helps there)
+    assert out["data"]["source"] | {"classes": None} == {"dataset": "mnist10k", "classes": None, "val_fraction": 0.2,
+                                                         **{k: v for k, v in out["data"]["source"].items()
+                                                            if k not in ("dataset", "classes", "val_fraction")}}
+    assert out["data"]["source"]["classes"] == [0, 1, 2, 3, 4]
+    assert out["data"]["targets"]["mnist_5to9"]["dataset"] == "mnist10k"
+    assert out["data"]["targets"]["mnist_5to9"]["classes"] == [5, 6, 7, 8, 9]
+    assert out["data"]["image"]["size"] == 14
 
 
 def test_load_config_reads_the_default_file():
     out = cfgmod.load_config(DEFAULT_CONFIG)
-    assert out["study"]["name"] == "digits_default"
+    assert out["study"]["name"] == "mnist10k_default"
 
 
 def test_validate_does_not_mutate_its_input(cfg, schema):
@@ -138,16 +145,26 @@ def test_zero_shots(cfg, schema):
 
 
 def test_more_shots_than_a_class_has(cfg, schema):
-    cfg["episodes"]["shots"] = [1, 200]
+    cfg["episodes"]["shots"] = [1, 900]
     msg = _error(cfg, schema)
     assert "episodes.shots" in msg
-    assert "200" in msg
-    assert "digits_5to9" in msg
+    assert "900" in msg
+    assert "mnist_5to9" in msg
+
+
+def test_embedded_class_sizes_are_those_of_the_embedded_files():
+    import numpy as np
+
+    from pruneshot.data.prepare import load_raw
+
+    for name in ("digits", "mnist10k"):
+        labels, counts = np.unique(load_raw(name).y, return_counts=True)
+        assert dict(zip(labels.tolist(), counts.tolist(), strict=True)) == cfgmod.DATASET_CLASS_SIZES[name]
 
 
 def test_shots_boundary_uses_smallest_target_class(cfg, schema):
-    # the smallest of digits 5..9 is class 8; one query image must remain
-    smallest = min(cfgmod.DATASET_CLASS_SIZES["digits"][c] for c in (5, 6, 7, 8, 9))
+    # the smallest of the default target's classes (mnist10k 5..9) is class 5; one query image must remain
+    smallest = min(cfgmod.DATASET_CLASS_SIZES["mnist10k"][c] for c in (5, 6, 7, 8, 9))
     cfg["episodes"]["shots"] = [smallest - 1]
     validate_config(cfg, schema)
     cfg["episodes"]["shots"] = [smallest]
@@ -171,9 +188,9 @@ def test_unknown_nested_key(cfg, schema):
 
 
 def test_unknown_key_inside_a_target(cfg, schema):
-    cfg["data"]["targets"]["digits_5to9"]["clases"] = [1, 2]
+    cfg["data"]["targets"]["mnist_5to9"]["clases"] = [1, 2]
     msg = _error(cfg, schema)
-    assert "data.targets.digits_5to9" in msg
+    assert "data.targets.mnist_5to9" in msg
     assert "'clases'" in msg
 
 
@@ -195,21 +212,21 @@ def test_ways_greater_than_target_classes(cfg, schema):
     cfg["episodes"]["ways"] = 6
     msg = _error(cfg, schema)
     assert "episodes.ways" in msg
-    assert "digits_5to9" in msg
+    assert "mnist_5to9" in msg
 
 
 def test_source_and_target_share_a_class(cfg, schema):
-    cfg["data"]["targets"]["digits_5to9"]["classes"] = [4, 5, 6, 7, 8]
+    cfg["data"]["targets"]["mnist_5to9"]["classes"] = [4, 5, 6, 7, 8]
     msg = _error(cfg, schema)
-    assert "data.targets.digits_5to9.classes" in msg
+    assert "data.targets.mnist_5to9.classes" in msg
     assert "[4]" in msg
     assert "source" in msg
 
 
 def test_class_not_in_dataset(cfg, schema):
-    cfg["data"]["targets"]["digits_5to9"]["classes"] = [5, 6, 7, 8, 12]
+    cfg["data"]["targets"]["mnist_5to9"]["classes"] = [5, 6, 7, 8, 12]
     msg = _error(cfg, schema)
-    assert "data.targets.digits_5to9.classes" in msg
+    assert "data.targets.mnist_5to9.classes" in msg
     assert "[12]" in msg
 
 

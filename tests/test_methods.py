@@ -322,7 +322,8 @@ PINNED = {
     "l1_filter": {},
     "linear_probe": {},
     "random": {"masks": 3},
-    "slimming": {"l1": 0.03, "epochs": 7, "min_steps": 450, "lr": 0.01, "momentum": 0.9, "batch_size": 64},
+    "slimming": {"l1": 0.02, "epochs": 7, "min_steps": 450, "lr": 0.01, "momentum": 0.9, "batch_size": 64,
+                 "rescale": True},
 }
 
 

@@ -404,8 +404,10 @@ def test_slimming_pruned_equals_masked_finetuned_dense(slim_results, dense, key)
 @pytest.mark.parametrize("key", [(0.5, "params"), (0.25, "params")], ids=str)
 def test_slimming_keeps_globally_largest_gammas(slim_results, key):
     finetuned, res = slim_results[key]
-    gammas = {g: ws[0].detach().abs() for g, ws in slim_mod.bn_gammas(finetuned).items()}
-    assert all(torch.equal(gammas[g], s) for g, s in slim_mod.gamma_scores(finetuned).items())
+    # the masked form was rescaled with the pruned network (gamma / c per group): undo it for the ranking
+    c = res.info["gamma_rescale"]
+    gammas = {g: ws[0].detach().abs() * c.get(g, 1.0) for g, ws in slim_mod.bn_gammas(finetuned).items()}
+    assert all(torch.allclose(gammas[g], s * c.get(g, 1.0)) for g, s in slim_mod.gamma_scores(finetuned).items())
     top = {g: int(torch.argmax(s)) for g, s in gammas.items()}
     kept, dropped = [], []
     for g, s in gammas.items():

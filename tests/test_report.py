@@ -553,7 +553,8 @@ def test_cli_report_rebuilds_refuses_mixed_and_allows_it(tmp_path: Path, capsys)
 def test_config_report_section_defaults_to_refusing_mixed() -> None:
     from pruneshot.config import load_config, load_schema
 
-    assert load_config(Path(__file__).parents[1] / "config/config.yaml")["report"] == {"allow_mixed": False}
+    report = load_config(Path(__file__).parents[1] / "config/config.yaml")["report"]
+    assert report == {"allow_mixed": False, "sanity": "warn"}
     assert load_schema()["properties"]["report"]["properties"]["allow_mixed"]["description"]
 
 
@@ -600,3 +601,70 @@ def test_latency_column_names_are_written_and_read_with_one_definition() -> None
     assert [latency_batch(c) for c in ("latency_ms_b64", "latency_cuda_ms_b1")] == ["64", "1"]
     with pytest.raises(ValueError):
         latency_batch("latency_device")
+
+
+def _gates(failed: bool) -> dict:
+    from pruneshot.report.sanity import evaluate
+
+    good, bad = [0.8, 0.7, 0.9, 0.85], [0.5, 0.45, 0.6, 0.55]
+    eps = lambda v: [{"episode": i, "accuracy": a} for i, a in enumerate(v)]  # noqa: E731
+    dense = {"method": "dense", "status": "ok", "target": "t", "shots": 1, "replicate": 0, "requested_budget": 1.0,
+             "arms": {"finetune": {"episodes": eps(bad if failed else good)},
+                      "reinit": {"episodes": eps(good if failed else bad)},
+                      "linear_probe": {"episodes": eps(good)}},
+             "controls": {"pixel_prototype": {"episodes": eps(bad)}}}
+    checks = [{"replicate": 0, "methods": [{"method": "random", "check": "c", "equal": True, "detail": "d"}]}]
+    return evaluate([dense], checks)
+
+
+def test_a_failed_sanity_gate_is_a_red_banner_at_the_top_and_passing_ones_are_stated(built: dict,
+                                                                                     tmp_path: Path) -> None:
+    out = tmp_path / "r" / "index.html"
+    build_report(built["csv"], make_provenance(), out, tmp_path / "f", built["episodes"], sanity=_gates(True))
+    text = out.read_text(encoding="utf-8")
+    assert 'id="sanity-failed"' in text and "(a) pretraining helps" in text
+    assert text.index('id="sanity"') < text.index('id="how-to-read"')
+    build_report(built["csv"], make_provenance(), out, tmp_path / "f", built["episodes"], sanity=_gates(False))
+    text = out.read_text(encoding="utf-8")
+    assert 'id="sanity-passed"' in text and 'id="sanity-failed"' not in text
+    assert 'id="sanity-missing"' in built["html"]  # built without gates: said so, never silent
+
+
+def test_report_sanity_error_fails_the_report_rule_after_writing_it(built: dict, tmp_path: Path) -> None:
+    import json
+
+    from pruneshot.config import load_config
+    from pruneshot.stages.job import Job
+    from pruneshot.stages.report import report
+
+    cfg = load_config(Path(__file__).parents[1] / "tests/configs/tiny.yaml")
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps(_gates(True)))
+    out = tmp_path / "r" / "index.html"
+    job = Job(rule="report", wildcards={}, config=cfg, log_path=None)
+    args = (built["csv"], tmp_path / "none.json", tmp_path / "none2.json", tmp_path / "m.json", {}, out,
+            tmp_path / "f", job)
+    report(cfg, *args, episodes_csv=built["episodes"], sanity_json=gates)  # warn: built, no error
+    assert 'id="sanity-failed"' in out.read_text(encoding="utf-8")
+    cfg["report"]["sanity"] = "error"
+    out.unlink()
+    with pytest.raises(SystemExit, match="pretraining helps"):
+        report(cfg, *args, episodes_csv=built["episodes"], sanity_json=gates)
+    assert out.is_file()
+
+
+def test_mechanism_figures_are_tabulated_per_method_and_budget(tmp_path: Path) -> None:
+    import json
+
+    from pruneshot.report.sanity import mechanism_html, mechanism_table
+
+    df = make_results()
+    df["mechanism"] = "{}"
+    sl = df["method"] == "l1_filter"
+    df.loc[sl, "mechanism"] = json.dumps({"gamma_sparsity_after": 0.67, "overlap_with_plain_ranking": 0.78})
+    table = mechanism_table(df)
+    assert set(table["method"]) == {"l1_filter"}
+    assert table["gamma_sparsity_after"].tolist() == [0.67] * len(table)
+    assert "overlap_with_plain_ranking" in mechanism_html(df)
+    df["mechanism"] = "{}"
+    assert mechanism_html(df) == ""

@@ -46,7 +46,8 @@ GPU_RULES = {"pretrain", "transfer", "profile", "profile_adapted"}  # profiles/s
 # the micro study's jobs (3 methods at one budget, one target, 1-shot; channel_scaling, target-side, has no
 # search and its cell's own profile_adapted); `all` runs in the main process
 EXPECTED_JOBS = ["init_tracking", "prepare_source", "prepare_target", "make_episodes", "pretrain", "sync_tracking",
-                 "aggregate", "report", *["search", "profile"] * 2, *["transfer"] * 3, "profile_adapted"]
+                 "aggregate", "budget_one", "sanity", "report", *["search", "profile"] * 2, *["transfer"] * 3,
+                 "profile_adapted"]
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)")
 PR_SET_CHILD_SUBREAPER = 36
 FAILING_RETRIES = 1  # fewer than the profile's, to save time: the runtime's growth shows after one retry

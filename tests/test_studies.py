@@ -18,13 +18,30 @@ from pruneshot.methods import get_method
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STUDIES = sorted((ROOT / "config/studies").glob("*.yaml"))
+#: The CPU validation of the embedded default (issue 12), not a protocol study.
+VALIDATION = ROOT / "config/studies/mnist10k_validation.yaml"
+PROTOCOL = [p for p in STUDIES if p != VALIDATION]
 
 
 def test_the_issue_s_studies_exist():
     assert {"cifar100_fs", "cifar100_to_cifar10", "mnist_to_fashion"} <= {p.stem for p in STUDIES}
 
 
-@pytest.mark.parametrize("path", STUDIES, ids=lambda p: p.stem)
+def test_the_validation_study_is_the_default_at_full_size():
+    """28x28 (native), >= 200 episodes per cell, 3 replicates, every registered method, every arm; else
+    the default's data, backbone and training."""
+    from pruneshot.methods import ARMS, available
+
+    cfg, default = load_config(VALIDATION), load_config(ROOT / "config/config.yaml")
+    assert cfg["data"]["image"]["size"] in (None, 28) and cfg["data"]["source"]["dataset"] == "mnist10k"
+    assert cfg["episodes"]["count"] >= 200 and cfg["study"]["replicates"] == 3
+    assert sorted(cfg["methods"]) == available() and sorted(cfg["transfer"]["arms"]) == sorted(ARMS)
+    for key in ("backbone", "pretrain", "transfer", "budget"):
+        assert cfg[key] == default[key], key
+    assert cfg["data"]["source"]["classes"] == default["data"]["source"]["classes"]
+
+
+@pytest.mark.parametrize("path", PROTOCOL, ids=lambda p: p.stem)
 def test_study_uses_the_protocol_settings(path):
     cfg = load_config(path)
     assert cfg["episodes"]["count"] >= 600
@@ -65,4 +82,5 @@ def test_dry_run_lists_the_full_grid(path, tmp_path):
     assert counts.get("profile_adapted", 0) == networks("target") * cells
     assert counts["make_episodes"] == n_targets * n_shots
     assert counts["prepare_target"] == n_targets
-    assert counts["report"] == 1
+    assert counts["report"] == counts["sanity"] == 1
+    assert counts["budget_one"] == reps

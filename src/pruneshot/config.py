@@ -24,6 +24,8 @@ STUDY_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 # Number of images per class in scikit-learn's digits (the smallest class has 174).
 DATASET_CLASS_SIZES: dict[str, dict[int, int]] = {
     "digits": {0: 178, 1: 182, 2: 177, 3: 183, 4: 181, 5: 182, 6: 181, 7: 179, 8: 174, 9: 180},
+    # the embedded files (sha256-pinned in pruneshot.data.mnist10k); tests/test_config.py recounts them
+    "mnist10k": {0: 1001, 1: 1127, 2: 991, 3: 1032, 4: 980, 5: 863, 6: 1014, 7: 1070, 8: 944, 9: 978},
 }
 
 

@@ -41,10 +41,13 @@ class SlimmingOptions(MethodOptions):
     |gamma| for the budget."""
 
     l1: float = option(
-        0.03, "Weight of the L1 penalty on the BatchNorm scales. Liu et al. use 1e-4 over ~160 CIFAR epochs at lr "
+        0.02, "Weight of the L1 penalty on the BatchNorm scales. Liu et al. use 1e-4 over ~160 CIFAR epochs at lr "
               "0.1; a fine-tune of a few hundred steps needs a larger weight for the same effect: an unneeded gamma "
-              "drifts by about lr * l1 / (1 - momentum) per step (3e-3 here, 1e-4 in the paper), so 1e-4 over 3 "
-              "epochs moved no gamma by more than 5e-4 and kept the pretrained ranking.", minimum=0)
+              "drifts by about lr * l1 / (1 - momentum) per step (2e-3 here, 1e-4 in the paper), so 1e-4 over 3 "
+              "epochs moved no gamma by more than 5e-4 and kept the pretrained ranking. Measured on the default "
+              "(budget 0.5; 5-shot accuracy of 8 episodes): 0.01 leaves no sparse gamma (kept set 98% the plain "
+              "ranking's), 0.02 makes 34% sparse (overlap 83%, 83.3%), 0.03 66% (overlap 77%) but its features "
+              "transfer worse (64.8%).", minimum=0)
     epochs: int = option(
         7, "Epochs of the sparsity fine-tune on the source training split (mnist10k, 4,106 images: 455 steps, "
            "~11 s on one core; 67% of the gammas end below 1e-2 of the largest).", minimum=0)
@@ -55,6 +58,10 @@ class SlimmingOptions(MethodOptions):
     lr: float = option(0.01, "SGD learning rate of the sparsity fine-tune (no weight decay).", exclusive_minimum=0)
     momentum: float = option(0.9, "SGD momentum of the sparsity fine-tune.", minimum=0, maximum=1)
     batch_size: int = option(64, "Mini-batch size of the sparsity fine-tune.", minimum=1)
+    rescale: bool = option(
+        True, "After pruning, divide each group's kept BatchNorm (gamma, beta) by their mean |gamma| and compensate "
+              "in the readers' BN statistics (same function up to eps): the L1 leaves gammas ~0.05, which makes "
+              "a fine-tune at the shared transfer lr diverge.")
 
 
 #: A channel counts as sparse when its |gamma| is below this fraction of the network's largest |gamma|.
@@ -160,6 +167,52 @@ def gamma_summary(scores: dict[str, torch.Tensor]) -> dict[str, Any]:
             "quantiles": [float(v) for v in torch.quantile(flat, torch.tensor(GAMMA_QUANTILES))]}
 
 
+@torch.no_grad()
+def rescale_gammas(net: nn.Module, factors: dict[str, float] | None = None) -> dict[str, float]:
+    """Undo the L1's shrinkage of the kept BatchNorm scales without changing what the network computes
+    (up to BatchNorm's eps): per channel group, every BN writing it has its (gamma, beta) divided by
+    c = the mean |gamma| of the group's kept channels, so the group's activations grow by 1/c (ReLU and
+    pooling commute with a positive factor, residual sums of one group scale together); every layer
+    reading the group has its BN's running mean and variance scaled by 1/c and 1/c^2, and the
+    classifier reading the head group has its weights scaled by c. Why: with gammas ~0.05, the next
+    layers' pre-BN activations have variance ~1e-4 (near eps), BN divides by ~0.01 and a fine-tune at
+    the shared transfer lr diverges (measured on the default: 8 of 8 5-shot episodes to NaN at l1 0.03,
+    none after rescaling). A group read by a layer without BatchNorm is left as it is. ``factors``: the
+    c of each group to apply (e.g. those of the pruned network, applied to its masked dense form) instead of
+    computing them. Returns c per rescaled group."""
+    from pruneshot.models.base import Backbone
+
+    if not isinstance(net, Backbone):
+        return {}
+    readers: dict[str, list[Any]] = {g: [] for g in net.channel_groups()}
+    for ly in net.layers():
+        if ly.in_group is not None:
+            readers[ly.in_group].append(ly)
+    given, factors = factors, {}
+    for g, bns in net.group_bns().items():
+        if given is not None:
+            if g not in given:
+                continue
+            c = given[g]
+        else:
+            c = float(torch.cat([bn.weight.abs() for bn in bns]).mean()) if bns else 0.0
+            if not c > 0 or any(ly.bn is None for ly in readers[g]):
+                continue
+        factors[g] = c
+        for bn in bns:
+            bn.weight.div_(c)
+            bn.bias.div_(c)
+    for g, c in factors.items():
+        for ly in readers[g]:
+            bn = net.get_submodule(ly.bn)
+            bn.running_mean.div_(c)
+            bn.running_var.div_(c * c)
+    head = net.head_group(net.spec)
+    if head in factors:
+        net.classifier.weight.mul_(factors[head])
+    return factors
+
+
 def global_keep(
     model: nn.Module, scores: dict[str, torch.Tensor], budget: float, metric: str,
 ) -> tuple[dict[str, list[int]], int]:
@@ -233,6 +286,9 @@ class Slimming(PruningMethod):
         n_kept = sum(len(i) for i in keep.values())
         overlap = sum(len(set(keep[g]) & set(plain_keep[g])) for g in keep) / n_kept
         pruned = model.pruned(keep)
+        acc_unscaled = accuracy(pruned, ctx.source_val.x, ctx.source_val.y) if len(ctx.source_val) else float("nan")
+        rescaled = rescale_gammas(pruned) if opts["rescale"] else {}
+        rescale_gammas(model, rescaled)  # the masked form (the fine-tuned dense network) gets the same factors
         achieved = cost(pruned, ctx.metric) / cost(model, ctx.metric)
         ranked = torch.sort(torch.cat([scores[g] for g in groups]), descending=True).values
         has_val = len(ctx.source_val) > 0
@@ -261,8 +317,10 @@ class Slimming(PruningMethod):
             "finetune_history": history,
             "source_val_acc_finetuned_dense": accuracy(model, ctx.source_val.x, ctx.source_val.y)
             if has_val else float("nan"),
+            "source_val_acc_pruned_before_rescale": acc_unscaled,
             "source_val_acc_pruned": accuracy(pruned, ctx.source_val.x, ctx.source_val.y)
             if has_val else float("nan"),
+            "gamma_rescale": rescaled,
         }
         ctx.log(f"slimming: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; "

@@ -1,7 +1,7 @@
 """Resumable long jobs: atomic, never-pickled training checkpoints.
 
 A job's checkpoint is one directory (for pipeline jobs ``results/<study>/checkpoints/<the job's
-output directory below results/<study>/>``, e.g. ``results/digits_default/checkpoints/pretrain/r0/``;
+output directory below results/<study>/>``, e.g. ``results/mnist10k_default/checkpoints/pretrain/r0/``;
 not a Snakemake or DVC output) holding two files:
 
 * ``state-<n>.safetensors``: every tensor -- model weights and BatchNorm buffers, optimiser state
@@ -152,7 +152,7 @@ def checkpoint_location(out_dir: Path | str) -> tuple[Path, Path]:
 
     Below a study root ``results/<study>/`` (the nearest ``results``): ``results/<study>/checkpoints/
     <the rest>`` (:data:`pruneshot.paths.RESULTS` ``["checkpoints"]``), e.g.
-    ``results/digits_default/search/dap/b0.5/r0`` -> ``results/digits_default/checkpoints/search/dap/b0.5/r0``,
+    ``results/mnist10k_default/search/dap/b0.5/r0`` -> ``results/mnist10k_default/checkpoints/search/dap/b0.5/r0``,
     root ``results/<study>``. Elsewhere (stages called directly): ``<parent>/.checkpoints/<name>``,
     root ``<parent>``. Emptied directories are removed up to (not including) the root."""
     out_dir = Path(out_dir)

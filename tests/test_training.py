@@ -286,3 +286,20 @@ def test_finetune_with_crop_flip_is_seeded_and_differs_from_none():
     assert not torch.equal(run(aug), run(None))
     assert not torch.equal(run(aug), run(aug, seed=1))
     assert torch.equal(run(Augment()), run(None))  # all off: the old draws exactly
+
+
+def test_a_non_finite_fine_tuning_loss_fails_instead_of_scoring_a_broken_network():
+    import pytest
+    import torch
+
+    from pruneshot.models.small_cnn import SmallCNN
+    from pruneshot.training import finetune_episode
+
+    torch.manual_seed(0)
+    model = SmallCNN(in_channels=1, input_size=8, widths=[4, 8], num_classes=3).eval()
+    x, y = torch.randn(6, 1, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    finetune_episode(model, x, y, arm="finetune", steps=3, lr=0.01, momentum=0.9, weight_decay=0.0, batch_size=6,
+                     seed=0)  # finite: no error
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        finetune_episode(model, x, y, arm="finetune", steps=20, lr=1e12, momentum=0.9, weight_decay=0.0,
+                         batch_size=6, seed=0)

@@ -307,6 +307,7 @@ def finetune_episode(
     if arm == "linear_probe" and not augmenting and steps > 0 and batch_norm == "frozen":
         with torch.no_grad():
             cached = model.forward_features(support_x)
+    finite = torch.ones((), dtype=torch.bool, device=support_x.device)  # checked once at the end (no sync per step)
     for _ in range(steps):
         if len(support_y) > batch_size:
             idx = torch.randperm(len(support_y), generator=gen)[:batch_size].to(support_x.device)
@@ -317,7 +318,11 @@ def finetune_episode(
             offsets, flips = draw_augmentation(len(yb), augment, gen)
             xb = crop_flip(xb, offsets, flips, augment.crop_padding, fill=fill)
         loss = F.cross_entropy(model(xb) if cached is None else model.classifier(xb), yb)
+        finite = finite & torch.isfinite(loss.detach())
         opt.zero_grad()
         loss.backward()
         opt.step()
+    if not bool(finite):
+        raise FloatingPointError(f"{arm}: the fine-tuning loss became non-finite within {steps} steps (lr {lr}); "
+                                 "the cell is recorded as failed")
     return model

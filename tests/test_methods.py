@@ -315,7 +315,7 @@ PINNED = {
             "tau_gate_end": 0.01, "tau_penalty_start": 1.0, "tau_penalty_end": 0.01, "noise": True,
             "weights": "frozen", "weight_lr": 0.01, "resample_every": 50, "extraction": "topk"},
     "dense": {},
-    "dnal": {"arch_epochs": 10, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "threshold": 0.9, "lambda_min": 1e-06,
+    "dnal": {"arch_epochs": 5, "lr": 0.01, "momentum": 0.9, "batch_size": 64, "threshold": 0.9, "lambda_min": 1e-06,
              "lambda_max": 0.1, "search_steps": 6, "train_fc_in_arch_stage": False, "keep_arch_bn_stats": True},
     "double_pruning": {"order": "channel_first", "first_stage_exponent": 0.5, "channel_scaling": CHANNEL,
                        "basis_scaling": BASIS},

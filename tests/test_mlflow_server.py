@@ -40,7 +40,7 @@ from mlflow.tracking import MlflowClient
 pytestmark = pytest.mark.integration
 
 MICRO = ROOT / "tests/configs/micro.yaml"
-TRACKED_RULES = ("pretrain", "search", "transfer")
+TRACKED_RULES = ("pretrain", "search", "transfer", "budget_one")
 #: A job's overhead is its benchmark wall time minus its own recorded work: interpreter start, imports
 #: (torch, mlflow), data loading and MLflow, about 5-10 s per job on an idle 2-core machine. With the
 #: server dead, a job's overhead may exceed the same job's overhead in the uninterrupted run by at most
@@ -59,7 +59,9 @@ PATTERNS = {
     "search": re.compile(r"/search/(?P<method>\w+)/b(?P<budget>[\d.]+)/r(?P<replicate>\d+)/record\.json$"),
     "transfer": re.compile(r"/transfer/(?P<target>\w+)/(?P<method>\w+)/b(?P<budget>[\d.]+)/"
                            r"(?P<shots>\d+)shot/r(?P<replicate>\d+)\.json$"),
+    "budget_one": re.compile(r"/sanity/budget_one_r(?P<replicate>\d+)\.json$"),
 }
+RECORD_DIRS = {"budget_one": "sanity"}  # where a rule's records lie below the study root (default: the rule)
 
 JobId = tuple[str, tuple[tuple[str, str], ...]]
 Values = dict[tuple[str, int], float]
@@ -94,7 +96,7 @@ def _expected(ws: Path) -> dict[JobId, Values]:
     """Every tracked job's metric values, rebuilt from its JSON record (see the module docstring)."""
     out: dict[JobId, Values] = {}
     for rule, pattern in PATTERNS.items():
-        for path in sorted((study_dir(ws) / rule).rglob("*.json")):
+        for path in sorted((study_dir(ws) / RECORD_DIRS.get(rule, rule)).rglob("*.json")):
             m = pattern.search(path.as_posix())
             if m is None:
                 continue
@@ -106,6 +108,11 @@ def _expected(ws: Path) -> dict[JobId, Values]:
                     values[("val_acc", row["epoch"])] = row["val_acc"]
                 values[("best_val_acc", 0)] = rec["best_val_acc"]
                 values[("seconds", 0)] = rec["seconds"]
+                if rec["bn_recalibration"]["applied"]:
+                    values[("val_acc_recalibrated", 0)] = rec["bn_recalibration"]["source_val_acc_after"]
+            elif rule == "budget_one":
+                values[("budget_one_equal", 0)] = sum(m["equal"] for m in rec["methods"])
+                values[("budget_one_checked", 0)] = len(rec["methods"])
             elif rule == "search" and rec["status"] == "ok":
                 values[("search_seconds", 0)] = rec["search_seconds"]
                 values[("achieved_params", 0)] = rec["achieved_params"]
@@ -117,6 +124,8 @@ def _expected(ws: Path) -> dict[JobId, Values]:
                         values[(f"{arm}/episode_acc", e["episode"])] = e["accuracy"]
                     values[(f"{arm}/acc_mean", 0)] = res["summary"]["mean"]
                     values[(f"{arm}/acc_ci95", 0)] = res["summary"]["ci95"]
+                for name, c in rec.get("controls", {}).items():
+                    values[(f"control/{name}/acc_mean", 0)] = c["summary"]["mean"]
                 for a in rec.get("adapted", []):
                     values[("achieved_ratio", a["episode"])] = a["achieved_ratio"]
                     values[("adapt_seconds", a["episode"])] = a["adapt_seconds"]
@@ -305,7 +314,8 @@ def test_server_killed_mid_run(reference: Path, server: MlflowServer, tmp_path: 
 
     # jobs finished within seconds of their own work: no slower than in the uninterrupted run
     overheads, reference_overheads = _overheads(ws), _overheads(reference)
-    assert len(overheads) == len(expected) and set(overheads) == set(reference_overheads)
+    timed = [job for job in expected if job[0] != "budget_one"]  # budget_one (a few seconds) has no benchmark
+    assert len(overheads) == len(timed) and set(overheads) == set(reference_overheads)
     extra = {job: round(overheads[job] - reference_overheads[job], 1) for job in overheads}
     print(f"overhead per job (s), server dead: {overheads}; extra vs. uninterrupted: {extra}")
     slow = {job: s for job, s in extra.items() if s > OVERHEAD_LIMIT_S}

@@ -414,11 +414,16 @@ def test_lineage_of_a_row_shows_every_level_with_its_hashes(study: Path) -> None
         assert f"file {path}\n" in out
         block = out.split(f"file {path}\n", 1)[1].split("file ", 1)[0]
         assert f"sha256 {sha}" in block, path
-    # MLflow runs, seeds, rules, commit and config of each job
-    for rec in (tr, se, pre):
-        assert f"mlflow run {rec['mlflow_run_id']}" in out
+    # MLflow runs (logged by sync_tracking after the jobs: the ids come from mlflow/sync.json by the
+    # records' spool ids), seeds, rules, commit and config of each job
+    runs = json.loads((study / P.result("sync_json")).read_text())["runs"]
+    ids = {}
+    for name, rec in (("transfer", tr), ("search", se), ("pretrain", pre)):
+        assert rec["mlflow_run_id"] is None and rec["mlflow_spool_id"] in runs  # deferred (mlflow.live: false)
+        ids[name] = runs[rec["mlflow_spool_id"]]
+        assert f"mlflow run {ids[name]}" in out
         assert f"rule {rec['provenance']['rule']} " in out
-    assert f"upstream run {se['mlflow_run_id']}" in out and f"upstream run {pre['mlflow_run_id']}" in out
+    assert f"upstream run {ids['search']}" in out and f"upstream run {ids['pretrain']}" in out
     assert f"search={tr['provenance']['seeds']['search']}" in out
     assert f"split_seed={source['split_seed']}" in out
     assert f"commit {tr['provenance']['git_commit']} (clean), config sha256 {tr['provenance']['config_sha256']}" in out

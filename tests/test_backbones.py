@@ -253,6 +253,7 @@ def test_basis_family_physical_equals_masked(name):
 
 TINY_OPTIONS = {
     "slimming": {"epochs": 1, "batch_size": 16},
+    "taylor": {"batches": 2, "batch_size": 16},
     "dnal": {"arch_epochs": 1, "batch_size": 16, "search_steps": 2},
     "dap": {"steps": 6, "batch_size": 16, "resample_every": 3},
     "basis_scaling": {"rounds": 2, "steps_per_round": 2},

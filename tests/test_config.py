@@ -99,7 +99,7 @@ def test_missing_nested_keys_are_filled(cfg, schema):
     assert out["episodes"]["count"] == schema["properties"]["episodes"]["properties"]["count"]["default"]
     assert out["study"]["root_seed"] == 0
     assert out["transfer"]["arms"] == ["finetune"]
-    assert out["mlflow"] == {"tracking_uri": None}
+    assert out["mlflow"] == {"tracking_uri": None, "live": False}
     assert out["budget"]["metric"] == "params"
     # present values are not overwritten by defaults
     assert out["episodes"]["ways"] == cfg["episodes"]["ways"]

@@ -322,6 +322,8 @@ PINNED = {
     "l1_filter": {},
     "linear_probe": {},
     "random": {"masks": 3},
+    "taylor": {"batches": 16, "batch_size": 64},
+    "fpgm": {},
     "slimming": {"l1": 0.02, "epochs": 7, "min_steps": 450, "lr": 0.01, "momentum": 0.9, "batch_size": 64,
                  "rescale": True},
 }

@@ -75,7 +75,7 @@ def _workspace(path: Path, tracking_uri: str) -> Path:
     copy_worktree(path)
     cfg = yaml.safe_load(MICRO.read_text())
     assert "dap" not in cfg["methods"], "the expected search metrics below assume no per-step search metrics"
-    cfg["mlflow"] = {"tracking_uri": tracking_uri}
+    cfg["mlflow"] = {"tracking_uri": tracking_uri, "live": True}  # live logging is what a dead server tests
     (path / "config/config.yaml").write_text(yaml.safe_dump(cfg))
     return path
 

@@ -271,7 +271,7 @@ def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path
     original_html = (study_dir(project) / "report/index.html").read_text()
     regen = run([str(BIN / "snakemake"), "--cores", "1", "--forcerun", "aggregate", "report"], clone)
     log = regen.stdout + regen.stderr
-    for rule in ("pretrain", "search", "transfer", "profile"):
+    for rule in ("pretrain", "search", "transfer", "profile", "budget_one", "sync_tracking"):
         assert f"rule {rule}:" not in log, f"{rule} ran in a regenerate-only run"
     assert (study_dir(clone) / "tables/results.csv").read_bytes() == original
 

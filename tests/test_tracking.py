@@ -278,3 +278,67 @@ def test_job_run_against_live_server(mlflow_server: str, tmp_path: Path) -> None
     assert run.data.tags["mlflow.parentRunId"] == study["parent_run_id"]
     assert _metric_count(client, job.run_id) == 2 * EPOCHS
     assert _spool_files(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- deferred (mlflow.live: false)
+
+
+def test_deferred_run_imports_no_mlflow_and_records_everything(sqlite_study: dict[str, str], tmp_path: Path) -> None:
+    """A deferred JobRun in a fresh interpreter: no mlflow module loaded, one complete record."""
+    import subprocess
+    import sys
+
+    spool = tmp_path / "spool"
+    code = f"""
+import json, sys
+from pathlib import Path
+from pruneshot.runtime.tracking import JobRun
+study = json.loads({json.dumps(json.dumps(sqlite_study))})
+with JobRun(study, "pretrain-r0", tags={{"pruneshot.rule": "pretrain"}}, params={{"lr": 0.05}},
+            spool_dir=Path({str(spool)!r}), live=False) as job:
+    for epoch in range(3):
+        job.log_metrics({{"val_acc": epoch / 10}}, step=epoch)
+    job.set_tags({{"pruneshot.status": "ok"}})
+assert job.run_id is None and job.deferred and not job.offline
+print(sorted(m for m in sys.modules if m == "mlflow" or m.startswith("mlflow.")))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    [path] = _spool_files(spool)
+    record = json.loads(path.read_text())
+    assert record["deferred"] is True and record["run_id"] is None and record["errors"] == []
+    assert record["status"] == "FINISHED" and record["params"] == {"lr": "0.05"}
+    assert [m["value"] for m in record["metrics"]] == [0.0, 0.1, 0.2]
+    assert record["tags"]["pruneshot.status"] == "ok"
+
+
+def test_sync_logs_deferred_runs_upstream_first_with_upstream_run_ids(sqlite_study: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    spool = tmp_path / "spool"
+    with JobRun(sqlite_study, "pretrain", tags={}, params={"epochs": 3}, spool_dir=spool, live=False) as pre:
+        _train(pre, epochs=3)
+    up = {tracking.UPSTREAM_SPOOL_TAG: pre.spool_id, tracking.UPSTREAM_RUN_TAG: ""}
+    children = []
+    for name in ("search-b", "search-a"):  # file names sort before "pretrain": start time decides
+        with JobRun(sqlite_study, name, tags=up, params={}, spool_dir=spool, live=False) as job:
+            _train(job, epochs=2)
+        children.append(job)
+    # the upstream record's file sorts last; replay must still log it first
+    assert sorted(p.name.split("-")[0] for p in _spool_files(spool)) == ["pretrain", "search", "search"]
+
+    counts = sync_spool(spool)
+    assert counts == {"records": 3, "synced": 3, "failed": 0, "metrics": 2 * (3 + 2 + 2)}
+    runs = spooling.logged_runs(spool)
+    assert set(runs) == {pre.spool_id, *(c.spool_id for c in children)}
+    client = MlflowClient(sqlite_study["tracking_uri"])
+    pre_run = client.get_run(runs[pre.spool_id])
+    assert pre_run.info.status == "FINISHED" and pre_run.data.params == {"epochs": "3"}
+    assert pre_run.data.tags["mlflow.parentRunId"] == sqlite_study["parent_run_id"]
+    assert _metric_count(client, pre_run.info.run_id) == 6
+    for child in children:
+        run = client.get_run(runs[child.spool_id])
+        assert run.data.tags[tracking.UPSTREAM_RUN_TAG] == pre_run.info.run_id
+        assert run.data.tags[tracking.SPOOL_ID_TAG] == child.spool_id
+    # idempotent: nothing left, the mapping unchanged
+    assert sync_spool(spool) == {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
+    assert spooling.logged_runs(spool) == runs

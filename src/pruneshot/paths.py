@@ -19,6 +19,9 @@ LOGS_DIR = "logs"
 RESULTS: dict[str, str] = {
     "study_json": "mlflow/study.json",
     "sync_json": "mlflow/sync.json",
+    # spool id -> MLflow run id of every record sync_tracking logged, kept across its reruns (a ledger
+    # it merges into, not a rule output: Snakemake would delete it before each rerun)
+    "mlflow_runs": "mlflow/runs.json",
     "mlflow_store": "mlflow",
     "source_dir": "data/source",
     "source_manifest": "data/source/manifest.json",

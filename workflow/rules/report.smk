@@ -1,6 +1,7 @@
 rule aggregate:
     input:
         cells=aggregate_inputs(),
+        sync=R("sync_json"),
         source_manifest=R("source_manifest"),
         target_manifests=[R("target_manifest", target=t) for t in TARGETS],
     output:

@@ -40,6 +40,8 @@ class _Lineage:
         self.root, self.paths, self.hasher, self.dvc = root, paths, hasher, dvc
         self.claims: list[Claim] = []
         self.seen: set[str] = set()  # nodes shown once; later mentions refer back
+        # MLflow runs logged by sync_tracking after their job (mlflow.live: false), by spool id
+        self.runs: dict[str, str] = (read_json(root, paths.result("sync_json")) or {}).get("runs") or {}
 
     def _record(self, rel: str) -> dict[str, Any] | None:
         rec = read_json(self.root, rel)
@@ -57,8 +59,8 @@ class _Lineage:
         node: dict[str, Any] = {
             "level": level, "record": record_rel, "files": [self.file(f) for f in files],
             "rule": prov.get("rule"), "wildcards": prov.get("wildcards"),
-            "mlflow_run_id": (record or {}).get("mlflow_run_id"), "mlflow_logged": "mlflow_run_id" in (record or {}),
-            "upstream_run_id": (record or {}).get("upstream_run_id"),
+            "mlflow_run_id": self._run(record, "mlflow"), "mlflow_logged": "mlflow_run_id" in (record or {}),
+            "upstream_run_id": self._run(record, "upstream"),
             "seeds": prov.get("seeds"), "git_commit": prov.get("git_commit"), "git_dirty": prov.get("git_dirty"),
             "config_sha256": prov.get("config_sha256"), "children": [],
         }
@@ -67,6 +69,12 @@ class _Lineage:
         if record is None and record_rel is not None:
             node["note"] = f"record {record_rel} missing or unreadable"
         return node
+
+    def _run(self, record: dict[str, Any] | None, which: str) -> str | None:
+        """``record``'s own (``mlflow``) or upstream MLflow run id: as recorded, else by its spool id."""
+        rec = record or {}
+        prefix = "mlflow" if which == "mlflow" else "upstream"
+        return rec.get(f"{prefix}_run_id") or self.runs.get(rec.get(f"{prefix}_spool_id") or "")
 
     def ref(self, level: str, key: str) -> dict[str, Any] | None:
         """A back-reference to a node already shown, or None if ``key`` is new."""

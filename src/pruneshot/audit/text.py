@@ -100,7 +100,7 @@ def _format_node(node: dict[str, Any], depth: int, lines: list[str], row_acc: st
         lines.append(f"{sub}accuracy in the record: {node['record_acc_mean']}{n} "
                      + ("(as in the results row)" if same else f"(DIFFERS from the results row's {row_acc})"))
     if node.get("mlflow_logged"):
-        run = node.get("mlflow_run_id") or "none recorded (not logged live; replayed by sync_tracking)"
+        run = node.get("mlflow_run_id") or "none (not logged yet: sync_tracking logs it after the last job)"
         text = f"{sub}mlflow run {run}"
         if node.get("upstream_run_id"):
             text += f", upstream run {node['upstream_run_id']}"

@@ -28,8 +28,8 @@ from pruneshot.methods.base import (
     SearchContext,
     SearchResult,
     dense_result,
+    global_keep,
     option,
-    width_ratio,
 )
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
 
@@ -211,41 +211,6 @@ def rescale_gammas(net: nn.Module, factors: dict[str, float] | None = None) -> d
     if head in factors:
         net.classifier.weight.mul_(factors[head])
     return factors
-
-
-def global_keep(
-    model: nn.Module, scores: dict[str, torch.Tensor], budget: float, metric: str,
-) -> tuple[dict[str, list[int]], int]:
-    """Keep the top-1 score of every group plus the ``n`` globally largest scores, with ``n`` the
-    largest count whose cost ratio is <= ``budget`` (0 when even one channel per group exceeds it).
-    Cost only grows with ``n``, so ``n`` is found by bisection. Returns (keep, n)."""
-    from pruneshot.models.cost import cost
-
-    groups = list(scores)
-    flat = torch.cat([scores[g] for g in groups])
-    owner = [(g, c) for g in groups for c in range(len(scores[g]))]
-    order = torch.argsort(-flat, stable=True).tolist()
-    forced = {(g, int(torch.argsort(-scores[g], stable=True)[0])) for g in groups}
-    dense = cost(model, metric)
-
-    def keep_for(n: int) -> dict[str, list[int]]:
-        chosen = set(forced) | {owner[j] for j in order[:n]}
-        return {g: sorted(c for gg, c in chosen if gg == g) for g in groups}
-
-    def ratio(n: int) -> float:
-        return width_ratio(model, {g: len(i) for g, i in keep_for(n).items()}, metric, dense)
-
-    lo, hi = 0, len(order)  # invariant: ratio(lo) <= budget or lo == 0; ratio(hi + 1) > budget
-    if ratio(hi) <= budget:
-        return keep_for(hi), hi
-    hi -= 1
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if ratio(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return keep_for(lo), lo
 
 
 @register

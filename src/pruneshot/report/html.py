@@ -266,7 +266,8 @@ def _provenance_html(prov: dict[str, Any], results: pd.DataFrame) -> str:
     ]
     sync = prov.get("mlflow_sync") or {}
     if sync:
-        general.append(("MLflow records replayed from spool", ", ".join(f"{k} {v}" for k, v in sorted(sync.items()))))
+        general.append(("MLflow records logged by sync_tracking (spool)",
+                        ", ".join(f"{k} {v}" for k, v in sorted(sync.items()))))
     keys = [c for c in ("git_commit", "git_dirty", "config_sha256") if c in results.columns]
     if keys:
         runs = results.assign(**{k: results[k].astype(str) for k in keys}).groupby(keys, sort=True).size()

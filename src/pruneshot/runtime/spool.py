@@ -13,17 +13,23 @@ FAILED and tagged ``pruneshot.superseded_by=<new run id>``. Before replaying,
 ``sync_spool`` looks for a terminated run with the same ``pruneshot.replay_of``
 tag (a sync that died after logging but before moving the file) and then only
 moves the file; a replay left RUNNING is superseded the same way. Replayed files
-move to ``<spool_dir>/synced/``, so a second sync does nothing.
+move to ``<spool_dir>/synced/`` with the id of the run they became (``logged_run_id``),
+so a second sync does nothing and :func:`logged_runs` maps spool ids to run ids.
+
+Records replay oldest first, so a job's upstream (pretrain before search before
+transfer) is logged before it: a deferred record names its upstream by spool id
+(tag ``pruneshot.upstream_spool_id``) and replay adds the upstream's run id
+(``pruneshot.upstream_run_id``), the tags a live run gets.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pruneshot.io import read_json, write_json
 from pruneshot.runtime.tracking import (
     PARENT_TAG,
     REPLACES_TAG,
@@ -32,6 +38,8 @@ from pruneshot.runtime.tracking import (
     SPOOL_FORMAT,
     SPOOL_ID_TAG,
     SUPERSEDED_TAG,
+    UPSTREAM_RUN_TAG,
+    UPSTREAM_SPOOL_TAG,
     _batches,
     _client,
     _ensure_experiment,
@@ -58,6 +66,8 @@ def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, in
     if not spool_dir.is_dir():
         return counts
     clients: dict[str, MlflowClient] = {}
+    runs = logged_runs(spool_dir)
+    pending = []
     for path in sorted(spool_dir.glob("*.json")):
         counts["records"] += 1
         try:
@@ -65,17 +75,42 @@ def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, in
                 record = json.load(f)
             if record.get("format") != SPOOL_FORMAT:
                 raise ValueError(f"not a spool record (format={record.get('format')!r})")
+            pending.append((path, record))
+        except Exception as exc:
+            counts["failed"] += 1
+            _log.warning("could not read MLflow spool record %s: %s: %s", path, type(exc).__name__, exc)
+    pending.sort(key=lambda item: (item[1].get("start_time") or 0, item[0].name))  # upstream first
+    for path, record in pending:
+        try:
             uri = tracking_uri or record["tracking_uri"]
             if uri not in clients:
                 clients[uri] = _client(uri)
-            counts["metrics"] += _replay(clients[uri], record)
+            n_metrics, run_id = _replay(clients[uri], record, runs)
+            counts["metrics"] += n_metrics
+            runs[record["spool_id"]] = run_id
             (spool_dir / SYNCED_DIR).mkdir(exist_ok=True)
-            os.replace(path, spool_dir / SYNCED_DIR / path.name)
+            write_json(spool_dir / SYNCED_DIR / path.name, {**record, "logged_run_id": run_id})
+            path.unlink()
             counts["synced"] += 1
         except Exception as exc:
             counts["failed"] += 1
             _log.warning("could not sync MLflow spool record %s: %s: %s", path, type(exc).__name__, exc)
     return counts
+
+
+def logged_runs(spool_dir: Path) -> dict[str, str]:
+    """``{spool id: MLflow run id}`` of every record ``sync_spool`` logged from ``spool_dir``."""
+    out = {}
+    for path in sorted((Path(spool_dir) / SYNCED_DIR).glob("*.json")):
+        try:
+            record = read_json(path)
+        except Exception as exc:
+            _log.warning("unreadable synced MLflow record %s: %s: %s", path, type(exc).__name__, exc)
+            continue
+        run_id = record.get("logged_run_id") or (record.get("run_id") if record.get("complete") else None)
+        if record.get("spool_id") and run_id:
+            out[record["spool_id"]] = run_id
+    return out
 
 
 def _get_run_or_none(client: MlflowClient, run_id: str | None) -> Any:
@@ -122,11 +157,12 @@ def _supersede(client: MlflowClient, run_id: str, new_run_id: str) -> None:
     client.set_terminated(run_id, status="FAILED")
 
 
-def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
-    """Log one spool record; returns the number of metric values logged (0 if already there)."""
+def _replay(client: MlflowClient, record: dict[str, Any], runs: dict[str, str]) -> tuple[int, str]:
+    """Log one spool record (``runs``: spool id -> run id of those logged before, for the upstream
+    tag); returns the number of metric values logged (0 if already there) and the run's id."""
     partial = _get_run_or_none(client, record.get("run_id"))
     if record.get("complete") and partial is not None:
-        return 0  # everything reached this store; the record only reports slowness
+        return 0, partial.info.run_id  # everything reached this store; the record only reports slowness
     experiment_id = _resolve_experiment(client, record)
     spool_id = record["spool_id"]
     stale = []
@@ -134,7 +170,7 @@ def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
         if run.info.status != "RUNNING":  # an earlier sync logged it all, died before moving the file
             if partial is not None and SUPERSEDED_TAG not in partial.data.tags:
                 _supersede(client, partial.info.run_id, run.info.run_id)
-            return 0
+            return 0, run.info.run_id
         stale.append(run.info.run_id)
 
     parent_id = record.get("parent_run_id") or ""
@@ -146,6 +182,8 @@ def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
     tags = dict(record.get("tags") or {})
     tags.pop(PARENT_TAG, None)
     tags.update({SPOOL_ID_TAG: spool_id, REPLAY_OF_TAG: spool_id})
+    if not tags.get(UPSTREAM_RUN_TAG) and runs.get(tags.get(UPSTREAM_SPOOL_TAG, "")):
+        tags[UPSTREAM_RUN_TAG] = runs[tags[UPSTREAM_SPOOL_TAG]]
     if parent_id:
         tags[PARENT_TAG] = parent_id
     if record.get("run_id"):
@@ -160,4 +198,4 @@ def _replay(client: MlflowClient, record: dict[str, Any]) -> int:
     client.set_terminated(new_id, status=record.get("status") or "FINISHED", end_time=record.get("end_time"))
     for old_id in [*stale, *([record["run_id"]] if partial is not None else [])]:
         _supersede(client, old_id, new_id)
-    return len(metrics)
+    return len(metrics), new_id

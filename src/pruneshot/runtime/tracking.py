@@ -7,9 +7,11 @@ Layout of a study in MLflow:
   one *parent run* for the study. It may raise: failing loudly there is right.
 * Every job opens a ``JobRun``: one MLflow run nested under the parent
   (tag ``mlflow.parentRunId``) with params, tags and buffered per-epoch metrics.
-  Every MLflow call is wrapped: an exception or a spent time budget switches the
-  job to *offline* mode (no further MLflow calls) and, at exit, one JSON spool
-  record with everything needed to replay the whole run is written atomically.
+  *Live* (``mlflow.live: true``), every MLflow call is wrapped: an exception or a
+  spent time budget switches the job to *offline* mode (no further MLflow calls)
+  and, at exit, one JSON spool record with everything needed to replay the whole
+  run is written atomically. *Deferred* (the default), the job never imports
+  MLflow and always writes that record (``"deferred": true``).
 * :func:`pruneshot.runtime.spool.sync_spool` (a rule after all jobs) replays spool
   records; the spool format and the replay policy are described there.
 
@@ -62,6 +64,8 @@ PARENT_TAG = "mlflow.parentRunId"
 ROLE_TAG = "pruneshot.role"
 SPOOL_ID_TAG = "pruneshot.spool_id"
 REPLAY_OF_TAG = "pruneshot.replay_of"
+UPSTREAM_RUN_TAG = "pruneshot.upstream_run_id"
+UPSTREAM_SPOOL_TAG = "pruneshot.upstream_spool_id"
 REPLACES_TAG = "pruneshot.replaces_run_id"
 SUPERSEDED_TAG = "pruneshot.superseded_by"
 EXCEPTION_TAG = "pruneshot.exception"
@@ -249,8 +253,9 @@ class JobRun:
     ``flush_seconds`` have passed since the last flush, on ``set_tags`` and at exit.
     Any MLflow exception, or more than ``time_budget_s`` spent in MLflow calls,
     switches to offline mode (no further MLflow calls); at exit one spool record is
-    then written to ``spool_dir`` for ``sync_spool``. The job's own exception always
-    propagates; the run ends FINISHED, FAILED (exception) or KILLED (KeyboardInterrupt).
+    then written to ``spool_dir`` for ``sync_spool``. With ``live=False`` nothing is sent and the
+    record is always written (``spool_id`` is then the run's only handle until ``sync_spool``).
+    The job's own exception always propagates; the run ends FINISHED, FAILED (exception) or KILLED (KeyboardInterrupt).
     """
 
     def __init__(
@@ -263,8 +268,10 @@ class JobRun:
         spool_dir: Path,
         flush_seconds: float = 30.0,
         time_budget_s: float = 20.0,
+        live: bool = True,
     ) -> None:
         self.study = dict(study)
+        self.live = live
         self.run_name = run_name
         self.spool_dir = Path(spool_dir)
         self.flush_seconds = flush_seconds
@@ -294,6 +301,11 @@ class JobRun:
         return self._run_id
 
     @property
+    def deferred(self) -> bool:
+        """True when the run is only recorded (``live=False``), for ``sync_spool`` to log."""
+        return not self.live
+
+    @property
     def offline(self) -> bool:
         """True once MLflow failed or the time budget ran out: nothing more is sent."""
         return self._offline
@@ -303,6 +315,8 @@ class JobRun:
     def __enter__(self) -> JobRun:
         self._start_ms = _now_ms()
         self._last_flush = time.monotonic()
+        if not self.live:  # recorded only: no MLflow import, no call; the record is written at exit
+            return self
         experiment_id = self.study.get("experiment_id") or ""
         tracking_uri = self.study.get("tracking_uri") or ""
         db_path = _sqlite_path(tracking_uri)
@@ -364,7 +378,7 @@ class JobRun:
                     lambda: self._client.set_terminated(self._run_id, status=status, end_time=end_ms) or True,
                 )
                 self._complete = bool(done)  # all data reached MLflow, maybe over budget
-            if not self._complete or self.errors:
+            if not self.live or not self._complete or self.errors:
                 self._write_spool(end_ms)
         except Exception:  # never let tracking replace or cause the job's outcome
             _log.exception("pruneshot.runtime.tracking: unexpected error while closing run %r", self.run_name)
@@ -471,14 +485,16 @@ class JobRun:
             "metrics_sent": self._n_sent,
             "errors": self.errors,
             "mlflow_seconds": round(self.mlflow_seconds, 3),
+            "deferred": not self.live,
         }
 
     def _write_spool(self, end_ms: int) -> None:
+        self.spool_path = write_record(self.spool_dir, self.run_name, self.spool_id, self._record(end_ms),
+                                       quiet=not self.live)
 
-        self.spool_path = write_record(self.spool_dir, self.run_name, self.spool_id, self._record(end_ms))
 
-
-def write_record(spool_dir: Path, run_name: str, spool_id: str, record: dict[str, Any]) -> Path | None:
+def write_record(spool_dir: Path, run_name: str, spool_id: str, record: dict[str, Any],
+                 quiet: bool = False) -> Path | None:
     """Write ``{"format": SPOOL_FORMAT, **record}`` atomically to ``<spool_dir>/<run name>-<spool id>.json``.
 
     Returns the path, or None (the record is logged instead) when it cannot be written: never raises
@@ -492,5 +508,5 @@ def write_record(spool_dir: Path, run_name: str, spool_id: str, record: dict[str
     except Exception:
         _log.exception("could not write MLflow spool %s; record follows:\n%s", path, json.dumps(record))
         return None
-    _log.warning("MLflow data for run %r spooled to %s", run_name, path)
+    (_log.info if quiet else _log.warning)("MLflow data for run %r spooled to %s", run_name, path)
     return path

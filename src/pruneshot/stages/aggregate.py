@@ -11,6 +11,7 @@ from pruneshot.config import budget_label
 from pruneshot.io import read_json, sha256_file, write_json
 from pruneshot.report.load import latency_columns
 from pruneshot.stages.job import Job
+from pruneshot.stages.tracking import mlflow_run_id
 
 
 def _row_id(*parts: object) -> str:
@@ -68,14 +69,15 @@ def bn_statistics(side: str, network: dict[str, Any], pretrain: dict[str, Any]) 
 
 def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
               target_manifests: dict[str, Path], out_csv: Path, out_episodes_csv: Path,
-              out_metrics: Path, job: Job) -> list[dict[str, Any]]:
+              out_metrics: Path, job: Job, sync_json: Path | None = None) -> list[dict[str, Any]]:
     """Collect every transfer cell into one tidy table (one row per method, budget, target, shots,
     arm, replicate), a long per-episode table, and metrics.json for ``dvc metrics show``.
 
     ``cells`` items: {"arm": name, "transfer": path, "network": path, "profile": path, "pretrain": path};
     ``network`` is the search record of a source-side method's network and the pretrain metrics for a
     target-side method (whose networks are pruned per episode and described by the transfer record).
-    A method's side and source come from the method registry.
+    A method's side and source come from the method registry. ``sync_json`` (sync_tracking's output)
+    gives the MLflow run ids of records logged after their job (``mlflow.live: false``).
     """
     import pandas as pd
 
@@ -83,6 +85,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
 
     data_sha = {"source": sha256_file(source_manifest),
                 **{t: sha256_file(p) for t, p in target_manifests.items()}}
+    runs = read_json(sync_json).get("runs", {}) if sync_json is not None else {}
     rows, episode_rows = [], []
     cache: dict[str, dict[str, Any]] = {}
 
@@ -150,7 +153,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "git_commit": prov["git_commit"], "git_dirty": prov["git_dirty"],
             "config_sha256": prov["config_sha256"], "data_sha256": data_sha[tr["target"]],
             "checkpoint_sha256": se["weights_sha256"], "pretrain_sha256": pre["weights_sha256"],
-            "mlflow_run_id": tr["mlflow_run_id"] or "", "status": "failed" if failed else "ok",
+            "mlflow_run_id": mlflow_run_id(tr, runs), "status": "failed" if failed else "ok",
             "error": tr.get("error", "") if failed else "",
             "transfer_record": str(cell["transfer"]),
             "transfer_seconds": tr["seconds"],

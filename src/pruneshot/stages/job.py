@@ -82,9 +82,11 @@ class Job:
     @contextlib.contextmanager
     def tracked(
         self, inputs: list[Path], seeds: dict[str, int], params: dict[str, Any],
-        upstream_run_id: str | None = None,
+        upstream: dict[str, Any] | None = None,
     ) -> Iterator[Any]:
-        """An MLflow run for this job (best effort: never blocks the job; spooled on failure)."""
+        """An MLflow run for this job (best effort: never blocks the job; spooled on failure), live or
+        deferred to sync_tracking as ``mlflow.live`` says. ``upstream``: the record of the job whose
+        output this one reads (its ``mlflow_run_id``/``mlflow_spool_id`` become tags)."""
         import torch
 
         from pruneshot.runtime import tracking
@@ -97,7 +99,8 @@ class Job:
             "pruneshot.git_commit": commit,
             "pruneshot.git_dirty": str(dirty).lower(),
             "pruneshot.config_sha256": self.config_sha256,
-            "pruneshot.upstream_run_id": upstream_run_id or "",
+            tracking.UPSTREAM_RUN_TAG: (upstream or {}).get("mlflow_run_id") or "",
+            tracking.UPSTREAM_SPOOL_TAG: (upstream or {}).get("mlflow_spool_id") or "",
             **{f"pruneshot.wildcard.{k}": str(v) for k, v in self.wildcards.items()},
             **{f"pruneshot.seed.{k}": str(v) for k, v in seeds.items()},
             **{f"pruneshot.input_sha256.{p}": h for p, h in self.input_hashes(inputs).items()},
@@ -107,9 +110,17 @@ class Job:
             return
         study = read_json(self.study_path)
         tracking.configure_timeouts()
+        live = bool((self.config.get("mlflow") or {}).get("live", False))
         with tracking.JobRun(study, job_key(self.rule, self.wildcards), tags=tags, params=params,
-                             spool_dir=spool_dir(self.config)) as run:
+                             spool_dir=spool_dir(self.config), live=live) as run:
             yield run
+
+
+def run_ids(run: Any) -> dict[str, str | None]:
+    """What a stage's record keeps of its MLflow run: ``mlflow_run_id`` (None until sync_tracking when
+    deferred, or offline) and ``mlflow_spool_id`` (the run's tag ``pruneshot.spool_id`` or
+    ``pruneshot.replay_of``; sync_tracking maps it to the run id)."""
+    return {"mlflow_run_id": run.run_id, "mlflow_spool_id": run.spool_id}
 
 
 def job_from_snakemake(smk: Any) -> Job:
@@ -124,6 +135,7 @@ def job_from_snakemake(smk: Any) -> Job:
 
 class _NullRun:
     run_id = None
+    spool_id = None
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         pass

@@ -8,7 +8,7 @@ from typing import Any
 
 from pruneshot.io import read_json, save_tensors, sha256_file, write_json
 from pruneshot.runtime.provenance import process_age_s
-from pruneshot.stages.job import Job, checkpointer, seeds_for
+from pruneshot.stages.job import Job, checkpointer, run_ids, seeds_for
 
 
 def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_weights: Path,
@@ -76,7 +76,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
                     f"{bn['source_val_acc_before']:.4f} -> {bn['source_val_acc_after']:.4f}")
         run.log_metrics({"best_val_acc": info["best_val_acc"], "seconds": seconds,
                          **({"val_acc_recalibrated": bn["source_val_acc_after"]} if bn["applied"] else {})}, None)
-        run_id = run.run_id
+        ids = run_ids(run)
     save_tensors(out_weights, state_dict_for_save(model))
     write_json(out_arch, model.spec)
     record = {
@@ -85,7 +85,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
         "resumed_after_epoch": info["resumed_after_epoch"], "seconds_before_resume": info["seconds_before_resume"],
         "overhead_s": overhead, "applied": info["applied"], "bn_recalibration": bn,
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
-        "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
+        "weights_sha256": sha256_file(out_weights), **ids,
         "provenance": job.provenance([manifest_path], seeds, device=str(device)),
     }
     write_json(out_metrics, record)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pruneshot.io import read_json, write_json
-from pruneshot.stages.job import Job, error_text, seeds_for
+from pruneshot.stages.job import Job, error_text, run_ids, seeds_for
 
 
 def _same(a: Any, b: Any) -> tuple[bool, str]:
@@ -82,8 +82,8 @@ def budget_one(config: dict[str, Any], replicate: int, manifest_path: Path, weig
             rows.append({"method": name, "side": method.side, "check": what, "equal": equal, "detail": detail})
             job.log(f"budget 1.0 {name}: {'equal to dense' if equal else 'DIFFERS from dense'} ({detail})")
         run.log_metrics({"budget_one_equal": sum(r["equal"] for r in rows), "budget_one_checked": len(rows)}, None)
-        run_id = run.run_id
-    record = {"replicate": replicate, "methods": rows, "mlflow_run_id": run_id,
+        ids = run_ids(run)
+    record = {"replicate": replicate, "methods": rows, **ids,
               "provenance": job.provenance(inputs, seeds)}
     write_json(out, record)
     return record

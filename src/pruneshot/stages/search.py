@@ -9,7 +9,7 @@ from typing import Any
 
 from pruneshot.config import budget_label
 from pruneshot.io import read_json, save_tensors, sha256_file, write_json
-from pruneshot.stages.job import Job, checkpointer, error_text, inject_failure, seeds_for
+from pruneshot.stages.job import Job, checkpointer, error_text, inject_failure, run_ids, seeds_for
 
 
 def load_source(manifest_path: Path) -> tuple[dict[str, Any], Any, Any]:
@@ -62,7 +62,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     dense_flops = count_flops(model, input_shape(spec))
     metric = config["budget"]["metric"]
     inputs = [manifest_path, pretrained_weights, pretrained_arch]
-    upstream = read_json(pretrained_metrics).get("mlflow_run_id")
+    pre = read_json(pretrained_metrics)
+    upstream = {"upstream_run_id": pre.get("mlflow_run_id"), "upstream_spool_id": pre.get("mlflow_spool_id")}
     params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
               "side": method.side}
     options = options_for(config, method)
@@ -70,7 +71,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             "models.surgery")
     ckpt = checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
                          job.input_hashes(inputs), modules=code)
-    with job.tracked(inputs, seeds, params, upstream_run_id=upstream) as run:
+    with job.tracked(inputs, seeds, params, upstream=pre) as run:
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
         t0 = time.perf_counter()
@@ -84,7 +85,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             failure = error_text(exc)
             job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
             run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
-            run_id = run.run_id
+            ids = run_ids(run)
         else:
             failure = None
             seconds = time.perf_counter() - t0  # the method's own time; the shared recalibration is not in it
@@ -104,7 +105,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
                              "achieved_flops": achieved["flops"],
                              "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
                                                                       else dense_flops)}, None)
-            run_id = run.run_id
+            ids = run_ids(run)
     if failure is not None:
         # Snakemake needs every output: an empty weights file and the failure in arch and record.
         save_tensors(out_weights, {})
@@ -115,7 +116,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             "requested_budget": budget, "status": "failed", "error": failure,
             "dense_params": dense_params, "dense_flops": dense_flops, "search_device": "cpu",
             "search_seconds": time.perf_counter() - t0, "weights_sha256": sha256_file(out_weights),
-            "mlflow_run_id": run_id, "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+            **ids, **upstream, "provenance": job.provenance(inputs, seeds),
         }
         write_json(out_record, record)
         ckpt.clear()
@@ -132,8 +133,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
         "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
         "bn_recalibration": bn, "networks": 1 + len(variants),
-        "weights_sha256": sha256_file(out_weights), "mlflow_run_id": run_id,
-        "upstream_run_id": upstream, "provenance": job.provenance(inputs, seeds),
+        "weights_sha256": sha256_file(out_weights), **ids, **upstream,
+        "provenance": job.provenance(inputs, seeds),
     }
     write_json(out_record, record)
     ckpt.clear()  # the outputs are complete: the checkpoint is no longer needed

@@ -8,6 +8,7 @@ from typing import Any
 
 from pruneshot.config import config_hash
 from pruneshot.io import read_json, write_json
+from pruneshot.paths import RESULTS
 from pruneshot.runtime.provenance import git_state
 from pruneshot.stages.job import PROJECT_DIR, spool_dir
 
@@ -27,12 +28,24 @@ def init_tracking(config: dict[str, Any], out_study: Path) -> dict[str, str]:
 
 
 def sync_tracking(config: dict[str, Any], study_path: Path, out: Path) -> dict[str, Any]:
-    """Replay the study's spooled MLflow records (jobs that could not reach MLflow); write a summary."""
+    """Log the study's spooled MLflow records (every job's run when ``mlflow.live`` is false, else
+    those of jobs that could not reach MLflow); write the counts and ``runs`` (spool id -> run id,
+    merged into the ledger ``mlflow/runs.json`` beside ``out``, so a rerun in a checkout without the
+    earlier spool, e.g. a ``dvc pull``ed clone, keeps the ids logged before)."""
     from pruneshot.runtime import spool
 
     study = read_json(study_path)
     spooled = spool_dir(config)
     summary = spool.sync_spool(spooled, study["tracking_uri"]) if spooled.exists() else {
         "records": 0, "synced": 0, "failed": 0, "metrics": 0}
-    write_json(out, {"study": study, "spool": summary})
+    ledger = Path(out).parent / Path(RESULTS["mlflow_runs"]).name
+    runs = {**(read_json(ledger) if ledger.is_file() else {}), **spool.logged_runs(spooled)}
+    write_json(ledger, runs)
+    write_json(out, {"study": study, "spool": summary, "runs": runs})
     return summary
+
+
+def mlflow_run_id(record: dict[str, Any], runs: dict[str, str]) -> str:
+    """The MLflow run of a stage's record: its own ``mlflow_run_id`` (logged live) or the one
+    sync_tracking logged for its ``mlflow_spool_id`` (``runs`` from sync.json); "" if neither."""
+    return record.get("mlflow_run_id") or runs.get(record.get("mlflow_spool_id") or "", "")

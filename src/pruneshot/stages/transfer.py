@@ -18,7 +18,7 @@ from typing import Any
 from pruneshot.io import read_json, sha256_file, write_json
 from pruneshot.runtime.provenance import process_age_s
 from pruneshot.seeds import derive_seed
-from pruneshot.stages.job import Job, error_text, inject_failure, seeds_for
+from pruneshot.stages.job import Job, error_text, inject_failure, run_ids, seeds_for
 
 
 def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
@@ -319,7 +319,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     dense: dict[str, int] = {}
     t0 = time.perf_counter()
     failure = f"search failed: {rec['error']}" if rec.get("status") == "failed" else None
-    with job.tracked(inputs, seeds, params, upstream_run_id=rec.get("mlflow_run_id")) as run:
+    with job.tracked(inputs, seeds, params, upstream=rec) as run:
         overhead = process_age_s()
         if failure is None:
             try:
@@ -348,9 +348,9 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
             for name, c in controls.items():
                 c["summary"] = mean_ci([e["accuracy"] for e in c["episodes"]])
                 run.log_metrics({f"control/{name}/acc_mean": c["summary"]["mean"]}, None)
-        run_id = run.run_id
+        ids = run_ids(run)
     record = _record(s, config, failure, per_arm, seeds_rows, adapted, dense, device, augment_mode,
-                     time.perf_counter() - t0, overhead, network_record, weights, run_id, rec, job, inputs, seeds)
+                     time.perf_counter() - t0, overhead, network_record, weights, ids, rec, job, inputs, seeds)
     if failure is None and controls:
         record["controls"] = controls
     write_json(out, record)
@@ -366,7 +366,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
 def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: dict[str, Any],
             seeds_rows: list[dict[str, Any]], adapted: list[dict[str, Any]], dense: dict[str, int], device: Any,
             augment_mode: str, seconds: float, overhead: float, network_record: Path, weights: Path,
-            run_id: str | None, rec: dict[str, Any], job: Job, inputs: list[Path],
+            ids: dict[str, str | None], rec: dict[str, Any], job: Job, inputs: list[Path],
             seeds: dict[str, int]) -> dict[str, Any]:
     """The transfer record: per arm its episodes ({episode, accuracy, finetune_seed}), seconds and
     summary; per episode its head seed; for a target-side method the per-episode ``adapted``
@@ -382,8 +382,8 @@ def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: d
                    "augment": augment_mode},
         "seconds": seconds, "overhead_s": overhead,
         "network_record": Path(network_record).as_posix(), "network_record_sha256": sha256_file(network_record),
-        "weights_sha256": sha256_file(weights), "mlflow_run_id": run_id,
-        "upstream_run_id": rec.get("mlflow_run_id"),
+        "weights_sha256": sha256_file(weights), **ids,
+        "upstream_run_id": rec.get("mlflow_run_id"), "upstream_spool_id": rec.get("mlflow_spool_id"),
         "provenance": job.provenance(inputs, {**seeds, "episode_root": config["study"]["root_seed"]},
                                      device=str(device)),
     }

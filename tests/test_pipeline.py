@@ -12,6 +12,8 @@ import pytest
 import yaml
 from conftest import BIN, ROOT, free_port, run, study_dir
 
+from pruneshot.config import budget_label
+
 TINY = ROOT / "tests/configs/tiny.yaml"
 
 TARGET_SIDE = {"basis_scaling", "channel_scaling", "double_pruning"}
@@ -79,6 +81,25 @@ def test_results_table_has_full_grid(project: Path) -> None:
     # Episodes are shared: same episodes file -> same n, and per-episode rows exist for every cell.
     eps = pd.read_csv(study_dir(project) / "tables/episodes.csv")
     assert set(eps["row_id"]) == set(df["row_id"])
+
+
+def test_source_retention_of_every_source_side_network(project: Path) -> None:
+    """Every source-side row carries its network's source validation accuracy and widths; dense's is
+    the pretrained network's (after pretraining's recalibration), target-side rows have none."""
+    df = pd.read_csv(study_dir(project) / "tables/results.csv")
+    pre = json.loads((study_dir(project) / "pretrain/r0/metrics.json").read_text())
+    for method, rows in df.groupby("method"):
+        if method in TARGET_SIDE:
+            assert rows["source_val_acc"].isna().all(), method
+            continue
+        assert rows["source_val_acc"].between(0, 1).all(), method
+        for r in rows.itertuples():
+            widths = json.loads(r.widths)
+            arch = json.loads((study_dir(project) / f"search/{method}/b{budget_label(r.requested_budget)}/r0/"
+                                                     "arch.json").read_text())
+            assert [widths[f"block{i}"] for i in range(len(arch["widths"]))] == arch["widths"], method
+    dense = df[df["method"] == "dense"]["source_val_acc"]
+    assert (dense == pre["bn_recalibration"]["source_val_acc_after"]).all()
 
 
 def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path) -> None:

@@ -113,3 +113,27 @@ def test_the_report_says_what_every_comparison_shared():
     assert "Control dense is in every panel" in text and "3 masks" in text and "5.0 points" in text
     rows[2]["support_steps"] = 110
     assert "DIFFERS" in " ".join(equal_by_construction(pd.DataFrame(rows)))
+
+
+def test_retention_table_averages_replicates_and_skips_target_side():
+    import json
+
+    import pandas as pd
+
+    from pruneshot.report.sanity import retention_html, retention_table
+
+    rows = []
+    for rep, acc in ((0, 0.90), (1, 0.80)):
+        for arm in ("finetune", "prototype"):  # one network per (method, budget, replicate), several arms
+            rows.append({"method": "l1_filter", "requested_budget": 0.5, "replicate": rep, "arm": arm, "status": "ok",
+                         "source_val_acc": acc, "widths": json.dumps({"block0": 16, "block1": 32})})
+    rows.append({"method": "channel_scaling", "requested_budget": 0.5, "replicate": 0, "arm": "finetune",
+                 "status": "ok", "source_val_acc": float("nan"), "widths": "{}"})
+    rows.append({"method": "random", "requested_budget": 0.5, "replicate": 0, "arm": "finetune",
+                 "status": "failed", "source_val_acc": 0.1, "widths": "{}"})
+    table = retention_table(pd.DataFrame(rows))
+    assert table.to_dict("records") == [{"method": "l1_filter", "budget": 0.5, "source val acc %": 85.0,
+                                         "replicates": 2, "widths": "16 32"}]
+    html = retention_html(pd.DataFrame(rows))
+    assert 'id="retention"' in html and "85.0" in html and "channel_scaling" not in html
+    assert retention_html(pd.DataFrame([{"method": "x", "status": "ok"}])) == ""

@@ -44,10 +44,11 @@ from pruneshot.report.html import (
     _tables_html,
 )
 from pruneshot.report.load import FILE_MODE, check_mixed, load_episodes, load_results
-from pruneshot.report.sanity import mechanism_html, sanity_html
+from pruneshot.report.sanity import mechanism_html, retention_html, sanity_html
 from pruneshot.report.tables import compute_statistics
 
-_TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("how-to-read", "How to read"),
+_TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("retention", "Source retention"),
+        ("how-to-read", "How to read"),
         ("figures", "Figures"), ("methods", "Methods"),
         ("results", "Results per cell"), ("ranks", "Average rank"), ("comparisons", "Paired comparisons"),
         ("reinit-gap", "Reinit gap"), ("details", "Cost detail"), ("failures", "Failures"),
@@ -88,6 +89,7 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         f"<nav><ul>{toc}</ul></nav>",
         sanity_html(sanity, results),
         mechanism_html(results),
+        retention_html(results),
         '<section id="how-to-read"><h2>How to read this report</h2>',
         _how_to_read(results, statistics),
         "</section>",

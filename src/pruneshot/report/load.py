@@ -37,14 +37,14 @@ _KEY_COLUMNS = (
 # Columns averaged over replicates for plotting (plus every latency column present).
 _MEAN_COLUMNS = (
     "acc_mean", "acc_ci95", "achieved_params", "achieved_flops", "dense_params", "dense_flops", "params_ratio",
-    "flops_ratio", "n_episodes", "support_steps",
+    "flops_ratio", "n_episodes", "support_steps", "source_val_acc",
 )
 # Columns read as text whatever they look like (a hex id such as "1e5" must not become a float).
 _TEXT_COLUMNS = (
     "row_id", "method", "method_source", "side", "backbone", "source", "target", "arm",
     "budget_metric", *LATENCY_TEXT_COLUMNS, "search_device", "git_commit",
     "config_sha256", "data_sha256", "checkpoint_sha256", "mlflow_run_id", "status", "error", "search_scope",
-    "pretrain_device", "transfer_device", "bn_statistics", "mechanism",
+    "pretrain_device", "transfer_device", "bn_statistics", "mechanism", "widths",
 )
 _DEVICE_RE = re.compile(r"^(?:[a-z_]+_)?device$")
 

@@ -335,3 +335,45 @@ def mechanism_html(results: Any) -> str:
             "scales and the overlap of its kept channels with a plain |gamma| ranking of the pretrained network "
             "(1.0: the sparsity training changed nothing), channel scaling's channels removed by its threshold "
             "rather than by ranking.</p>" + "".join(parts) + "</section>")
+
+
+def retention_table(results: Any) -> Any:
+    """Per source-side (method, budget): the source validation accuracy (%) of the network handed to
+    transfer (after the shared BN recalibration), replicates averaged, and its per-group widths
+    (channels; replicate 0's network, ``widths`` JSON). Target-side methods prune per episode on the
+    target: no row."""
+    import json
+
+    import pandas as pd
+
+    if "source_val_acc" not in results:
+        return pd.DataFrame()
+    ok = results[(results["status"] == "ok") if "status" in results else slice(None)]
+    ok = ok[pd.to_numeric(ok["source_val_acc"], errors="coerce").notna()]
+    if ok.empty:
+        return pd.DataFrame()
+    rows = []
+    for (method, budget), g in ok.groupby(["method", "requested_budget"], sort=False):
+        per_rep = g.drop_duplicates("replicate")
+        widths = json.loads(per_rep["widths"].iloc[0]) if isinstance(per_rep["widths"].iloc[0], str) else {}
+        rows.append({"method": method, "budget": budget,
+                     "source val acc %": round(100 * float(pd.to_numeric(per_rep["source_val_acc"]).mean()), 2),
+                     "replicates": len(per_rep), "widths": " ".join(str(widths[k]) for k in sorted(widths))})
+    return pd.DataFrame(rows)
+
+
+def retention_html(results: Any) -> str:
+    """The report's source-retention section (empty without ``source_val_acc``)."""
+    from pruneshot.report.html import _esc
+
+    table = retention_table(results)
+    if table.empty:
+        return ""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in table.columns)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(v)}</td>" for v in row) + "</tr>"
+                   for row in table.itertuples(index=False))
+    return ('<section id="retention"><h2>Source retention</h2><p>What each transferred network keeps of the '
+            "source task before any target data: its accuracy on the source validation split (after the same "
+            "BatchNorm recalibration for every method) and its channels per layer. A method that destroys the "
+            "source task and still transfers well is a finding.</p>"
+            f'<table class="retention"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></section>')

@@ -142,6 +142,9 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "acc_mean": summary["mean"], "acc_ci95": summary["ci95"],
             "acc_std": summary["std"], "n_episodes": summary["n"],
             "support_steps": tr.get("support_steps", nan), "bn_statistics": bn_statistics(method.side, se, pre),
+            # source retention of the transferred network (source-side; target-side prune per episode)
+            "source_val_acc": (se.get("source_retention") or {}).get("source_val_acc", nan),
+            "widths": json.dumps((se.get("source_retention") or {}).get("widths", {}), sort_keys=True),
             "mechanism": json.dumps(mechanism_figures(method, se, tr)) if not failed else "{}",
             # several networks per cell (random's masks): acc_mean is over their per-episode mean
             "networks": len(tr.get("network_means") or [None]),

@@ -40,6 +40,15 @@ def _recalibrate(config: dict[str, Any], replicate: int, pretrained_weights: Pat
     return recalibrate(config, replicate, pruned, train, val)
 
 
+def _retention(pruned: Any, val: Any, bn: dict[str, Any]) -> dict[str, Any]:
+    """What the network handed to transfer keeps of the source task: its source validation accuracy
+    (fraction; after the BN recalibration when applied) and its per-group widths (channels)."""
+    from pruneshot.training import accuracy
+
+    acc = bn["source_val_acc_after"] if bn.get("applied") else accuracy(pruned, val.x, val.y)
+    return {"source_val_acc": float(acc), "widths": dict(pruned.channel_groups())}
+
+
 def search(config: dict[str, Any], method_name: str, budget: float, replicate: int, manifest_path: Path,
            pretrained_weights: Path, pretrained_arch: Path, pretrained_metrics: Path,
            out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
@@ -101,6 +110,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
                 job.log(f"BatchNorm recalibrated on {bn['images']} source images: source val acc "
                         f"{bn['source_val_acc_before']:.4f} -> {bn['source_val_acc_after']:.4f}")
             achieved = {"params": count_params(pruned), "flops": count_flops(pruned, input_shape(pruned.spec))}
+            retention = _retention(pruned, val_split, bn)
             run.log_metrics({"search_seconds": seconds, "achieved_params": achieved["params"],
                              "achieved_flops": achieved["flops"],
                              "achieved_ratio": cost(pruned, metric) / (dense_params if metric == "params"
@@ -132,7 +142,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "dense_params": dense_params, "dense_flops": dense_flops,
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
         "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
-        "bn_recalibration": bn, "networks": 1 + len(variants),
+        "bn_recalibration": bn, "networks": 1 + len(variants), "source_retention": retention,
         "weights_sha256": sha256_file(out_weights), **ids, **upstream,
         "provenance": job.provenance(inputs, seeds),
     }

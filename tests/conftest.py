@@ -61,6 +61,18 @@ def copy_worktree(dst: Path) -> None:
             shutil.copy2(src, dst / rel)
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a module (tiny networks run fastest so, and the test machine's cores are
+    shared with the Slurm tests running alongside); the previous count is restored after it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A git repository with the tiny config as default, after one `dvc repro`."""

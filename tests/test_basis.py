@@ -16,13 +16,7 @@ from pruneshot.models.basis import BasisCost, BasisScalingConv, decompose, fold_
 from pruneshot.models.layers import LowRankConv, conv_cost, lowrank_pays
 from pruneshot.models.small_cnn import SmallCNN
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _conv(c_in: int, c_out: int, k: int, stride: int, padding: int, dilation: int, bias: bool, seed: int) -> nn.Conv2d:

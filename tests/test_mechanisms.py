@@ -26,13 +26,7 @@ from pruneshot.training import pretrain
 WAYS = 5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny networks run fastest on one thread (and the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -24,13 +24,7 @@ GROUPS = ["block0", "block1", "block2"]
 FAST = {"steps": 20, "batch_size": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tiny networks run fastest on one thread (and the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _split(n: int, seed: int) -> Split:

@@ -21,13 +21,7 @@ from pruneshot.methods.taylor import taylor_importance
 from pruneshot.models import cost as metrics
 from pruneshot.models.small_cnn import SmallCNN
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _net(seed: int = 0, widths=(6, 8)) -> SmallCNN:

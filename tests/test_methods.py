@@ -18,6 +18,9 @@ from pruneshot.models import surgery
 from pruneshot.models.small_cnn import SmallCNN
 
 WIDTHS = [32, 64, 128]
+#: A short pretraining recipe for the methods that train a network anew (scratch).
+RECIPE = {"epochs": 2, "batch_size": 8, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "patience": 2,
+          "threads": 1}
 
 
 def _dense(seed: int = 0) -> SmallCNN:
@@ -39,6 +42,7 @@ def _ctx(model, budget, metric="params", seed=11) -> SearchContext:
         source_val=_split(10, 2),
         seed=seed,
         log=lambda _msg: None,
+        recipe=RECIPE,
     )
 
 
@@ -237,7 +241,8 @@ def test_keep_top_is_stable_and_sorted():
     assert keep_top(scores, {"g": 2}) == {"g": [1, 4]}
 
 
-@pytest.mark.parametrize("name", available())
+# scratch trains a network anew: at budget 1.0 another dense replicate by design (tests/test_methods_scratch.py)
+@pytest.mark.parametrize("name", [n for n in available() if not get_method(n).trains_from_scratch])
 @pytest.mark.parametrize("metric", ["params", "flops"])
 def test_every_method_at_budget_one_is_the_dense_network(dense, name, metric):
     """Budget 1 means nothing removed, whatever the method (a source-side search, a target-side method's
@@ -322,6 +327,7 @@ PINNED = {
     "l1_filter": {},
     "linear_probe": {},
     "random": {"masks": 3},
+    "scratch": {},
     "taylor": {"batches": 16, "batch_size": 64},
     "fpgm": {},
     "slimming": {"l1": 0.02, "epochs": 7, "min_steps": 450, "lr": 0.01, "momentum": 0.9, "batch_size": 64,

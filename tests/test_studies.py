@@ -47,7 +47,7 @@ def test_study_uses_the_protocol_settings(path):
     assert cfg["episodes"]["count"] >= 600
     assert len(cfg["budget"]["levels"]) >= 5
     assert cfg["study"]["replicates"] >= 3
-    assert {"dense", "random"} <= set(cfg["methods"])
+    assert {"dense", "random", "scratch"} <= set(cfg["methods"])  # the controls in every panel
     assert cfg["backbone"]["name"] != "small_cnn"
     assert cfg["data"]["source"]["dataset"] != "digits"
 

@@ -71,6 +71,12 @@ wildcard_constraints:
     ways=_alts([WAYS]),
 
 
+def search_threads(wildcards):
+    """A search trains on one thread, but a method that trains its network anew on the source (scratch)
+    gets the pretraining recipe's threads: float sums depend on the thread count."""
+    return config["pretrain"]["threads"] if METHODS[wildcards.method].trains_from_scratch else 1
+
+
 def network_paths(w):
     """The network a cell (wildcards ``w``, a dict) starts from: a source-side method's searched
     network, or for a target-side method (which prunes per episode) the pretrained backbone;

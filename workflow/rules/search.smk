@@ -20,7 +20,7 @@ rule search:
         BENCH("search")
     params:
         settings=search_settings,
-    threads: 1
+    threads: search_threads
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -27,7 +27,8 @@ class SearchContext:
     seed (shared by every method for one replicate, so calibration data match).
     ``checkpoint``: the job's checkpointer (None: not checkpointed); a method with a training loop
     saves its loop state there and resumes from it (see :mod:`pruneshot.runtime.checkpoint`), scoping
-    its key with its options; others ignore it.
+    its key with its options; others ignore it. ``recipe``: the study's pretraining recipe (config
+    ``pretrain``, defaults filled), for a method that trains a network anew on the source (``scratch``).
     """
 
     model: nn.Module
@@ -41,6 +42,7 @@ class SearchContext:
     log: Callable[[str], None] = print
     log_metrics: Callable[[dict[str, float], int | None], None] = lambda metrics, step=None: None
     checkpoint: Checkpointer | None = None
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -257,6 +259,12 @@ class PruningMethod(ABC):
     option_sections: ClassVar[tuple[str, ...]] = ()
     #: The method's options (its config section); ``NoOptions`` for a method without any.
     options_class: ClassVar[type[MethodOptions]] = NoOptions
+    #: A control (random channels, the size-matched scratch network): every other method is tested
+    #: against it, and it is drawn in every panel of the report, beside dense.
+    control: ClassVar[bool] = False
+    #: The method trains its network anew on the source (``scratch``): at budget 1.0 it is another dense
+    #: replicate, not the dense network, so the budget-1.0 sanity gate does not apply to it.
+    trains_from_scratch: ClassVar[bool] = False
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` (as the pipeline passes them, see ``options_for``) validated and completed with defaults.

@@ -37,6 +37,7 @@ class RandomChannels(PruningMethod):
     provenance = "baseline"
     reference = "random channel pruning control (Blalock et al. 2020)"
     options_class = RandomOptions
+    control = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
         opts = self.resolve_options(ctx.options)

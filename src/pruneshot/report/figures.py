@@ -99,7 +99,8 @@ def _panel_data(
         sel = pool[(pool["arm"].astype(str) == arm) | shared]
     sel = _labelled(sel, quals)
     if arm is not None:
-        # The baselines (dense, random) appear in every panel: borrow them from another arm when this one lacks them.
+        # Dense and the controls (random, scratch) appear in every panel: borrow them from another arm
+        # when this one lacks them.
         for method in BASELINES:
             borrowed = pool[pool["method"] == method]
             if not borrowed.empty and not (sel["method"] == method).any():
@@ -430,7 +431,7 @@ def make_figures(results: pd.DataFrame, out_dir: Path, episodes: pd.DataFrame | 
     Names (:data:`FIGURE_NAMES`, plus :data:`CUDA_FIGURE` when some row has a CUDA latency):
     accuracy against the achieved params ratio, FLOPs ratio and measured CPU latency at batch 1
     (one panel per shots, and per arm when pruned methods ran under several or per target when
-    several; dense and random in every panel; the Pareto front of all methods dotted),
+    several; dense and the controls in every panel; the Pareto front of all methods dotted),
     accuracy against shots, requested vs achieved budget, search seconds per method and the
     finetune − reinit gap (paired over ``episodes`` when given). Only ``status == "ok"`` rows
     with an accuracy are drawn, averaged over replicates; failed rows and missing (NaN) costs

@@ -150,8 +150,10 @@ def _how_to_read(results: pd.DataFrame, statistics: Statistics) -> str:
         "network's parameters (or FLOPs) that pruning was asked to keep; the achieved ratio can differ "
         "and is shown beside it, in a figure and in the detail table."
         f"{metric_txt} <em>dense</em> is the unpruned network (budget 1, dashed reference line) and "
-        "<em>random</em> keeps random channels at the same per-layer ratio (the control); both are in every "
-        "figure panel and every significance column. <em>linear_probe</em> trains only a new head on the "
+        "the controls are <em>random</em>, which keeps random channels at the same per-layer ratio, and "
+        "<em>scratch</em>, a network of that size (random's widths) trained from scratch on the source with the "
+        "pretraining recipe (Liu et al. 2019); dense and every control the study ran are in every figure panel "
+        "and every significance column. <em>linear_probe</em> trains only a new head on the "
         f"frozen dense backbone.{rep_txt} Speed: params and FLOPs are theoretical counts on the physically pruned "
         "network; latency is measured (median of repeated timed forward passes after warm-up). The statistics "
         "(tests, multiple-comparison correction, ranks) are stated above the results tables.</p>"
@@ -341,7 +343,7 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
     comps_html = (f"<details><summary>{len(comps)} comparisons, {n_sig} significant (show the table)</summary>"
                   + _html_table(comps, "comparisons-table") + "</details>") if not comps.empty else (
         '<p id="comparisons-none">' + ("no comparison: episodes.csv was not given" if not statistics.have_episodes
-                                       else "no method shares episodes with dense or random") + "</p>")
+                                       else "no method shares episodes with dense or a control") + "</p>")
     avg = average_rank_table(statistics)
     avg_html = _html_table(avg, "average-ranks-table") if not avg.empty else '<p id="average-ranks-none">none</p>'
     return "\n".join([
@@ -359,8 +361,8 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         "<p><em>accuracy %</em>: mean ± 95% CI half-width over the n shared episodes (replicates averaged). "
         "<em>budget</em>: requested fraction of the dense network's cost; <em>achieved</em>: the fraction the "
         "physically pruned network has on the budget metric (a range where rows differ, e.g. per-episode "
-        "pruning). <em>vs dense</em> / <em>vs random</em>: mean paired difference in percentage points and "
-        f"one mark per replicate: <span class=\"up\">{UP}</span> significantly better, "
+        "pruning). <em>vs dense</em> / <em>vs random</em> / <em>vs scratch</em>: mean paired difference in "
+        f"percentage points and one mark per replicate: <span class=\"up\">{UP}</span> significantly better, "
         f"<span class=\"down\">{DOWN}</span> significantly worse, n.s. (or ·) not significant, — no comparison "
         "(no baseline run at that budget and arm). <em>rank</em>: Meta-Dataset rank / methods in the cell "
         "(1 = best; tied methods share a rank); dense and linear_probe are ranked in every budget's cell "
@@ -375,7 +377,8 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         avg_html,
         "</section>",
         '<section id="comparisons"><h2>Paired comparisons</h2>',
-        "<p>Every method against dense and against random at the same budget, target, shots, arm and replicate, "
+        "<p>Every method against dense and against each control (random, scratch) at the same budget, target, "
+        "shots, arm and replicate, "
         "on the episodes both share: Δ mean = method − baseline (pp), r = matched-pairs rank-biserial effect "
         "size, W = min(W⁺, W⁻), two-sided p and Holm-adjusted p.</p>",
         comps_html,

@@ -6,7 +6,8 @@
 (b) ``features_beat_pixels``: a probe on the pretrained features (dense linear_probe, else dense
     prototype) beats cosine nearest-centroid on the raw pixels. If not, the features are worse than
     no network at all.
-(c) ``budget_one_is_dense``: every method's network at budget 1.0 is the dense network (same
+(c) ``budget_one_is_dense``: every method's network at budget 1.0 (but ``scratch``'s, another dense replicate
+    by design) is the dense network (same
     architecture, every tensor equal, after the pipeline's own BatchNorm step), and where the study
     ran budget-1.0 cells, their per-episode accuracies equal dense's. If not, a method changes the
     network beyond its pruning and its numbers are not about pruning.
@@ -25,6 +26,8 @@ import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
+
+from pruneshot.report.stats import BASELINES, trains_from_scratch
 
 #: Gate id -> (title, what it compares, what a failure means), in report order.
 GATES: dict[str, tuple[str, str, str]] = {
@@ -101,7 +104,7 @@ def evaluate(transfers: Iterable[dict[str, Any]], budget_one: Iterable[dict[str,
             continue
         key, r = (rec["target"], int(rec["shots"])), int(rec["replicate"])
         if rec["method"] != "dense":
-            if float(rec["requested_budget"]) >= 1.0:
+            if float(rec["requested_budget"]) >= 1.0 and not trains_from_scratch(rec["method"]):
                 others.append(rec)
             continue
         arms = rec["arms"]
@@ -266,10 +269,10 @@ def equal_by_construction(results: Any) -> list[str]:
         out.append("BatchNorm statistics: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in kinds.items())
                    + " (searched networks re-estimated on the same source images; reinit arm: support images).")
     panels = ok.groupby(["target", "shots", "arm"])["method"].apply(set)
-    for control in ("dense", "random"):
+    for control in BASELINES:
         if any(control in m for m in panels):
             missing = [f"{t} {s}-shot {a}" for (t, s, a), m in panels.items() if control not in m
-                       and not (control == "random" and a == "linear_probe" and m <= {"dense", "linear_probe"})]
+                       and not (control != "dense" and a == "linear_probe" and m <= {"dense", "linear_probe"})]
             out.append(f"Control {control} is in every panel" if not missing
                        else f"Control {control} is missing from: {', '.join(missing)}")
     if "networks" in ok and (ok["method"] == "random").any():

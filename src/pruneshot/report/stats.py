@@ -32,8 +32,10 @@ from scipy import stats as sps
 
 from pruneshot.config import budget_value
 
-#: The methods every other one is tested against: the unpruned network and the random-channel control.
-BASELINES = ("dense", "random")
+#: The methods every other one is tested against and that every panel shows: the unpruned network, then
+#: the registry's controls (``PruningMethod.control``: random channels, the size-matched scratch network).
+#: Written here so that reading tables needs no torch; a test checks it against the registry.
+BASELINES = ("dense", "random", "scratch")
 #: Largest number of non-zero differences for which the exact null distribution is used.
 EXACT_MAX_N = 50
 #: Identifying columns added to the grouping keys when present and not constant.
@@ -65,6 +67,15 @@ def _repeats(name: str) -> tuple[str, str] | None:
     from pruneshot.methods import available, get_method
 
     return get_method(name).repeats if name in available() else None
+
+
+@cache
+def trains_from_scratch(name: str) -> bool:
+    """Whether method ``name`` trains its network anew on the source (the registry's ``trains_from_scratch``):
+    its budget-1.0 network is another dense replicate, not the dense network."""
+    from pruneshot.methods import available, get_method
+
+    return name in available() and get_method(name).trains_from_scratch
 
 
 def repeated_in(methods: Iterable[str], arm: str) -> set[str]:

@@ -197,7 +197,8 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
     on the budget metric), ``accuracy %`` ("mean ± CI (n=episodes)", replicates averaged; "failed"
     when no replicate produced an accuracy, a "k/m failed" note when some did not), ``replicates %``
     ("mean of per-replicate means ± their std (replicates)"; only when some cell has more than one),
-    ``vs dense`` and ``vs random`` (mean paired difference in pp and a mark per replicate: ▲/▼
+    ``vs dense`` and one ``vs`` column per control the study ran (random, scratch: mean paired difference
+    in pp and a mark per replicate: ▲/▼
     significantly better/worse after Holm, n.s. or · not significant, — no comparison), ``rank``
     (Meta-Dataset rank / methods in the cell; budget-free methods are ranked in every budget's cell)
     and ``row_id`` (the results.csv rows of the cell). Sorted by target, shots, arm, descending
@@ -285,6 +286,8 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
     out = out.sort_values(["target", "_s", "arm", "_nb", "_mo"], kind="mergesort").reset_index(drop=True)
     if not multi_rep:
         cols.remove("replicates %")
+    ran = set(df["method"].astype(str))
+    cols = [c for c in cols if not (c.startswith("vs ") and c[3:] != "dense" and c[3:] not in ran)]  # absent controls
     return out[cols]
 
 

@@ -27,11 +27,11 @@ def _same(a: Any, b: Any) -> tuple[bool, str]:
 
 def budget_one(config: dict[str, Any], replicate: int, manifest_path: Path, weights: Path, arch: Path,
                target_manifest: Path, episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
-    """Every configured method (dense aside) at budget 1.0 on replicate ``replicate``'s pretrained
-    network, compared with it: a source-side method's search result after the search stage's own
-    BatchNorm step (and each of its variants), a target-side method's adapt on the first saved
-    episode (the pretrained network with that episode's head). One entry per method: ``equal`` and
-    a ``detail`` (or the error it raised)."""
+    """Every configured method (dense, and methods that train their network anew, aside) at budget 1.0
+    on replicate ``replicate``'s pretrained network, compared with it: a source-side method's search
+    result after the search stage's own BatchNorm step (and each of its variants), a target-side
+    method's adapt on the first saved episode (the pretrained network with that episode's head). One
+    entry per method: ``equal`` and a ``detail`` (or the error it raised)."""
     from pruneshot.data import splits
     from pruneshot.methods import AdaptContext, SearchContext, get_method, options_for
     from pruneshot.models.base import load_model
@@ -53,6 +53,9 @@ def budget_one(config: dict[str, Any], replicate: int, manifest_path: Path, weig
             if name == "dense":
                 continue
             method = get_method(name)
+            if method.trains_from_scratch:  # another dense replicate by design, not the dense network
+                job.log(f"budget 1.0 {name}: not checked (it trains its network anew on the source)")
+                continue
             try:
                 dense = load_model(str(weights), spec)
                 if method.side == "source":

@@ -88,7 +88,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             inject_failure("search", method_name)
             result = method.search(SearchContext(
                 model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
-                seed=seeds["search"], options=options,
+                seed=seeds["search"], options=options, recipe=dict(config["pretrain"]),
                 log=job.log, log_metrics=run.log_metrics, checkpoint=ckpt))
         except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
             failure = error_text(exc)

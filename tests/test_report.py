@@ -272,6 +272,8 @@ def test_methods_table_names_source_and_side():
     from pruneshot.report.tables import methods_table
 
     table = methods_table(_with_reinit_and_target()).set_index("method")
+    assert table.loc["dense", "role"] == "reference" and table.loc["random", "role"] == "control"
+    assert set(table["role"]) <= {"reference", "control", "method"}
     assert table.loc["l1_filter", "source"] == "reconstruction"
     assert table.loc["basis_scaling", "side"] == "target"
     assert table.loc["basis_scaling", "search"].startswith("per episode")

@@ -379,10 +379,11 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
 
 
 def methods_table(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per method: its side, where the algorithm comes from and, for target-side methods,
-    that the search runs per episode. Reconstructions are named as such."""
+    """One row per method: its role (the dense reference, a control every method is tested against, or a
+    pruning method), its side, where the algorithm comes from and, for target-side methods, that the
+    search runs per episode. Reconstructions are named as such."""
     df = _prepared(results)
-    cols = ["method", "side", "source", "search"]
+    cols = ["method", "role", "side", "source", "search"]
     if df.empty:
         return pd.DataFrame(columns=cols)
     rows = []
@@ -395,7 +396,9 @@ def methods_table(results: pd.DataFrame) -> pd.DataFrame:
             else MISSING
         search = {"once": "once on the source data", "per episode": "per episode, on its support set"}.get(
             scope, scope)
-        rows.append({"method": method, "side": side or MISSING, "source": source or MISSING, "search": search})
+        role = "reference" if method == BASELINES[0] else "control" if method in BASELINES else "method"
+        rows.append({"method": method, "role": role, "side": side or MISSING, "source": source or MISSING,
+                     "search": search})
     return pd.DataFrame(rows, columns=cols)
 
 

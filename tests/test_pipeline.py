@@ -131,6 +131,17 @@ def test_every_method_ran_with_its_side_source_and_search_seconds(project: Path)
     assert "l1_filter" in gap_html and "basis_scaling" not in gap_html
 
 
+def test_every_row_flags_a_budget_missed_beyond_the_tolerance(project: Path) -> None:
+    df = pd.read_csv(study_dir(project) / "tables/results.csv")
+    assert set(df["budget_tolerance"]) == {0.05}  # the schema's default
+    want = df["budget_gap"].abs() > df["budget_tolerance"]  # NaN gap (no network): not flagged
+    assert df["budget_missed"].astype(bool).tolist() == want.tolist()
+    html = (study_dir(project) / "report/index.html").read_text()
+    section = html.split('id="budget-missed"')[1].split("</section>")[0]
+    for row_id in df.loc[want & (df["status"] == "ok"), "row_id"]:
+        assert row_id in section
+
+
 def test_target_side_methods_have_no_search_and_each_cell_times_its_own_network(project: Path) -> None:
     """A target-side method prunes per episode: no search job (no copy of the pretrained network per
     budget), its transfer starts from the pretrained network, and every cell's profile times the

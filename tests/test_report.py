@@ -252,6 +252,38 @@ def test_no_failures_reads_none_and_figures_handle_empty(tmp_path: Path) -> None
     assert sorted(paths) == sorted(FIGURE_NAMES) and all(p.stat().st_size > 0 for p in paths.values())
 
 
+def test_a_missed_budget_is_marked_in_the_tables_the_report_and_the_summary(tmp_path: Path, capsys) -> None:
+    """Issue 14: a search that ended far from its budget (dnal at 0.5 achieving 1.0) used to read ok."""
+    from pruneshot import cli
+    from pruneshot.report.tables import budget_missed_table, detail_table
+
+    results = make_results()
+    results["budget_tolerance"] = 0.05
+    results["budget_gap"] = results["requested_budget"] - results["params_ratio"]
+    results["budget_missed"] = results["budget_gap"].abs() > 0.05
+    assert not results["budget_missed"].any()
+    hit = (results["method"] == "l1_filter") & (results["requested_budget"] == 0.5) & (results["shots"] == 1)
+    assert hit.sum() == 1
+    results.loc[hit, ["params_ratio", "budget_gap", "budget_missed"]] = [1.0, -0.5, True]
+    table = results_table(results)
+    assert _row(table, "l1_filter", "0.5", "1")["achieved"] == "1.000 ⚠ missed"
+    assert "missed" not in _row(table, "l1_filter", "0.5", "5")["achieved"]
+    assert (detail_table(results)["gap"].str.contains("missed")).sum() == 1
+    missed = budget_missed_table(results)
+    assert missed[["method", "requested", "achieved", "gap"]].values.tolist() == [["l1_filter", "0.5", "1.000",
+                                                                                   "-0.500"]]
+    csv = tmp_path / "r.csv"
+    results.to_csv(csv, index=False)  # the flag survives the CSV round trip
+    build_report(csv, make_provenance(), tmp_path / "r.html", tmp_path / "figs")
+    text = (tmp_path / "r.html").read_text(encoding="utf-8")
+    section = text.split('id="budget-missed"')[1].split("</section>")[0]
+    assert "l1_filter" in section and "budget-missed-none" not in section
+    assert cli.main(["summary", str(csv)]) == 0
+    out = capsys.readouterr().out
+    assert "BUDGET MISSED (1 rows" in out and "-0.500" in out
+    assert budget_missed_table(results.assign(budget_missed=False)).empty
+
+
 # --------------------------------------------------------------------------- method labels and arms
 
 

@@ -5,6 +5,7 @@ episode; the reinit arm starts from fresh weights; arms a method does not have a
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,9 @@ def _accs(arm: dict) -> list[float]:
     return [e["accuracy"] for e in arm["episodes"]]
 
 
-@pytest.mark.parametrize("method", [m for m in available() if m != "linear_probe"])
+# scratch trains anew: at budget 1.0 another dense replicate by design (tests/test_methods_scratch.py)
+@pytest.mark.parametrize("method", [m for m in available()
+                                    if m != "linear_probe" and not get_method(m).trains_from_scratch])
 def test_budget_one_transfers_exactly_like_dense(world, method):
     """At budget 1 a method keeps the dense network, so the paired episodes give identical accuracies."""
     dense = _transfer(world, "dense", 1.0, "finetune")
@@ -656,7 +659,9 @@ def test_budget_one_check_finds_every_method_equal_to_dense_and_catches_one_that
     args = (cfg, 0, world["src"] / "manifest.json", pre / "model.safetensors", pre / "arch.json",
             world["tgt"] / "manifest.json", world["episodes"])
     rec = budget_one(*args, tmp_path / "b1.json", _job("budget_one"))
-    assert {r["method"] for r in rec["methods"]} == set(cfg["methods"]) - {"dense"}
+    # dense is the reference; scratch trains a new network, another dense replicate by design: not checked
+    assert {r["method"] for r in rec["methods"]} == set(cfg["methods"]) - {"dense", "scratch"}
+    assert "scratch" in cfg["methods"]
     assert all(r["equal"] for r in rec["methods"]), rec["methods"]
     # a method that fine-tunes at budget 1 is caught
     from pruneshot.methods.l1_filter import L1Filter
@@ -674,3 +679,96 @@ def test_budget_one_check_finds_every_method_equal_to_dense_and_catches_one_that
     bad = budget_one(*args, tmp_path / "b2.json", _job("budget_one"))
     row = next(r for r in bad["methods"] if r["method"] == "l1_filter")
     assert row["equal"] is False and "difference" in row["detail"]
+
+
+# ------------------------------------------------------------------ inputs checked against their producers' hashes
+
+
+def _flip_byte(src: Path, dst: Path, offset: int = -5) -> None:
+    """A copy of ``src`` at ``dst`` with one byte flipped (near the end: in the tensor data, not the header)."""
+    data = bytearray(src.read_bytes())
+    data[offset] ^= 0x01
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_bytes(bytes(data))
+
+
+def _corrupt_pretrain(world: dict, tmp_path: Path) -> Path:
+    """A copy of the pretrain outputs whose weights have one byte flipped (the record untouched)."""
+    import shutil
+
+    pre = tmp_path / "pretrain"
+    shutil.copytree(world["pre"], pre)
+    _flip_byte(world["pre"] / "model.safetensors", pre / "model.safetensors")
+    return pre
+
+
+def test_search_refuses_pretrained_weights_that_differ_from_the_pretrain_record(world, tmp_path):
+    """Issue 14: a flipped byte in the pretrained weights used to be searched on, its hash recorded as input."""
+    from pruneshot.stages.job import InputChangedError
+
+    pre = _corrupt_pretrain(world, tmp_path)
+    recorded = read_json(pre / "metrics.json")["weights_sha256"]
+    out = tmp_path / "search"
+    with pytest.raises(InputChangedError) as err:
+        search(world["cfg"], "l1_filter", 0.5, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+               pre / "arch.json", pre / "metrics.json", out / "model.safetensors", out / "arch.json",
+               out / "record.json", _job("search", method="l1_filter"))
+    msg = str(err.value)
+    assert str(pre / "model.safetensors") in msg and recorded in msg and str(pre / "metrics.json") in msg
+    from pruneshot.io import sha256_file
+
+    assert sha256_file(pre / "model.safetensors") in msg
+    assert not out.exists()  # refused before any output
+
+
+def test_transfer_refuses_changed_weights_or_architecture_of_its_network(world, tmp_path):
+    import shutil
+
+    from pruneshot.stages.job import InputChangedError
+
+    weights, arch, record = _network(world, "l1_filter", 0.5)
+    bad = tmp_path / "net"
+    shutil.copytree(weights.parent, bad)
+    _flip_byte(weights, bad / "model.safetensors")
+    with pytest.raises(InputChangedError, match=r"model\.safetensors"):
+        _transfer_job(world, "l1_filter", 0.5, ["finetune"], network=(bad / "model.safetensors", arch, record),
+                      out=tmp_path / "t1.json")
+    spec = read_json(arch)
+    spec["widths"] = [*spec.get("widths", []), 1]  # an edited architecture
+    (bad / "arch.json").write_text(json.dumps(spec))
+    with pytest.raises(InputChangedError, match=r"arch\.json"):
+        _transfer_job(world, "l1_filter", 0.5, ["finetune"], network=(weights, bad / "arch.json", record),
+                      out=tmp_path / "t2.json")
+    # a target-side cell checks the pretrained network against the pretrain record the same way
+    pre = _corrupt_pretrain(world, tmp_path)
+    with pytest.raises(InputChangedError, match=r"metrics\.json"):
+        _transfer_job(world, "channel_scaling", 0.5, ["finetune"],
+                      network=(pre / "model.safetensors", pre / "arch.json", pre / "metrics.json"),
+                      out=tmp_path / "t3.json")
+    assert not any((tmp_path / f"t{i}.json").exists() for i in (1, 2, 3))
+
+
+def test_transfer_and_budget_one_refuse_edited_episodes(world, tmp_path, monkeypatch):
+    from pruneshot.stages.sanity import budget_one
+
+    original = world["episodes"]
+    eps = read_json(original)
+    assert eps["content_sha256"]
+    eps["episodes"][0]["query"][0] = eps["episodes"][0]["query"][1]  # one query index edited
+    edited = tmp_path / "episodes.json"
+    edited.write_text(json.dumps(eps))
+    monkeypatch.setitem(world, "episodes", edited)
+    with pytest.raises(ValueError, match="content hash"):
+        _transfer_job(world, "l1_filter", 0.5, ["finetune"], out=tmp_path / "t.json")
+    pre = world["pre"]
+    with pytest.raises(ValueError, match="content hash"):
+        budget_one(world["cfg"], 0, world["src"] / "manifest.json", pre / "model.safetensors", pre / "arch.json",
+                   world["tgt"] / "manifest.json", edited, tmp_path / "b.json", _job("budget_one"),
+                   pretrained_metrics=pre / "metrics.json")
+    corrupt = _corrupt_pretrain(world, tmp_path)
+    from pruneshot.stages.job import InputChangedError
+
+    with pytest.raises(InputChangedError):
+        budget_one(world["cfg"], 0, world["src"] / "manifest.json", corrupt / "model.safetensors",
+                   corrupt / "arch.json", world["tgt"] / "manifest.json", original, tmp_path / "b.json",
+                   _job("budget_one"), pretrained_metrics=corrupt / "metrics.json")

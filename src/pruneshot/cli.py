@@ -43,6 +43,12 @@ def _summary(args: argparse.Namespace) -> int:
     view["acc"] = [f"{100 * m:.1f} ± {100 * c:.1f}" for m, c in zip(view.acc_mean, view.acc_ci95, strict=True)]
     view["params_ratio"] = view["params_ratio"].map(lambda v: f"{v:.3f}")
     print(view.drop(columns=["acc_mean", "acc_ci95"]).to_string(index=False))
+    from pruneshot.report.tables import budget_missed_table
+
+    missed = budget_missed_table(df)
+    if not missed.empty:
+        print(f"BUDGET MISSED ({len(missed)} rows beyond budget.tolerance; their accuracy is at the cost they have):")
+        print(missed.to_string(index=False))
     from pruneshot.paths import RESULTS, root_of
 
     root = root_of(args.results, "results_csv")

@@ -74,6 +74,7 @@ rule budget_one:
         val=R("source_val"),
         weights=R("pretrain_weights"),
         arch=R("pretrain_arch"),
+        metrics=R("pretrain_metrics"),
         target_manifest=R("target_manifest", target=TARGETS[0]),
         pool=R("target_pool", target=TARGETS[0]),
         episodes=R("episodes", target=TARGETS[0], ways=WAYS, shots=SHOTS[0]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import numpy as np
@@ -47,3 +49,25 @@ def make_episodes(
             "query": query, "query_labels": query_y,
         })
     return episodes
+
+
+#: Keys of an episodes file that its content hash does not cover (written after, or about the job).
+_UNHASHED = ("provenance", "content_sha256")
+
+
+def content_sha256(payload: dict[str, Any]) -> str:
+    """sha256 of an episodes file's content (every key but provenance and the hash itself, as canonical
+    JSON): make_episodes records it in the file, every reader checks it."""
+    body = {k: v for k, v in payload.items() if k not in _UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def verified(payload: dict[str, Any], path: str) -> dict[str, Any]:
+    """``payload`` (the JSON of episodes file ``path``) after checking its recorded content hash; a file
+    without one (an older version) is returned as it is."""
+    recorded = payload.get("content_sha256")
+    if recorded is not None and content_sha256(payload) != recorded:
+        raise ValueError(f"episodes file {path}: its content hash {content_sha256(payload)} is not the "
+                         f"{recorded} make_episodes recorded in it: the file was edited or corrupted after it "
+                         "was written; rerun make_episodes (snakemake --forcerun make_episodes)")
+    return payload

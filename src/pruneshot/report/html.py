@@ -22,6 +22,7 @@ from pruneshot.report.tables import (
     UP,
     Statistics,
     average_rank_table,
+    budget_missed_table,
     comparisons_table,
     detail_table,
     failures_table,
@@ -328,6 +329,7 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
     main = results_table(results, statistics)
     detail = detail_table(results)
     failures = failures_table(results)
+    missed = budget_missed_table(results)
     prepared = _prepared(results)
     n_ok = int(prepared["_ok"].sum())
     n_bad = len(prepared) - n_ok
@@ -399,6 +401,12 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         f'<section id="failures"><h2>Failures</h2><p>{n_ok} run(s) ok, {n_bad} failed. A failed row is a '
         "method that errored on a cell; its error is listed here and its cell reads <em>failed</em> above.</p>",
         fail_html,
+        "</section>",
+        '<section id="budget-missed"><h2>Budgets missed</h2><p>Rows whose achieved budget ratio is further '
+        "than <code>budget.tolerance</code> from the requested one (column <code>budget_missed</code>); their "
+        "accuracy is real but belongs to the cost the network actually has, and their cells read "
+        "<em>⚠ missed</em> above.</p>",
+        _html_table(missed, "budget-missed-table") if not missed.empty else '<p id="budget-missed-none">none</p>',
         "</section>",
         TABLES_END,
     ])

@@ -255,6 +255,8 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
         else:
             lo, hi = float(ratios.min()), float(ratios.max())
             achieved = f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}"
+            if _truthy(cell.get("budget_missed")).any():
+                achieved += " ⚠ missed"
         sp = spread_index.get(key)
         rep_txt = MISSING
         if sp is not None and int(sp.n_replicates) == 1:
@@ -354,6 +356,8 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
     )
     if "budget_gap" in df.columns:
         out["gap"] = df["budget_gap"].map(lambda v: _fmt_num(v, "+.3f"))
+        if "budget_missed" in df.columns:
+            out.loc[_truthy(df["budget_missed"]).to_numpy(), "gap"] += " ⚠ missed"
     for c in lat:
         batch = latency_batch(c)
         out[f"latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
@@ -507,3 +511,30 @@ def failures_table(results: pd.DataFrame) -> pd.DataFrame:
     out["error"] = [e if e else "(no error message; accuracy missing)" for e in bad["error"].astype(str)]
     return out[[c for c in cols if c in out.columns]]
 
+
+def _truthy(values: pd.Series | None) -> pd.Series:
+    """A boolean column as read back from CSV (True/False, "True"/"False"; missing: False)."""
+    if values is None:
+        return pd.Series(dtype=bool)
+    return values.map(lambda v: v is True or str(v).strip().lower() == "true")
+
+
+def budget_missed_table(results: pd.DataFrame) -> pd.DataFrame:
+    """The ok rows whose achieved budget misses the requested one by more than ``budget.tolerance``
+    (results.csv's ``budget_missed``): row_id, method, requested, achieved ratio, gap, tolerance."""
+    cols = ["row_id", "method", "requested", "achieved", "gap", "tolerance"]
+    if "budget_missed" not in results.columns:
+        return pd.DataFrame(columns=cols)
+    df = results[_truthy(results["budget_missed"])]
+    if "status" in df.columns:
+        df = df[df["status"] == "ok"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    metric = df["budget_metric"].astype(str)
+    achieved = [row[f"{m}_ratio"] for m, (_, row) in zip(metric, df.iterrows(), strict=True)]
+    return pd.DataFrame({
+        "row_id": df["row_id"].astype(str), "method": df["method"].astype(str),
+        "requested": df["requested_budget"].map(_fmt_budget), "achieved": [_fmt_num(a, ".3f") for a in achieved],
+        "gap": df["budget_gap"].map(lambda v: _fmt_num(v, "+.3f")),
+        "tolerance": df.get("budget_tolerance", pd.Series("", index=df.index)).astype(str),
+    }, columns=cols)

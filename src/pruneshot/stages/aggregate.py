@@ -94,8 +94,16 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             cache[str(path)] = read_json(path)
         return cache[str(path)]
 
+    checked: set[str] = set()
     for cell in cells:
         job_rec, pr, pre = load(cell["transfer"]), load(cell["profile"]), load(cell["pretrain"])
+        if str(cell["transfer"]) not in checked:  # the network record must be the one the transfer job read
+            checked.add(str(cell["transfer"]))
+            recorded, actual = job_rec.get("network_record_sha256"), sha256_file(cell["network"])
+            if recorded is not None and recorded != actual:
+                raise ValueError(f"input {cell['network']} has sha256 {actual}, but {cell['transfer']} recorded "
+                                 f"{recorded} for it: the record changed after the transfer job read it "
+                                 "(corrupted or edited); rerun the jobs that wrote them")
         arm = cell["arm"]
         method = get_method(job_rec["method"])
         se = _network(method, load(cell["network"]), job_rec, config["budget"]["metric"])
@@ -126,6 +134,8 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
                 "search_seconds": se["search_seconds"], "search_scope": "once",
             }
         cost_cols["budget_gap"] = se["requested_budget"] - cost_cols[f"{se['budget_metric']}_ratio"]
+        tolerance = config["budget"]["tolerance"]
+        cost_cols["budget_missed"] = bool(abs(cost_cols["budget_gap"]) > tolerance)  # NaN (no network): False
         summary = tr.get("summary") or {"mean": nan, "ci95": nan, "std": nan, "n": 0}
         row = {
             "row_id": row_id, "method": tr["method"], "method_source": method.provenance,
@@ -136,6 +146,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "achieved_flops": cost_cols["achieved_flops"], "dense_params": se["dense_params"],
             "dense_flops": se["dense_flops"], "params_ratio": cost_cols["params_ratio"],
             "flops_ratio": cost_cols["flops_ratio"], "budget_gap": cost_cols["budget_gap"],
+            "budget_missed": cost_cols["budget_missed"], "budget_tolerance": tolerance,
             **latency_columns(pr),
             "search_seconds": cost_cols["search_seconds"], "search_scope": cost_cols["search_scope"],
             "search_device": se["search_device"],

@@ -55,9 +55,10 @@ def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, ma
     episodes = sample(labels, ways=ways, shots=shots, count=ep_cfg["count"],
                       queries_per_class=ep_cfg["queries_per_class"],
                       root_seed=config["study"]["root_seed"], target=target)
-    write_json(out, {
-        "target": target, "ways": ways, "shots": shots, "queries_per_class": ep_cfg["queries_per_class"],
-        "pool_sha256": manifest["splits"]["pool"]["sha256"], "episodes": episodes,
-        "provenance": job.provenance([manifest_path], {"episode_root": config["study"]["root_seed"]}),
-    })
+    from pruneshot.data.episodes import content_sha256
+
+    payload = {"target": target, "ways": ways, "shots": shots, "queries_per_class": ep_cfg["queries_per_class"],
+               "pool_sha256": manifest["splits"]["pool"]["sha256"], "episodes": episodes}
+    write_json(out, {**payload, "content_sha256": content_sha256(payload),
+                     "provenance": job.provenance([manifest_path], {"episode_root": config["study"]["root_seed"]})})
     job.log(f"{len(episodes)} episodes {ways}-way {shots}-shot for {target}")

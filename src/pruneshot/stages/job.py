@@ -28,6 +28,10 @@ def spool_dir(config: dict[str, Any]) -> Path:
     return Path(for_config(config).log("mlflow_spool"))
 
 
+class InputChangedError(ValueError):
+    """An input file's sha256 differs from the one its producer recorded."""
+
+
 @dataclass
 class Job:
     """What a stage needs to know about the Snakemake job running it."""
@@ -49,6 +53,20 @@ class Job:
                 self._hashes[key] = sha256_file(p)
         return {Path(p).as_posix(): self._hashes[Path(p).as_posix()] for p in inputs
                 if Path(p).as_posix() in self._hashes}
+
+    def check_recorded(self, path: Path, recorded: str | None, recorded_in: Path | str) -> None:
+        """Refuse an input whose sha256 is not the one its producer recorded (``recorded``, read from
+        ``recorded_in``): a file corrupted or edited after the job that wrote it must never be used.
+        Nothing recorded (None: results of an older version) is nothing to check."""
+        if recorded is None:
+            return
+        actual = self.input_hashes([Path(path)]).get(Path(path).as_posix())
+        if actual is None:
+            raise FileNotFoundError(f"input {path} is missing (its producer recorded it in {recorded_in})")
+        if actual != recorded:
+            raise InputChangedError(f"input {path} has sha256 {actual}, but {recorded_in} recorded {recorded} for it: "
+                               "the file changed after the job that wrote it (corrupted or edited). Rerun that "
+                               "job (snakemake --forcerun <its rule>) instead of using it.")
 
     @property
     def logger(self) -> logging.Logger:

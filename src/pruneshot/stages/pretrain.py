@@ -85,7 +85,7 @@ def pretrain(config: dict[str, Any], replicate: int, manifest_path: Path, out_we
         "resumed_after_epoch": info["resumed_after_epoch"], "seconds_before_resume": info["seconds_before_resume"],
         "overhead_s": overhead, "applied": info["applied"], "bn_recalibration": bn,
         "params": count_params(model), "flops": count_flops(model, input_shape(model.spec)),
-        "weights_sha256": sha256_file(out_weights), **ids,
+        "weights_sha256": sha256_file(out_weights), "arch_sha256": sha256_file(out_arch), **ids,
         "provenance": job.provenance([manifest_path], seeds, device=str(device)),
     }
     write_json(out_metrics, record)

@@ -26,12 +26,14 @@ def _same(a: Any, b: Any) -> tuple[bool, str]:
 
 
 def budget_one(config: dict[str, Any], replicate: int, manifest_path: Path, weights: Path, arch: Path,
-               target_manifest: Path, episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
+               target_manifest: Path, episodes_path: Path, out: Path, job: Job,
+               pretrained_metrics: Path | None = None) -> dict[str, Any]:
     """Every configured method (dense, and methods that train their network anew, aside) at budget 1.0
     on replicate ``replicate``'s pretrained network, compared with it: a source-side method's search
     result after the search stage's own BatchNorm step (and each of its variants), a target-side
     method's adapt on the first saved episode (the pretrained network with that episode's head). One
-    entry per method: ``equal`` and a ``detail`` (or the error it raised)."""
+    entry per method: ``equal`` and a ``detail`` (or the error it raised). ``pretrained_metrics``: the
+    pretrain record, whose recorded weights and architecture hashes are checked first."""
     from pruneshot.data import splits
     from pruneshot.methods import AdaptContext, SearchContext, get_method, options_for
     from pruneshot.models.base import load_model
@@ -43,7 +45,13 @@ def budget_one(config: dict[str, Any], replicate: int, manifest_path: Path, weig
     metric = config["budget"]["metric"]
     spec = read_json(arch)
     _, train, val = load_source(manifest_path)
-    eps = read_json(episodes_path)
+    from pruneshot.data.episodes import verified
+
+    if pretrained_metrics is not None:
+        pre = read_json(pretrained_metrics)
+        job.check_recorded(weights, pre.get("weights_sha256"), pretrained_metrics)
+        job.check_recorded(arch, pre.get("arch_sha256"), pretrained_metrics)
+    eps = verified(read_json(episodes_path), str(episodes_path))
     norm = read_json(manifest_path)["normalization"]
     episode = _episodes({"episodes": eps["episodes"][:1]}, splits.load_split(target_manifest, "pool", norm))[0]
     inputs = [manifest_path, weights, arch, target_manifest, episodes_path]

@@ -64,6 +64,9 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
                          "no search")
     seeds = seeds_for(config, replicate)
     seed_everything(seeds["search"])
+    pre = read_json(pretrained_metrics)
+    job.check_recorded(pretrained_weights, pre.get("weights_sha256"), pretrained_metrics)
+    job.check_recorded(pretrained_arch, pre.get("arch_sha256"), pretrained_metrics)
     _, train_split, val_split = load_source(manifest_path)
     spec = read_json(pretrained_arch)
     model = load_model(str(pretrained_weights), spec)
@@ -71,7 +74,6 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     dense_flops = count_flops(model, input_shape(spec))
     metric = config["budget"]["metric"]
     inputs = [manifest_path, pretrained_weights, pretrained_arch]
-    pre = read_json(pretrained_metrics)
     upstream = {"upstream_run_id": pre.get("mlflow_run_id"), "upstream_spool_id": pre.get("mlflow_spool_id")}
     params = {"method": method_name, "budget": budget, "budget_metric": metric, "replicate": replicate,
               "side": method.side}
@@ -126,6 +128,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             "requested_budget": budget, "status": "failed", "error": failure,
             "dense_params": dense_params, "dense_flops": dense_flops, "search_device": "cpu",
             "search_seconds": time.perf_counter() - t0, "weights_sha256": sha256_file(out_weights),
+            "arch_sha256": sha256_file(out_arch),
             **ids, **upstream, "provenance": job.provenance(inputs, seeds),
         }
         write_json(out_record, record)
@@ -143,7 +146,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
         "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
         "bn_recalibration": bn, "networks": 1 + len(variants), "source_retention": retention,
-        "weights_sha256": sha256_file(out_weights), **ids, **upstream,
+        "weights_sha256": sha256_file(out_weights), "arch_sha256": sha256_file(out_arch), **ids, **upstream,
         "provenance": job.provenance(inputs, seeds),
     }
     write_json(out_record, record)

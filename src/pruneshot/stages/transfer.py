@@ -267,6 +267,23 @@ def _control(name: str, on_device: tuple[Any, Any, Any, Any]) -> float:
     return pixel_prototype_accuracy(*on_device)
 
 
+def _verified_inputs(job: Job, rec: dict[str, Any], network_record: Path, weights: Path, arch: Path,
+                     target_manifest: Path, episodes_path: Path) -> dict[str, Any]:
+    """The episodes file's content, after checking every input against the hash its producer recorded:
+    the network's weights and architecture (search record or pretrain metrics), the episodes' own
+    content hash, and that the episodes were drawn from this target pool. Raises before any work."""
+    from pruneshot.data.episodes import verified
+
+    job.check_recorded(weights, rec.get("weights_sha256"), network_record)
+    job.check_recorded(arch, rec.get("arch_sha256"), network_record)
+    eps = verified(read_json(episodes_path), str(episodes_path))
+    pool_sha = read_json(target_manifest)["splits"]["pool"]["sha256"]
+    if eps.get("pool_sha256", pool_sha) != pool_sha:
+        raise ValueError(f"episodes file {episodes_path} was drawn from a pool with sha256 {eps['pool_sha256']}, "
+                         f"but {target_manifest} records {pool_sha}: rerun make_episodes")
+    return eps
+
+
 def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: int, target: str, replicate: int,
              budget: float, weights: Path, arch: Path, network_record: Path, source_manifest: Path,
              target_manifest: Path, episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
@@ -296,10 +313,10 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     tc = config["transfer"]
     device = resolve_device(tc.get("device", "auto"), "transfer.device")  # a missing GPU fails before any work
     rec = read_json(network_record)
+    eps = _verified_inputs(job, rec, network_record, weights, arch, target_manifest, episodes_path)
     # Target images are normalised with the source statistics the backbone was trained on.
     norm = read_json(source_manifest)["normalization"]
     pool = splits.load_split(target_manifest, "pool", norm)
-    eps = read_json(episodes_path)
     augment_mode, augment = _augment(tc)
     s = _Setting(method=method, arms=list(arms), ways=eps["ways"], shots=shots, target=target, replicate=replicate,
                  budget=float(budget), metric=config["budget"]["metric"], options=options_for(config, method), tc=tc,

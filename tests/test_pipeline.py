@@ -374,3 +374,45 @@ def test_a_changed_setting_reruns_exactly_the_rules_that_read_it(project: Path, 
     counts = _dry_run_counts(project, seed, tmp_path)
     assert counts.get("prepare_source") == 1 and counts.get("pretrain") == 1, counts
     assert counts.get("make_episodes") == len(cfg["episodes"]["shots"])
+
+
+def test_rerun_failed_reruns_exactly_the_failed_cells_and_their_dependants(tmp_path: Path) -> None:
+    """Issue 14: a method error is a recorded failed cell, so a plain rerun had nothing to do. The micro
+    study with one failed search (random) and one failed transfer (channel_scaling), in a config that is
+    not the default; `pruneshot rerun-failed --config` forces exactly those jobs, the rest is untouched."""
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import _env, copy_worktree
+
+    proj = tmp_path / "proj"
+    copy_worktree(proj)
+    shutil.copy(ROOT / "tests/configs/micro.yaml", proj / "config/micro.yaml")
+    env = dict(_env(), PRUNESHOT_INJECT_FAILURE="search:random,transfer:channel_scaling")
+    first = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/micro.yaml"], cwd=proj,
+                           env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    root = proj / "results/micro"
+    df = pd.read_csv(root / "tables/results.csv")
+    assert set(df.loc[df["status"] == "failed", "method"]) == {"random", "channel_scaling"}
+    summary = run([str(BIN / "pruneshot"), "summary", "--config", "config/micro.yaml"], proj).stdout
+    assert "rerun exactly those cells and what depends on them with: pruneshot rerun-failed --config " \
+           "config/micro.yaml" in summary
+    assert "pruneshot rerun-failed" in (root / "report/index.html").read_text()
+    listed = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--print"], proj).stdout
+    # the failed search (its transfer follows it), the failed transfer; nothing that succeeded
+    assert "results/micro/search/random/b0.5/r0/record.json" in listed
+    assert "results/micro/transfer/digits_5to9/channel_scaling/b0.5/1shot/r0.json" in listed
+    assert "transfer/digits_5to9/random" not in listed and "dense" not in listed
+    assert "--forcerun" in listed
+    ok = {p: p.stat().st_mtime_ns for p in [root / "search/dense/b1/r0/record.json", root / "pretrain/r0/metrics.json",
+                                             root / "transfer/digits_5to9/dense/b1/1shot/r0.json"]}
+    rerun = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--cores", "2"], proj)
+    assert rerun.returncode == 0
+    df = pd.read_csv(root / "tables/results.csv")
+    assert (df["status"] == "ok").all(), df[["method", "status", "error"]]
+    assert {p: p.stat().st_mtime_ns for p in ok} == ok  # what had succeeded was not rerun
+    assert "no failed cells" in run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml"],
+                                    proj).stdout
+    assert not os.environ.get("PRUNESHOT_INJECT_FAILURE")

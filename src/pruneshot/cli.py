@@ -21,6 +21,30 @@ def _study_paths(args: argparse.Namespace) -> Any:
     return for_config(load_config(args.config if args.config is not None else DEFAULT_CONFIG))
 
 
+def _rerun_failed(args: argparse.Namespace) -> int:
+    import shlex
+    import subprocess
+
+    from pruneshot.config import ConfigError
+    from pruneshot.runtime.rerun import failed_outputs, rerun_command
+
+    try:
+        paths = _study_paths(args)
+    except ConfigError as err:
+        print(err, file=sys.stderr)
+        return 2
+    outputs = failed_outputs(paths)
+    if not outputs:
+        print(f"no failed cells in study {paths.study}: nothing to rerun")
+        return 0
+    cmd = rerun_command(outputs, args.config, args.cores)
+    print(f"{len(outputs)} failed job(s) in study {paths.study}:\n  " + "\n  ".join(outputs))
+    print("$ " + shlex.join(cmd), flush=True)
+    if args.print_only:
+        return 0
+    return subprocess.run(cmd).returncode
+
+
 def _summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -36,6 +60,7 @@ def _summary(args: argparse.Namespace) -> int:
         print(f"no results table at {args.results}", file=sys.stderr)
         return 2
     df = pd.read_csv(args.results)
+    n_failed = int((df["status"] != "ok").sum())
     df = df[df["status"] == "ok"]
     cols = ["method", "side", "method_source", "requested_budget", "params_ratio", "target", "shots", "arm",
             "acc_mean", "acc_ci95", "n_episodes"]
@@ -63,6 +88,12 @@ def _summary(args: argparse.Namespace) -> int:
     report = root / RESULTS["report_html"]
     if report.is_file():
         print(f"report: {report}")
+    if n_failed:
+        from pruneshot.runtime.rerun import COMMAND
+
+        config = f" --config {args.config}" if getattr(args, "config", None) else ""
+        print(f"FAILED: {n_failed} results row(s) (listed in the report's Failures section); rerun exactly "
+              f"those cells and what depends on them with: {COMMAND}{config}")
     return 0
 
 
@@ -246,6 +277,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--allow-mixed", action="store_true",
                    help="build even when results come from several commits or config hashes (with a warning)")
     p.set_defaults(func=_report)
+    p = sub.add_parser("rerun-failed", help="rerun exactly the study's failed cells and what depends on them",
+                       description="Force the jobs whose records say failed (a failed search, else a failed "
+                                   "transfer) with snakemake --forcerun; Snakemake reruns what depends on them "
+                                   "(profile, aggregate, report) and nothing else.")
+    p.add_argument("--config", type=Path, default=None,
+                   help="the study's config file (default: config/config.yaml)")
+    p.add_argument("--cores", default="all", help="snakemake --cores (default: all)")
+    p.add_argument("--print", dest="print_only", action="store_true",
+                   help="print the failed jobs' outputs and the command, run nothing")
+    p.set_defaults(func=_rerun_failed)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -399,7 +399,9 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         _html_table(detail, "detail-table"),
         "</section>",
         f'<section id="failures"><h2>Failures</h2><p>{n_ok} run(s) ok, {n_bad} failed. A failed row is a '
-        "method that errored on a cell; its error is listed here and its cell reads <em>failed</em> above.</p>",
+        "method that errored on a cell; its error is listed here and its cell reads <em>failed</em> above. "
+        "<code>pruneshot rerun-failed</code> (with <code>--config FILE</code> for a study other than "
+        "config/config.yaml's) reruns exactly the failed cells and what depends on them.</p>",
         fail_html,
         "</section>",
         '<section id="budget-missed"><h2>Budgets missed</h2><p>Rows whose achieved budget ratio is further '

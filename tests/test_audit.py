@@ -23,6 +23,7 @@ from pruneshot.audit.lineage import lineage
 from pruneshot.audit.verify import verify
 from pruneshot.cli import main
 from pruneshot.paths import StudyPaths
+from pruneshot.report.stats import mean_ci
 
 integration = pytest.mark.integration
 
@@ -124,8 +125,9 @@ def write_study(root: Path) -> None:
     for method, side in (("random", "source"), ("basis_scaling", "target")):
         tr = U.result("transfer", target="digits_5to9", method=method, budget="0.5", shots=1, replicate=0)
         episodes = [{"episode": i, "accuracy": a, "finetune_seed": 10 + i} for i, a in enumerate((0.5, 0.7))]
+        summary = mean_ci([e["accuracy"] for e in episodes])  # as the transfer stage records it
         rec: dict[str, Any] = {"method": method, "side": side, "status": "ok", "mlflow_run_id": f"run-tr-{method}",
-                               "arms": {"finetune": {"episodes": episodes, "summary": {"mean": 0.6, "ci95": 0.1}}}}
+                               "arms": {"finetune": {"episodes": episodes, "summary": summary}}}
         if side == "source":
             net = [U_CHECKPOINT, se_arch]
             rec |= {"network_record": se_rec, "network_record_sha256": _sha(root / se_rec),
@@ -144,8 +146,9 @@ def write_study(root: Path) -> None:
                       "weights_sha256": _sha(root / net[0]), "provenance": _prov("profile", prof_inputs)})
         results.append({"row_id": hashlib.sha256(method.encode()).hexdigest()[:10], "method": method, "side": side,
                         "requested_budget": "0.5", "target": "digits_5to9", "ways": "5", "shots": "1",
-                        "arm": "finetune", "replicate": "0", "acc_mean": "0.6", "acc_ci95": "0.1",
-                        "n_episodes": "2", "git_commit": "c0ffee", "git_dirty": "False", "config_sha256": "cfg",
+                        "arm": "finetune", "replicate": "0", "acc_mean": repr(summary["mean"]),
+                        "acc_ci95": repr(summary["ci95"]), "n_episodes": "2", "git_commit": "c0ffee",
+                        "git_dirty": "False", "config_sha256": "cfg",
                         "checkpoint_sha256": _sha(root / net[0]), "pretrain_sha256": _sha(root / U_PRETRAIN),
                         "data_sha256": _sha(root / tgt), "transfer_record": tr})
     table = root / U.result("results_csv")
@@ -228,6 +231,7 @@ def test_lineage_of_a_target_side_row_has_no_search(unit_study: Path) -> None:
 def test_verify_passes_and_reproduces_dvc_directory_hashes(unit_study: Path) -> None:
     result = verify(unit_study)  # the study of config/config.yaml
     assert result.ok and not result.notes and not result.errors, text.format_verify(result)
+    assert result.recomputed > 0 and not result.value_mismatches
     dvc = DvcOutputs(unit_study, records.Hasher(unit_study))
     assert dvc.present and len(dvc.dirs) == 7 and all(d.listing is not None for d in dvc.dirs)
     for d in dvc.dirs:  # the directory hashes DVC wrote, reproduced from the files
@@ -347,6 +351,94 @@ def test_unknown_and_ambiguous_row_ids_exit_2(unit_study: Path, capsys: pytest.C
 def test_arm_accuracies_reads_both_forms() -> None:
     assert records.arm_accuracies({"episodes": [{"episode": 0, "accuracy": 0.5, "finetune_seed": 1}]}) == [0.5]
     assert records.arm_accuracies({"episode_accuracies": [0.25, 0.75], "finetune_seeds": [1, 2]}) == [0.25, 0.75]
+
+
+def _edit_row(root: Path, method: str, **values: str) -> dict[str, str]:
+    """Set columns of ``method``'s row in the unit study's results table; the row as it was."""
+    table = root / U.result("results_csv")
+    old = rows(root, U)
+    before = next(r for r in old if r["method"] == method)
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(old[0]))
+        writer.writeheader()
+        writer.writerows([{**r, **values} if r["method"] == method else r for r in old])
+    return before
+
+
+U_TRANSFER = U.result("transfer", target="digits_5to9", method="random", budget="0.5", shots=1, replicate=0)
+
+
+@pytest.mark.parametrize(("key", "column", "edited"), [("mean", "acc_mean", 0.907), ("ci95", "acc_ci95", 0.05),
+                                                      ("n", "n_episodes", 3)])
+def test_verify_recomputes_an_edited_transfer_summary_without_dvc_lock(
+        unit: Path, capsys: pytest.CaptureFixture[str], key: str, column: str, edited: float) -> None:
+    """An edited summary in a transfer record (its per-episode accuracies untouched), copied into the
+    results row as the aggregate stage would: no hash covers either file without dvc.lock, the
+    recomputation names both."""
+    (unit / "dvc.lock").unlink()
+    rec = read(unit, U_TRANSFER)
+    recomputed = rec["arms"]["finetune"]["summary"][key]
+    rec["arms"]["finetune"]["summary"][key] = edited
+    (unit / U_TRANSFER).write_text(json.dumps(rec, indent=1))
+    row = _edit_row(unit, "random", **{column: str(edited)})
+    result = verify(unit)
+    assert not result.mismatches  # no recorded hash of either file: hashing alone would pass
+    assert [(m.path, m.field, m.recorded, m.recomputed) for m in result.value_mismatches] == [
+        (U_TRANSFER, f"arms.finetune.summary.{key}", edited, recomputed),
+        (U.result("results_csv"), f"row {row['row_id']} {column}", str(edited), recomputed)]
+    assert main(["audit", "--root", str(unit), "--verify"]) == 1
+    out = capsys.readouterr().out
+    assert mismatch_lines(out) == [
+        f"MISMATCH {U_TRANSFER}: arms.finetune.summary.{key} recorded {edited}, recomputed {recomputed} "
+        "(from mean_ci of the 2 per-episode accuracies in arms.finetune.episodes)",
+        f"MISMATCH {U.result('results_csv')}: row {row['row_id']} {column} recorded {edited}, recomputed "
+        f"{recomputed} (from mean_ci of the 2 per-episode accuracies of {U_TRANSFER} arms.finetune)"]
+    assert "no dvc.lock" in out and "2 mismatch(es)" in out
+    # the row's lineage fails, the other row's holds
+    assert main(["audit", "--root", str(unit), "--verify", row["row_id"]]) == 1
+    assert main(["audit", "--root", str(unit), "--verify", unit_row(unit, "basis_scaling")["row_id"]]) == 0
+
+
+def test_verify_recomputes_an_edited_results_row_without_dvc_lock(unit: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    (unit / "dvc.lock").unlink()
+    row = _edit_row(unit, "basis_scaling", acc_mean="0.907")
+    recomputed = mean_ci([0.5, 0.7])["mean"]
+    assert main(["audit", "--root", str(unit), "--verify", "--json"]) == 1
+    got = json.loads(capsys.readouterr().out)
+    assert not got["ok"] and not got["mismatches"]
+    assert got["value_mismatches"] == [{
+        "path": U.result("results_csv"), "field": f"row {row['row_id']} acc_mean", "recorded": "0.907",
+        "recomputed": recomputed, "recomputed_from": f"mean_ci of the 2 per-episode accuracies of "
+                                                     f"{row['transfer_record']} arms.finetune"}]
+    assert main(["audit", "--root", str(unit), "--verify"]) == 1
+    assert mismatch_lines(capsys.readouterr().out) == [
+        f"MISMATCH {U.result('results_csv')}: row {row['row_id']} acc_mean recorded 0.907, recomputed {recomputed} "
+        f"(from mean_ci of the 2 per-episode accuracies of {row['transfer_record']} arms.finetune)"]
+    # a column the aggregate stage copies from the record as it is
+    _edit_row(unit, "basis_scaling", acc_mean=row["acc_mean"], git_commit="deadbeef")
+    result = verify(unit)
+    assert [(m.field, m.recorded, m.recomputed) for m in result.value_mismatches] == [
+        (f"row {row['row_id']} git_commit", "deadbeef", "c0ffee")]
+
+
+def test_verify_of_an_unedited_study_recomputes_and_passes_without_dvc_lock(
+        unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (unit / "dvc.lock").unlink()
+    result = verify(unit)
+    assert result.ok and not result.value_mismatches and not result.errors, text.format_verify(result)
+    assert result.recomputed >= 2 * 4 + 2 * 4  # each record's summary, each row's accuracy columns
+    assert any("no dvc.lock" in n for n in result.notes)
+    assert main(["audit", "--root", str(unit), "--verify"]) == 0
+    out = capsys.readouterr().out
+    assert f"{result.recomputed} recomputed values: all match" in out and not mismatch_lines(out)
+
+
+def test_a_row_whose_transfer_record_is_missing_is_an_error(unit: Path) -> None:
+    (unit / U_TRANSFER).unlink()
+    result = verify(unit)
+    assert not result.ok
+    assert any(f"its transfer record {U_TRANSFER} is missing" in e for e in result.errors)
 
 
 # --- the session's finished tiny study (needs the whole pipeline: tests/conftest.py `project`) ------

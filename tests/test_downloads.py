@@ -9,6 +9,7 @@ import re
 import struct
 import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +33,7 @@ class ServerState:
     fail_first: int = 0  # answer the first k requests with 500
     truncate_first: int = 0  # cut the body in half for the first k (successful) requests
     ignore_range: bool = False
+    trickle: tuple[int, float] | None = None  # send the body N bytes at a time, sleeping S seconds between
     ranges: list[str | None] = field(default_factory=list)  # Range header of every request, in order
     served: list[int] = field(default_factory=list)  # status code of every request
 
@@ -65,6 +67,17 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(st.data) - 1}/{len(st.data)}")
         self.end_headers()
         successes = sum(1 for c in st.served if c in (200, 206))
+        if st.trickle is not None:
+            step, pause = st.trickle
+            try:
+                for i in range(0, len(body), step):
+                    self.wfile.write(body[i:i + step])
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:  # the client gave up
+                pass
+            self.close_connection = True
+            return
         if successes <= st.truncate_first:
             self.wfile.write(body[: len(body) // 2])
             self.wfile.flush()
@@ -164,12 +177,22 @@ def test_fetch_truncated_then_whole(server, tmp_path):
     assert server.state.served == [200, 206]
 
 
-def test_fetch_always_truncated_fails(server, tmp_path):
+def test_fetch_always_truncated_fails_and_keeps_the_part_for_the_next_run(server, tmp_path):
     server.state.truncate_first = 10**6
-    with pytest.raises(DownloadError, match="truncated"):
-        fetch(_url(server), tmp_path / "file.bin", None, attempts=3, **FAST)
+    data = server.state.data
+    dest = tmp_path / "file.bin"
+    part = dest.with_suffix(".bin.part")
+    with pytest.raises(DownloadError, match="truncated") as ei:
+        fetch(_url(server), dest, None, attempts=3, **FAST)
     assert len(server.state.served) == 3
-    assert list(tmp_path.iterdir()) == []
+    kept = part.stat().st_size
+    assert list(tmp_path.iterdir()) == [part] and part.read_bytes() == data[:kept]
+    assert f"{part} ({kept} bytes) is kept for the next run to resume" in str(ei.value)
+    # a later run resumes it
+    server.state.truncate_first = 0
+    assert fetch(_url(server), dest, _sha(data), **FAST).read_bytes() == data
+    assert server.state.ranges[-1] == f"bytes={kept}-" and server.state.served[-1] == 206
+    assert not part.exists()
 
 
 def test_fetch_resumes_part_with_range(server, tmp_path):
@@ -208,6 +231,46 @@ def test_fetch_existing_wrong_dest_is_replaced(server, tmp_path):
     fetch(_url(server), dest, _sha(server.state.data), **FAST)
     assert dest.read_bytes() == server.state.data
     assert len(server.state.ranges) == 1
+
+
+def test_fetch_gives_up_on_a_trickle_and_a_later_run_resumes(server, tmp_path):
+    """16 bytes every 20 ms (800 bytes/s) with a correct Content-Length: every read arrives well within
+    timeout_s, so only the minimum rate stops it."""
+    data = server.state.data
+    server.state.trickle = (16, 0.02)
+    dest = tmp_path / "file.bin"
+    part = dest.with_suffix(".bin.part")
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as ei:
+        fetch(_url(server), dest, _sha(data), attempts=2, min_rate_bps=5000, rate_window_s=0.3, **FAST)
+    assert time.monotonic() - t0 < 5
+    msg = str(ei.value)
+    kept = part.stat().st_size
+    assert 0 < kept < len(data) and part.read_bytes() == data[:kept]
+    assert msg.startswith(f"{_url(server)}: failed after 2 attempts: transfer too slow: ")
+    assert "below the minimum of 5000 bytes/s (data.download.min_rate_bps)" in msg
+    assert re.search(rf"; {kept} of {len(data)} bytes received; ", msg), msg
+    assert f"{part} ({kept} bytes) is kept for the next run to resume" in msg
+    assert server.state.ranges[0] is None and re.fullmatch(r"bytes=\d+-", server.state.ranges[1])  # 2nd resumed
+    # a later run resumes the kept .part with a Range request
+    server.state.trickle = None
+    assert fetch(_url(server), dest, _sha(data), **FAST).read_bytes() == data
+    assert server.state.ranges[-1] == f"bytes={kept}-" and server.state.served[-1] == 206
+    assert not part.exists()
+
+
+def test_fetch_min_rate_lets_a_steady_transfer_through(server, tmp_path):
+    server.state.trickle = (10_000, 0.05)  # 200 kB/s: above the minimum
+    data = server.state.data
+    dest = fetch(_url(server), tmp_path / "file.bin", _sha(data), min_rate_bps=5000, rate_window_s=0.1, **FAST)
+    assert dest.read_bytes() == data and server.state.ranges == [None]
+
+
+def test_fetch_rejects_bad_rate_settings(tmp_path):
+    with pytest.raises(ValueError, match="min_rate_bps must be >= 0"):
+        fetch("http://127.0.0.1:9/x", tmp_path / "x", None, min_rate_bps=-1)
+    with pytest.raises(ValueError, match="rate_window_s must be > 0"):
+        fetch("http://127.0.0.1:9/x", tmp_path / "x", None, rate_window_s=0)
 
 
 def test_fetch_connection_refused_retries_then_fails(tmp_path):

@@ -250,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                        description="Print the lineage of a number in the results table (transfer run, pruned "
                                    "network, search, pretrained backbone, data, episodes, profile: paths, sha256, "
                                    "MLflow runs, seeds, rules, commits, configs), or with --verify re-hash every "
-                                   "artefact and compare with the records and dvc.lock (exit 1 on a mismatch).")
+                                   "artefact and compare with the records and dvc.lock, and recompute every "
+                                   "transfer summary and results row's accuracy columns from the per-episode "
+                                   "accuracies (exit 1 on a mismatch).")
     p.add_argument("row", nargs="?", metavar="ROW_ID",
                    help="a row_id (or a unique prefix), a transfer record (.json) or a results file (.csv); "
                         "default: every row")
@@ -263,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the results table (relative to --root; default: results/STUDY/tables/results.csv)")
     p.add_argument("--root", type=Path, default=Path("."), help="the project directory")
     p.add_argument("--verify", action="store_true",
-                   help="re-hash the artefacts (of ROW_ID's lineage, else all) and compare with the recorded hashes")
+                   help="re-hash the artefacts (of ROW_ID's lineage, else all) and compare with the recorded hashes; "
+                        "recompute the transfer summaries and results rows' accuracy columns and compare")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_audit)
     p = sub.add_parser("report", help="rebuild the HTML report from existing tables (no Snakemake)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pruneshot.audit.values import ValueMismatch
 from pruneshot.audit.verify import Mismatch, VerifyResult
 
 
@@ -17,6 +18,26 @@ def mismatch_line(m: Mismatch) -> str:
     if m.expected is None:
         return f"EXTRA    {m.path}: {m.algo} {m.actual}, not in {who}"
     return f"MISMATCH {m.path}: {m.algo} recorded {m.expected}, actual {m.actual} (recorded by {who})"
+
+
+def value_line(m: ValueMismatch) -> str:
+    """One human-readable line for a recomputed value that disagrees with the recorded one."""
+    return (f"MISMATCH {m.path}: {m.field} recorded {_shown(m.recorded)}, recomputed {_shown(m.recomputed)} "
+            f"(from {m.source})")
+
+
+def _shown(value: Any) -> str:
+    if value is None or value == "":
+        return "(empty)"
+    return repr(value) if isinstance(value, str) and not _is_number(value) else str(value)
+
+
+def _is_number(value: str) -> bool:
+    try:
+        float(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _num(value: str | None, scale: float = 1.0, fmt: str = ".3f") -> str:
@@ -124,15 +145,19 @@ def _format_node(node: dict[str, Any], depth: int, lines: list[str], row_acc: st
 def format_verify(result: VerifyResult, scope: str = "every artefact") -> str:
     """Mismatch lines, then a one-line summary."""
     lines = [mismatch_line(m) for m in result.mismatches]
+    lines += [value_line(m) for m in result.value_mismatches]
     lines += [f"ERROR    {e}" for e in result.errors]
     lines += [f"note: {n}" for n in result.notes]
+    values = f"{result.recomputed} recomputed values"
+    bad = len(result.mismatches) + len(result.value_mismatches)
     if result.ok:
-        lines.append(f"verified {result.artefacts} artefacts ({scope}) against {result.claims} recorded hashes: "
-                     "all match")
-    elif not result.mismatches:
+        lines.append(f"verified {result.artefacts} artefacts ({scope}) against {result.claims} recorded hashes and "
+                     f"{values}: all match")
+    elif not bad:
         lines.append(f"verification incomplete: {len(result.errors)} error(s); {result.claims} recorded hashes "
-                     f"compared among {result.artefacts} artefacts ({scope}), all match")
+                     f"compared among {result.artefacts} artefacts ({scope}) and {values}, all match")
     else:
-        lines.append(f"{len(result.mismatches)} mismatch(es) among {result.artefacts} artefacts ({scope}), "
-                     f"{result.claims} recorded hashes compared")
+        lines.append(f"{bad} mismatch(es) among {result.artefacts} artefacts ({scope}): {result.claims} recorded "
+                     f"hashes compared ({len(result.mismatches)} differ), {values} "
+                     f"({len(result.value_mismatches)} differ)")
     return "\n".join(lines)

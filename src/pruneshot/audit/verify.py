@@ -1,5 +1,7 @@
 """``pruneshot audit --verify``: re-hash every file some record names with a hash and every output DVC
-recorded, and name each file whose bytes no longer match.
+recorded, and name each file whose bytes no longer match; recompute every number that can be recomputed
+(:mod:`pruneshot.audit.values`: transfer summaries, results rows' accuracy columns) and name each that
+disagrees, with or without ``dvc.lock``.
 
 Records hold sha256 (``provenance.inputs``, ``weights_sha256``, ``network_record_sha256``, a manifest's
 shard ``sha256``, an episodes file's ``pool_sha256``, the results row's checkpoint/pretrain/data hashes);
@@ -16,6 +18,7 @@ from typing import Any
 from pruneshot.audit.dvc import DvcOutputs
 from pruneshot.audit.lineage import lineage, lineage_files
 from pruneshot.audit.records import Claim, Hasher, all_claims, default_study, rel_path
+from pruneshot.audit.values import ValueMismatch, check_values
 from pruneshot.paths import StudyPaths
 
 
@@ -38,24 +41,28 @@ class Mismatch:
 
 @dataclass
 class VerifyResult:
-    """Outcome of :func:`verify`: files re-hashed, hashes compared, mismatches, errors (DVC state that
-    cannot be read: the check is incomplete), notes."""
+    """Outcome of :func:`verify`: files re-hashed, hashes compared, hash mismatches, values recomputed and
+    those that disagree, errors (DVC state or records that cannot be read: the check is incomplete), notes."""
 
     artefacts: int = 0
     claims: int = 0
     mismatches: list[Mismatch] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    recomputed: int = 0
+    value_mismatches: list[ValueMismatch] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        """Every hash matched and every record of hashes could be read."""
-        return not self.mismatches and not self.errors
+        """Every hash matched, every recomputed value agreed, and everything could be read."""
+        return not self.mismatches and not self.value_mismatches and not self.errors
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return {"ok": self.ok, "artefacts": self.artefacts, "claims": self.claims,
-                "mismatches": [m.as_dict() for m in self.mismatches], "errors": self.errors, "notes": self.notes}
+                "mismatches": [m.as_dict() for m in self.mismatches], "recomputed": self.recomputed,
+                "value_mismatches": [m.as_dict() for m in self.value_mismatches], "errors": self.errors,
+                "notes": self.notes}
 
 
 def _check(claims: list[Claim], hasher: Hasher, result: VerifyResult) -> None:
@@ -98,7 +105,9 @@ def verify(root: Path | str = ".", study: str | StudyPaths | None = None, result
     ``study``: a name or its paths (default: ``study.name`` of ``config``, else config/config.yaml).
     ``results``: the results table (default the study's). ``rows``: restrict the check to these rows'
     lineage (the hashes their lineage's records hold, and dvc.lock's md5 of the lineage's files).
-    Without ``rows``, files inside a DVC directory output that its listing does not name are reported too."""
+    Without ``rows``, files inside a DVC directory output that its listing does not name are reported too.
+    Every transfer record's summaries and every results row's accuracy columns (of ``rows`` only, when
+    given) are recomputed from the per-episode accuracies and compared (:func:`check_values`)."""
     root = Path(root)
     if not isinstance(study, StudyPaths):
         study = StudyPaths(study if study is not None else default_study(root, config))
@@ -125,6 +134,9 @@ def verify(root: Path | str = ".", study: str | StudyPaths | None = None, result
                                   for p in files if p not in named and hasher.get(p) is None]
         claims = list(dict.fromkeys(claims))
     _check(claims, hasher, result)
+    values = check_values(root, study, results_rel, rows)
+    result.recomputed, result.value_mismatches = values.compared, values.mismatches
+    result.errors += values.errors
     if dvc.present:
         _check_dvc(dvc, scope, result)
     result.artefacts = hasher.hashed

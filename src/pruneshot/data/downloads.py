@@ -11,6 +11,10 @@ import urllib.request
 from pathlib import Path
 
 _CHUNK = 1 << 16
+#: Default of ``data.download.min_rate_bps`` (config/schema.yaml): bytes per second.
+MIN_RATE_BPS = 10_000.0
+#: Length of the windows the transfer rate is measured over, in seconds.
+RATE_WINDOW_S = 30.0
 
 
 class DownloadError(RuntimeError):
@@ -40,8 +44,13 @@ def _content_range_start(value: str | None) -> int | None:
         return None
 
 
-def _attempt(url: str, part: Path, timeout_s: float) -> None:
-    """One transfer into ``part``, resuming if it exists; raise _RetryableError or DownloadError."""
+def _attempt(url: str, part: Path, timeout_s: float, min_rate_bps: float = 0.0,
+             rate_window_s: float = RATE_WINDOW_S) -> None:
+    """One transfer into ``part``, resuming if it exists; raise _RetryableError or DownloadError.
+
+    ``min_rate_bps`` (bytes/s, 0: no minimum): the body must arrive at least this fast over each
+    consecutive ``rate_window_s`` seconds, checked after every read (a read returns as soon as any
+    bytes arrive, and waits at most ``timeout_s``)."""
     offset = part.stat().st_size if part.exists() else 0
     req = urllib.request.Request(url, headers={"Range": f"bytes={offset}-"} if offset else {})
     try:
@@ -69,10 +78,25 @@ def _attempt(url: str, part: Path, timeout_s: float) -> None:
                 raise _RetryableError("206 with unexpected Content-Range")
             mode, start = "wb", 0
         expected = start + length if length is not None else None
+        read = getattr(resp, "read1", resp.read)  # read1: whatever has arrived, not a full chunk
+        received = 0  # bytes of this attempt
+        window_start, window_bytes = time.monotonic(), 0
         try:
             with open(part, mode) as f:
-                for chunk in iter(lambda: resp.read(_CHUNK), b""):
+                for chunk in iter(lambda: read(_CHUNK), b""):
                     f.write(chunk)
+                    received += len(chunk)
+                    window_bytes += len(chunk)
+                    elapsed = time.monotonic() - window_start
+                    if min_rate_bps > 0 and elapsed >= rate_window_s:
+                        if window_bytes < min_rate_bps * elapsed:
+                            total = f"{start + received} of {expected}" if expected is not None else \
+                                f"{start + received}"
+                            raise _RetryableError(
+                                f"transfer too slow: {window_bytes} bytes in the last {elapsed:.1f} s "
+                                f"({window_bytes / elapsed:.0f} bytes/s), below the minimum of {min_rate_bps:g} "
+                                f"bytes/s (data.download.min_rate_bps); {total} bytes received")
+                        window_start, window_bytes = time.monotonic(), 0
         except (OSError, http.client.HTTPException) as e:
             raise _RetryableError(f"transfer interrupted: {e}") from e
     got = part.stat().st_size
@@ -90,14 +114,19 @@ def fetch(
     attempts: int = 3,
     timeout_s: float = 30,
     backoff_s: float = 0.5,
+    min_rate_bps: float = MIN_RATE_BPS,
+    rate_window_s: float = RATE_WINDOW_S,
 ) -> Path:
     """Download ``url`` to ``dest`` (atomically) and return ``dest``.
 
     Streams into ``dest + '.part'``, resuming it with a Range request when the server answers 206
     (restarting on 200). Size is checked against Content-Length and, if given, the sha256. HTTP 5xx,
-    connection errors and truncated bodies are retried (``attempts`` in total, exponential backoff);
-    other 4xx errors and checksum mismatches raise :class:`DownloadError` at once. If ``dest`` already
-    exists and matches ``sha256`` (or no hash is given) nothing is fetched.
+    connection errors, truncated bodies and transfers slower than ``min_rate_bps`` bytes/s over a
+    ``rate_window_s``-second window are retried (``attempts`` in total, exponential backoff from
+    ``backoff_s`` seconds); ``timeout_s`` (seconds) bounds each connect and read. Other 4xx errors and
+    checksum mismatches raise :class:`DownloadError` at once. When every attempt fails, the ``.part``
+    file is kept so that a later call resumes it. If ``dest`` already exists and matches ``sha256`` (or
+    no hash is given) nothing is fetched. ``min_rate_bps`` 0: no minimum rate.
     """
     dest = Path(dest)
     want = sha256.lower() if sha256 else None
@@ -105,6 +134,10 @@ def fetch(
         return dest
     if attempts < 1:
         raise ValueError(f"attempts must be >= 1, got {attempts}")
+    if min_rate_bps < 0:
+        raise ValueError(f"min_rate_bps must be >= 0 (bytes/s), got {min_rate_bps}")
+    if rate_window_s <= 0:
+        raise ValueError(f"rate_window_s must be > 0 (seconds), got {rate_window_s}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
     last: Exception | None = None
@@ -112,7 +145,7 @@ def fetch(
         if i:
             time.sleep(backoff_s * 2 ** (i - 1))
         try:
-            _attempt(url, part, timeout_s)
+            _attempt(url, part, timeout_s, min_rate_bps, rate_window_s)
         except _RetryableError as e:
             last = e
             continue
@@ -123,5 +156,8 @@ def fetch(
                 raise DownloadError(f"{url}: sha256 mismatch: expected {want}, got {got}")
         os.replace(part, dest)
         return dest
-    part.unlink(missing_ok=True)
-    raise DownloadError(f"{url}: failed after {attempts} attempts: {last}")
+    size = part.stat().st_size if part.exists() else 0
+    if not size:  # nothing to resume
+        part.unlink(missing_ok=True)
+    kept = f"; {part} ({size} bytes) is kept for the next run to resume" if size else ""
+    raise DownloadError(f"{url}: failed after {attempts} attempts: {last}{kept}")

@@ -36,7 +36,8 @@ from pruneshot.io import save_tensors, sha256_file, write_json
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights of R, G, B used to turn RGB into one gray channel."""
 
-DEFAULT_DOWNLOAD: dict[str, Any] = {"mirrors": {}, "checksums": {}, "attempts": 3, "timeout_s": 60}
+DEFAULT_DOWNLOAD: dict[str, Any] = {"mirrors": {}, "checksums": {}, "attempts": 3, "timeout_s": 60,
+                                    "min_rate_bps": 10000}
 """Download settings used when none are given (the schema defaults of ``data.download``)."""
 
 
@@ -183,7 +184,7 @@ def _fetch(spec: DatasetSpec, split: str, cache: Path, download: dict[str, Any])
             sha = overrides.get(f.name, f.sha256).lower()
             try:
                 path = fetch(base + f.name, cache / f.name, sha, attempts=int(download["attempts"]),
-                             timeout_s=float(download["timeout_s"]))
+                             timeout_s=float(download["timeout_s"]), min_rate_bps=float(download["min_rate_bps"]))
             except DownloadError as e:
                 raise DatasetError(f"dataset {spec.name!r} (split {split!r}): cannot download {f.name}: {e}") from e
             out[f.name] = (path, sha)

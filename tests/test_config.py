@@ -15,6 +15,7 @@ from pruneshot.methods import available
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "config" / "config.yaml"
+TINY = ROOT / "tests" / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -346,3 +347,131 @@ def test_the_schema_offers_exactly_the_arms_the_methods_define():
 
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     assert tuple(schema["properties"]["transfer"]["properties"]["arms"]["items"]["enum"]) == ARMS
+
+
+# ------------------------------------------------------------------ issue 14: nothing wrong marked ok
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize(("section", "key"), [("transfer", "lr"), ("pretrain", "lr")])
+def test_a_non_finite_number_is_rejected(cfg, schema, section, key, value):
+    cfg.setdefault(section, {})[key] = value
+    msg = _error(cfg, schema)
+    assert f"config key '{section}.{key}': {value!r} is not a finite number" in msg
+    assert "out of range" not in msg  # -inf is reported once, as not finite
+
+
+def test_a_non_finite_number_is_rejected_anywhere(cfg, schema):
+    cfg["budget"]["levels"] = [0.5, float("nan")]
+    cfg["profile"] = {**cfg.get("profile", {}), "batch_sizes": [1, float("inf")]}
+    msg = _error(cfg, schema)
+    assert "config key 'budget.levels[1]': nan is not a finite number" in msg
+    assert "config key 'profile.batch_sizes[1]': inf is not a finite number" in msg
+
+
+@pytest.mark.parametrize("text", [".nan", ".inf", "-.inf", ".NaN", "+.Inf"])
+def test_cli_validate_rejects_a_non_finite_number_in_the_file(tmp_path, cfg, capsys, text):
+    cfg["transfer"]["lr"] = "LR"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg).replace("lr: LR", f"lr: {text}"))
+    assert _run_cli(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config key 'transfer.lr': {float(text.replace('.', ''))!r} is not a finite number" in err
+
+
+@pytest.mark.parametrize(("levels", "label"), [([0.5, 0.5000001], "0.5"), ([1, 0.9999999], "1"),
+                                               ([0.25, 0.1, 0.2500004], "0.25")])
+def test_budget_levels_whose_labels_collide_are_rejected(cfg, schema, levels, label):
+    cfg["budget"]["levels"] = levels
+    msg = _error(cfg, schema)
+    first, second = levels[0], levels[-1]
+    assert (f"config key 'budget.levels': levels {first!r} (budget.levels[0]) and {second!r} "
+            f"(budget.levels[{len(levels) - 1}]) both have the label '{label}'") in msg
+    assert msg.count("both have the label") == 1
+
+
+def test_budget_levels_with_distinct_labels_are_accepted(cfg, schema):
+    cfg["budget"]["levels"] = [1, 0.999999, 0.5, 0.500001]
+    out = validate_config(cfg, schema)
+    assert [budget_label(b) for b in out["budget"]["levels"]] == ["1", "0.999999", "0.5", "0.500001"]
+
+
+def _with_duplicate_key(path: Path) -> tuple[int, int]:
+    """Write tests/configs/tiny.yaml to ``path`` with ``transfer.lr`` given twice; (line of the first, second)."""
+    lines = TINY.read_text().splitlines()
+    at = lines.index("transfer:")
+    lines[at + 1:at + 1] = ["  lr: 0.01", "  momentum: 0.9", "  lr: 0.5"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return at + 2, at + 4
+
+
+def test_load_config_rejects_a_duplicate_key(tmp_path):
+    path = tmp_path / "dup.yaml"
+    first, second = _with_duplicate_key(path)
+    with pytest.raises(ConfigError) as err:
+        cfgmod.load_config(path)
+    assert str(err.value).startswith(
+        f"config file {path}: key 'transfer.lr' is given twice, at line {first} and line {second}")
+
+
+def test_load_config_rejects_a_duplicate_section(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text(TINY.read_text() + "budget:\n  levels: [0.25]\n")
+    line = TINY.read_text().splitlines().index("budget:") + 1
+    with pytest.raises(ConfigError, match=rf"key 'budget' is given twice, at line {line} and line "
+                                          rf"{len(TINY.read_text().splitlines()) + 1}\b"):
+        cfgmod.load_config(path)
+
+
+def test_a_duplicate_key_inside_a_list_is_named_by_its_path(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("a:\n  - {x: 1}\n  - x: 1\n    y: 2\n    x: 3\n")
+    with pytest.raises(ConfigError, match=r"key 'a\[1\]\.x' is given twice, at line 3 and line 5\b"):
+        cfgmod.read_yaml(path)
+
+
+def test_a_key_may_override_one_merged_in(tmp_path):
+    path = tmp_path / "merge.yaml"
+    path.write_text("base: &b {lr: 0.1, steps: 4}\nx:\n  y: &d\n    <<: *b\n    lr: 0.2\nz:\n  <<: *d\n")
+    assert cfgmod.read_yaml(path) == {"base": {"lr": 0.1, "steps": 4}, "x": {"y": {"lr": 0.2, "steps": 4}},
+                                      "z": {"lr": 0.2, "steps": 4}}
+
+
+def test_cli_validate_rejects_a_duplicate_key(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    first, second = _with_duplicate_key(path)
+    assert _run_cli(["validate", str(path)]) == 2
+    assert f"key 'transfer.lr' is given twice, at line {first} and line {second}" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("given", ["--configfile", "config/config.yaml"])
+def test_snakemake_rejects_a_duplicate_key_before_any_job(tmp_path, given):
+    """Snakemake's own YAML reader keeps the last value; the Snakefile reads every config file again."""
+    from conftest import BIN, run
+
+    path = tmp_path / ("dup.yaml" if given == "--configfile" else "config/config.yaml")
+    first, second = _with_duplicate_key(path)
+    extra = ["--configfile", str(path)] if given == "--configfile" else []
+    proc = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--snakefile", str(ROOT / "workflow/Snakefile"),
+                "--directory", str(tmp_path), *extra], tmp_path, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"key 'transfer.lr' is given twice, at line {first} and line {second}" in out
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.integration
+def test_snakemake_rejects_a_non_finite_number_before_any_job(tmp_path):
+    from conftest import BIN, run
+
+    path = tmp_path / "nan.yaml"
+    lines = TINY.read_text().splitlines()
+    lines.insert(lines.index("transfer:") + 1, "  lr: .nan")
+    path.write_text("\n".join(lines) + "\n")
+    proc = run([str(BIN / "snakemake"), "-n", "--cores", "1", "--snakefile", str(ROOT / "workflow/Snakefile"),
+                "--directory", str(tmp_path), "--configfile", str(path)], tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "config key 'transfer.lr': nan is not a finite number" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()

@@ -67,6 +67,20 @@ def test_checkpoint_round_trip_is_exact_and_replaces_atomically(tmp_path):
     assert not ck.directory.exists()
 
 
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o002, 0o664)], ids=["umask022", "umask002"])
+def test_checkpoint_files_get_the_mode_the_umask_gives(tmp_path, umask, mode):
+    """Written through temporary files, but not with mkstemp's 0600 (issue 14)."""
+    old = os.umask(umask)
+    try:
+        ck = Checkpointer(tmp_path / "ck", "key")
+        ck.save({"w": torch.ones(3)}, {"step": 1})
+    finally:
+        os.umask(old)
+    files = sorted(ck.directory.iterdir())
+    assert [p.name for p in files] == [MANIFEST, "state-000001.safetensors"]
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: oct(mode) for p in files}
+
+
 @pytest.mark.parametrize("damage", ["other_key", "tensor_bytes", "tensor_missing", "manifest_truncated",
                                     "no_manifest"])
 def test_foreign_or_damaged_checkpoints_are_removed_never_resumed(tmp_path, damage):

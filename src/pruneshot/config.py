@@ -6,9 +6,11 @@ starts, so a bad config fails in well under a second and touches nothing.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,73 @@ DATASET_CLASS_SIZES: dict[str, dict[int, int]] = {
 
 class ConfigError(ValueError):
     """A configuration problem, with a message naming the key and what is allowed."""
+
+
+class DuplicateKeyError(ConfigError):
+    """A key given twice in one mapping of a config file."""
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that rejects a key given twice in one mapping (PyYAML would keep the last value
+    silently), naming the key's path and both lines. A key may still override one merged in with ``<<``."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # Checked on the whole node tree before anything is constructed: constructing flattens merge keys
+        # into the mappings they were merged from, which would look like duplicates.
+        self._check_unique_keys(node, (), set())
+        return super().construct_document(node)
+
+    def _check_unique_keys(self, node: yaml.Node, path: tuple[Any, ...], visited: set[int]) -> None:
+        if id(node) in visited:  # an alias of a node already checked
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_unique_keys(item, (*path, i), visited)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    self._check_unique_keys(value_node, path, visited)
+                    continue
+                if not isinstance(key_node, yaml.ScalarNode):  # a complex key: PyYAML reports it
+                    continue
+                key = self.construct_object(key_node)
+                if key in first:
+                    mark, name = first[key].start_mark, _key_path((*path, str(key)))
+                    raise DuplicateKeyError(
+                        f"config file {mark.name}: key '{name}' is given twice, at line {mark.line + 1} and "
+                        f"line {key_node.start_mark.line + 1} (YAML would silently keep the last value); "
+                        "keep one of them"
+                    )
+                first[key] = key_node
+                self._check_unique_keys(value_node, (*path, str(key)), visited)
+
+
+def read_yaml(path: Path | str) -> Any:
+    """Read a YAML file with :class:`UniqueKeyLoader` (raises DuplicateKeyError on a repeated key)."""
+    with open(path, encoding="utf-8") as f:
+        return yaml.load(f, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+
+
+def check_config_file(path: Path | str) -> None:
+    """Raise DuplicateKeyError if a config file as Snakemake reads it (JSON or YAML) repeats a key."""
+    try:
+        read_yaml(path)
+        return
+    except yaml.YAMLError:  # not YAML that PyYAML reads (JSON with tabs, say): check it as JSON
+        pass
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise DuplicateKeyError(f"config file {path}: key {key!r} is given twice in one JSON object "
+                                        "(JSON readers keep the last value silently); keep one of them")
+        return dict(pairs)
+
+    with contextlib.suppress(json.JSONDecodeError):  # neither: Snakemake reports it when it reads the file
+        json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=unique)
 
 
 def load_schema(path: Path | str = SCHEMA_PATH) -> dict[str, Any]:
@@ -99,18 +168,44 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     """
     schema = schema if schema is not None else load_schema()
     config = copy.deepcopy(dict(config))
+    non_finite = non_finite_numbers(config)
     name_problem = study_name_problem(config)
     validator = _validator_with_defaults(schema)
     errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
     if name_problem:  # reported once, by study_name_problem, not also as a schema pattern mismatch
         errors = [e for e in errors if not (list(e.absolute_path) == ["study", "name"] and e.validator == "pattern")]
-    messages = [_describe(e) for e in errors] + ([name_problem] if name_problem else [])
+    if non_finite:  # reported once, as not finite, not also as out of range (-inf < 0)
+        bad_paths = {tuple(path) for path, _ in non_finite}
+        errors = [e for e in errors if tuple(e.absolute_path) not in bad_paths]
+    messages = [
+        f"config key '{_key_path(path)}': {value!r} is not a finite number; allowed: finite numbers (no NaN or "
+        "infinity)"
+        for path, value in non_finite
+    ]
+    messages += [_describe(e) for e in errors] + ([name_problem] if name_problem else [])
     if messages:
         raise ConfigError("invalid config:\n  " + "\n  ".join(messages))
     problems = semantic_problems(config)
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     return config
+
+
+def non_finite_numbers(obj: Any, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], float]]:
+    """(key path, value) of every NaN or infinite number in ``obj`` (nested dicts and lists), keys included:
+    YAML reads ``.nan``, ``.inf`` and ``-.inf`` as floats, which pass every range check of the schema."""
+    found: list[tuple[tuple[Any, ...], float]] = []
+    if isinstance(obj, float) and not math.isfinite(obj):
+        found.append((path, obj))
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if isinstance(key, float) and not math.isfinite(key):
+                found.append(((*path, str(key)), key))
+            found += non_finite_numbers(value, (*path, key))
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            found += non_finite_numbers(value, (*path, i))
+    return found
 
 
 def study_name_problem(config: dict[str, Any]) -> str | None:
@@ -169,8 +264,28 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
                     f"config key '{key}.classes': classes {shared} are also source classes; "
                     "source and target must not share a class within one dataset"
                 )
+    problems += _budget_problems(config)
     problems += _method_problems(config)
     problems += _backbone_problems(config)
+    return problems
+
+
+def _budget_problems(config: dict[str, Any]) -> list[str]:
+    """Budget levels whose labels (:func:`budget_label`, the text in paths, wildcards and results.csv) collide."""
+    levels = config["budget"]["levels"]
+    first: dict[str, tuple[int, Any]] = {}
+    problems = []
+    for i, level in enumerate(levels):
+        label = budget_label(level)
+        if label in first:
+            j, other = first[label]
+            problems.append(
+                f"config key 'budget.levels': levels {other!r} (budget.levels[{j}]) and {level!r} "
+                f"(budget.levels[{i}]) both have the label {label!r}, the name of their results; "
+                "allowed: levels that still differ when rounded to 6 significant digits"
+            )
+        else:
+            first[label] = (i, level)
     return problems
 
 
@@ -286,9 +401,8 @@ def _method_problems(config: dict[str, Any]) -> list[str]:
 
 
 def load_config(path: Path | str) -> dict[str, Any]:
-    """Read a YAML config file and validate it (defaults filled)."""
-    with open(path) as f:
-        raw = yaml.safe_load(f) or {}
+    """Read a YAML config file, rejecting a repeated key, and validate it (defaults filled)."""
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping, got {type(raw).__name__}")
     return validate_config(raw)
@@ -308,8 +422,6 @@ def budget_label(budget: float) -> str:
 def budget_value(budget: str | float) -> float:
     """A budget label or number as a comparable float: '0.5', 0.5 and 0.5000000001 -> 0.5 (rounded to
     9 decimals, so a label and the float it came from compare equal); NaN when not a finite number."""
-    import math
-
     try:
         value = float(budget)
     except (TypeError, ValueError):

@@ -36,7 +36,6 @@ import json
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +44,7 @@ from typing import Any
 
 import torch
 
+from pruneshot.io import create_temp
 from pruneshot.paths import RESULTS, RESULTS_DIR
 
 FORMAT = "pruneshot-checkpoint/1"
@@ -278,7 +278,7 @@ class Checkpointer:
                     raise
 
     def _write(self, path: Path, data: bytes) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=self.directory)
+        fd, tmp = create_temp(self.directory, _TMP_PREFIX)  # the umask's mode, not mkstemp's 0600
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)

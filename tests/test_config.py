@@ -475,3 +475,201 @@ def test_snakemake_rejects_a_non_finite_number_before_any_job(tmp_path):
     assert proc.returncode != 0
     assert "config key 'transfer.lr': nan is not a finite number" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+# ------------------------------------------------------------------ image folders and mirrors: checked before any job
+
+
+def _image_root(base: Path, classes=("cat", "dog", "owl"), per_class: int = 2) -> Path:
+    """``base/scans/<class>/<i>.png``: tiny real PNGs (sorted class folders: indices 0, 1, 2), and a stray file."""
+    from PIL import Image
+
+    root = base / "scans"
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("L", (4, 3), color=40 * i).save(root / name / f"{i}.png")
+    (root / "README.txt").write_text("not a class")
+    return root
+
+
+def _with_image_folder(cfg, root, role: str = "source", classes=(0, 1)):
+    """The default config with the source (or every target) read from the image folder ``root``."""
+    entry = {"dataset": "imagefolder", "root": str(root), "classes": list(classes)}
+    cfg["data"]["image"] = {"size": 14, "channels": 1}  # the mnist10k side's shape
+    if role == "source":
+        cfg["data"]["source"] = entry
+    else:
+        cfg["episodes"].update({"ways": 2, "shots": [1]})
+        cfg["data"]["targets"] = {"scans": entry}
+    return cfg
+
+
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_image_folders_and_mirrors_that_jobs_can_read_are_accepted(cfg, schema, tmp_path, monkeypatch, role):
+    root = _image_root(tmp_path)
+    (tmp_path / "mirror").mkdir()
+    _with_image_folder(cfg, root, role, classes=(2, 0))
+    cfg["data"]["download"] = {"mirrors": {"mnist": "https://mirror.example.org/mnist/", "svhn": "http://10.0.0.7:8080",
+                                           "cifar10": (tmp_path / "mirror").as_uri() + "/",
+                                           "cifar100": f"file://localhost{tmp_path / 'mirror'}"}}
+    validate_config(cfg, schema)
+    # a relative root is the path the jobs open: relative to the working directory
+    monkeypatch.chdir(tmp_path)
+    entry = cfg["data"]["source"] if role == "source" else cfg["data"]["targets"]["scans"]
+    entry["root"] = "scans"
+    validate_config(cfg, schema)
+
+
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_an_image_folder_root_that_does_not_exist_is_rejected(cfg, schema, tmp_path, role):
+    root = tmp_path / "nowhere"
+    msg = _error(_with_image_folder(cfg, root, role), schema)
+    key = "data.source.root" if role == "source" else "data.targets.scans.root"
+    assert (f"config key '{key}': {str(root)!r} does not exist; allowed: a directory of class folders, "
+            "root/<class>/<image>") in msg, msg
+
+
+def test_a_relative_root_is_checked_from_the_working_directory(cfg, schema, tmp_path, monkeypatch):
+    _image_root(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    msg = _error(_with_image_folder(cfg, "scans"), schema)
+    assert (f"config key 'data.source.root': 'scans' (relative to the working directory {tmp_path / 'elsewhere'}) "
+            "does not exist") in msg, msg
+    msg = _error(_with_image_folder(cfg, "~/scans"), schema)  # the job opens the path as written
+    assert "'~/scans' (relative to the working directory" in msg and "; '~' is not expanded) does not exist" in msg
+
+
+def test_an_image_folder_root_that_is_a_file_is_rejected(cfg, schema, tmp_path):
+    root = tmp_path / "scans.zip"
+    root.write_bytes(b"PK\x03\x04")
+    msg = _error(_with_image_folder(cfg, root), schema)
+    assert f"config key 'data.source.root': {str(root)!r} is not a directory" in msg, msg
+
+
+def test_an_image_folder_root_without_class_folders_is_rejected(cfg, schema, tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    (root / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    msg = _error(_with_image_folder(cfg, root, "target"), schema)
+    assert f"config key 'data.targets.scans.root': {str(root)!r} has no class folders" in msg, msg
+
+
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_an_image_folder_missing_a_class_folder_is_rejected(cfg, schema, tmp_path, role):
+    """classes are indices into the sorted folder names: index 3 needs a fourth folder."""
+    root = _image_root(tmp_path)
+    msg = _error(_with_image_folder(cfg, root, role, classes=(0, 3)), schema)
+    key = "data.source" if role == "source" else "data.targets.scans"
+    assert (f"config key '{key}.classes': classes [3] do not exist in imagefolder root {str(root)!r}: it has 3 class "
+            "folders (0 'cat', 1 'dog', 2 'owl'); allowed: 0..2 (indices into the sorted folder names)") in msg, msg
+
+
+@pytest.mark.parametrize("role", ["source", "target"])
+def test_an_image_folder_class_without_images_is_rejected(cfg, schema, tmp_path, role):
+    root = _image_root(tmp_path)
+    for p in (root / "dog").iterdir():
+        p.unlink()
+    (root / "dog" / "notes.txt").write_text("no image here")
+    (root / "dog" / "nested").mkdir()  # folders inside a class folder are not images either
+    msg = _error(_with_image_folder(cfg, root, role), schema)
+    key = "data.source.root" if role == "source" else "data.targets.scans.root"
+    assert (f"config key '{key}': {str(root)!r}: class folder 'dog' (class 1) holds no image file; allowed: files "
+            "ending .png, .jpg, .jpeg, .bmp (any case)") in msg, msg
+    _with_image_folder(cfg, root, role, classes=(0, 2))  # the empty folder is not used: accepted
+    validate_config(cfg, schema)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "is empty (0 bytes)"),
+    (b"version https://git-lfs.github.com/spec/v1\n", "is not an image file (no PNG, JPEG, BMP, GIF, TIFF or WebP "
+                                                      "signature; its first bytes: b'version https://'"),
+])
+def test_an_image_folder_whose_first_image_cannot_be_read_is_rejected(cfg, schema, tmp_path, content, problem):
+    root = _image_root(tmp_path)
+    (root / "cat" / "0.png").write_bytes(content)  # the first image of class 0 in name order
+    msg = _error(_with_image_folder(cfg, root), schema)
+    assert f"config key 'data.source.root': {str(root)!r}: class folder 'cat' (class 0): image '0.png' {problem}" \
+        in msg, msg
+
+
+def test_an_image_folder_target_with_too_few_images_for_the_shots_is_rejected(cfg, schema, tmp_path):
+    root = _image_root(tmp_path, per_class=2)
+    _with_image_folder(cfg, root, "target")
+    cfg["episodes"]["shots"] = [1, 2]
+    msg = _error(cfg, schema)
+    assert ("config key 'episodes.shots': 2 shots leave no query image in the smallest class of target 'scans' "
+            "(2 images); allowed: shots <= 1") in msg, msg
+
+
+def test_every_image_folder_is_checked(cfg, schema, tmp_path):
+    root = _image_root(tmp_path)
+    _with_image_folder(cfg, tmp_path / "a", "source")
+    cfg["episodes"].update({"ways": 2, "shots": [1]})
+    cfg["data"]["targets"] = {"ok": {"dataset": "imagefolder", "root": str(root), "classes": [0, 1]},
+                              "bad": {"dataset": "imagefolder", "root": str(tmp_path / "b"), "classes": [0, 1]}}
+    msg = _error(cfg, schema)
+    assert "'data.source.root'" in msg and "'data.targets.bad.root'" in msg and "'data.targets.ok" not in msg, msg
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("http://", "has no host"),
+    ("https:///x", "has no host"),
+    ("http://user@/mnist/", "has no host"),
+    ("http://mirror:port/", "is not a valid URL (Port could not be cast to integer value as 'port')"),
+    ("file://", "names no directory"),
+    ("file://server/share/mnist/", "names the host 'server'; allowed: a directory on this machine"),
+])
+def test_a_mirror_url_without_a_host_or_directory_is_rejected(cfg, schema, url, problem):
+    cfg["data"]["download"] = {"mirrors": {"mnist": url}}
+    msg = _error(cfg, schema)
+    assert f"config key 'data.download.mirrors.mnist': {url!r} {problem}" in msg, msg
+
+
+def test_a_file_mirror_to_a_missing_directory_is_rejected(cfg, schema, tmp_path):
+    (tmp_path / "a file").write_text("x")
+    mirrors = {"mnist": (tmp_path / "missing").as_uri() + "/", "svhn": (tmp_path / "a file").as_uri()}
+    cfg["data"]["download"] = {"mirrors": mirrors}
+    msg = _error(cfg, schema)
+    assert (f"config key 'data.download.mirrors.mnist': {mirrors['mnist']!r} is not an existing directory "
+            f"({tmp_path / 'missing'}/ does not exist)") in msg, msg
+    assert (f"config key 'data.download.mirrors.svhn': {mirrors['svhn']!r} is not an existing directory "
+            f"({tmp_path / 'a file'} is not a directory)") in msg, msg
+
+
+def test_cli_validate_rejects_a_missing_image_folder(tmp_path, cfg, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_with_image_folder(cfg, tmp_path / "nowhere")))
+    assert _run_cli(["validate", str(path)]) == 2
+    assert f"config key 'data.source.root': {str(tmp_path / 'nowhere')!r} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_snakemake_refuses_a_missing_image_folder_before_deleting_earlier_data(tmp_path):
+    """Issue 14: a config that validated but failed in prepare_source let Snakemake delete the study's prepared
+    source data before the job ran. Now the root is checked at start-up: no job runs, no file is touched."""
+    from conftest import BIN, copy_worktree, run
+
+    proj = tmp_path / "proj"
+    copy_worktree(proj)
+    config = yaml.safe_load(TINY.read_text())
+    (proj / "config/config.yaml").write_text(yaml.safe_dump(config))
+    source = proj / "results" / config["study"]["name"] / "data" / "source"  # an earlier run's outputs
+    source.mkdir(parents=True)
+    for name in ("manifest.json", "train.safetensors", "val.safetensors"):
+        (source / name).write_text(f"earlier {name}")
+    before = sorted((p.name, p.read_text(), p.stat().st_mtime_ns) for p in source.iterdir())
+    config["data"]["image"] = {"size": 8, "channels": 1}
+    config["data"]["source"] = {"dataset": "imagefolder", "root": "data/scans", "classes": [0, 1]}
+    (proj / "config/config.yaml").write_text(yaml.safe_dump(config))
+    # a real run, not -n; --forcerun stands in for the rerun that the changed config (prepare_source's params)
+    # triggers after a real first run, whose metadata is not made by hand here
+    proc = run([str(BIN / "snakemake"), "--cores", "1", "--forcerun", "prepare_source"], proj, check=False)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"config key 'data.source.root': 'data/scans' (relative to the working directory {proj}) does not exist" \
+        in out, out
+    assert "prepare_source" not in out, out  # no job was planned, let alone run
+    assert sorted((p.name, p.read_text(), p.stat().st_mtime_ns) for p in source.iterdir()) == before
+    assert not (proj / "logs").exists()

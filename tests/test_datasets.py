@@ -11,6 +11,7 @@ import hashlib
 import io
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -485,6 +486,11 @@ def test_imagefolder_gray_matches_mnist_shape(image_root, tmp_path, server, gene
     ("empty_class", r"class folder .*cyst contains no images"),
 ])
 def test_imagefolder_errors_leave_nothing(case, match, image_root, tmp_path):
+    """The job's own checks, for a folder that changes after the config was validated (validate_config rejects
+    each of these up front: tests/test_config.py)."""
+    cfg = make_config(tmp_path, None, {}, {"dataset": "digits", "classes": [0, 1]},
+                      {"t": {"dataset": "imagefolder", "root": str(image_root), "classes": [0, 1]}},
+                      image={"channels": 1, "size": 8})
     classes = [0, 1]
     root = image_root
     if case == "class_beyond":
@@ -497,9 +503,7 @@ def test_imagefolder_errors_leave_nothing(case, match, image_root, tmp_path):
     else:
         for p in (image_root / "cyst").iterdir():
             p.unlink()
-    cfg = make_config(tmp_path, None, {}, {"dataset": "digits", "classes": [0, 1]},
-                      {"t": {"dataset": "imagefolder", "root": str(root), "classes": classes}},
-                      image={"channels": 1, "size": 8})
+    cfg["data"]["targets"]["t"].update(root=str(root), classes=classes)
     out = tmp_path / "out" / "t"
     with pytest.raises(data.DatasetError, match=match) as err:
         prepare_target(cfg, "t", out, job(cfg))
@@ -634,7 +638,7 @@ def test_config_shape_mismatch_without_reconciliation(tmp_path):
     assert "[3, 28, 28]" in msg and "[3, 32, 32]" in msg
 
 
-def test_config_valid_combinations(tmp_path):
+def test_config_valid_combinations(tmp_path, image_root):
     ok = make_config(tmp_path, None, {}, {"dataset": "mnist", "classes": [0, 1]},
                      {"f": {"dataset": "fashion_mnist", "classes": [0, 1]},
                       "m": {"dataset": "mnist", "classes": [2, 3], "split": "train"}})
@@ -645,8 +649,10 @@ def test_config_valid_combinations(tmp_path):
     make_config(tmp_path, None, {}, {"dataset": "mnist", "classes": [0, 1]},
                 {"c": {"dataset": "cifar100", "classes": [0, 1]}}, image={"channels": 3, "size": 32})
     # two image folders are different datasets: the same class indices may appear in both
-    make_config(tmp_path, None, {}, {"dataset": "imagefolder", "root": "a", "classes": [0, 1]},
-                {"t": {"dataset": "imagefolder", "root": "b", "classes": [0, 1]}}, image={"size": 16})
+    shutil.copytree(image_root, tmp_path / "other")
+    make_config(tmp_path, None, {}, {"dataset": "imagefolder", "root": str(image_root), "classes": [0, 1]},
+                {"t": {"dataset": "imagefolder", "root": str(tmp_path / "other"), "classes": [0, 1]}},
+                image={"size": 16})
 
 
 @pytest.mark.parametrize(("source", "target", "fragments"), [

@@ -11,7 +11,9 @@ import copy
 import hashlib
 import json
 import math
+import os
 import re
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -222,8 +224,10 @@ def study_name_problem(config: dict[str, Any]) -> str | None:
 
 
 def semantic_problems(config: dict[str, Any]) -> list[str]:
-    """Checks a JSON schema cannot express (datasets, splits, shapes, class availability, episode sizes)."""
-    problems: list[str] = _data_problems(config)
+    """Checks a JSON schema cannot express (datasets, splits, shapes, class availability, episode sizes, image
+    folders and mirrors on disk)."""
+    folder_sizes: dict[str, dict[int, int]] = {}
+    problems: list[str] = _data_problems(config, folder_sizes)
     src = config["data"]["source"]
     missing = _missing_classes(src["dataset"], src["classes"])
     if missing is not None:
@@ -242,7 +246,7 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
                 f"{tgt['dataset']}; allowed: {missing[1]}"
             )
             continue
-        sizes = DATASET_CLASS_SIZES.get(tgt["dataset"])
+        sizes = DATASET_CLASS_SIZES.get(tgt["dataset"]) or folder_sizes.get(key)
         if sizes is not None:
             smallest = min(sizes[c] for c in tgt["classes"])
             if max_shots + 1 > smallest:
@@ -310,7 +314,7 @@ def _missing_classes(dataset: str, classes: list[int]) -> tuple[list[int], str] 
     elif REGISTRY[dataset].num_classes is not None:
         n = REGISTRY[dataset].num_classes
         allowed, text = set(range(n)), f"0..{n - 1}"
-    else:  # imagefolder: checked against the class folders when the data is prepared
+    else:  # imagefolder: checked against its class folders by _image_folder_problems
         return None
     missing = [c for c in classes if c not in allowed]
     return (missing, text) if missing else None
@@ -322,8 +326,10 @@ def _same_path(a: str | None, b: str | None) -> bool:
     return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
-def _data_problems(config: dict[str, Any]) -> list[str]:
-    """Splits, imagefolder settings, input-shape agreement and checksum overrides of the data section."""
+def _data_problems(config: dict[str, Any], folder_sizes: dict[str, dict[int, int]] | None = None) -> list[str]:
+    """Splits, imagefolder settings and roots, input-shape agreement, mirrors and checksum overrides of the data
+    section. The images per class of each imagefolder entry whose classes all have images go to
+    ``folder_sizes[key]`` (key: ``data.source`` or ``data.targets.<name>``)."""
     from pruneshot.data.registry import REGISTRY, effective_shape
 
     data = config["data"]
@@ -343,6 +349,11 @@ def _data_problems(config: dict[str, Any]) -> list[str]:
             if not entry.get("root"):
                 problems.append(f"config key '{key}.root': dataset imagefolder needs root, the directory of "
                                 "class folders")
+            else:
+                folder_problems, sizes = _image_folder_problems(key, entry["root"], entry["classes"])
+                problems += folder_problems
+                if sizes is not None and folder_sizes is not None:
+                    folder_sizes[key] = sizes
             if not image.get("size"):
                 problems.append(f"config key 'data.image.size': dataset imagefolder ({key}) needs data.image.size, "
                                 "the side its images are resized to")
@@ -359,6 +370,10 @@ def _data_problems(config: dict[str, Any]) -> list[str]:
                 f"source ({src['dataset']}, images {list(src_shape)}) differ in input shape [C, H, W]; set "
                 "data.image.channels (1 or 3) and/or data.image.size to reconcile them"
             )
+    for dataset, url in (data.get("download") or {}).get("mirrors", {}).items():
+        problem = _mirror_problem(url)
+        if problem:
+            problems.append(f"config key 'data.download.mirrors.{dataset}': {url!r} {problem}")
     for dataset, files in (data.get("download") or {}).get("checksums", {}).items():
         known = [f.name for f in REGISTRY[dataset].all_files()]
         unknown = sorted(set(files) - set(known))
@@ -368,6 +383,95 @@ def _data_problems(config: dict[str, Any]) -> list[str]:
                 f"allowed: {', '.join(known)}"
             )
     return problems
+
+
+# First bytes of the formats PIL reads from a file named .png/.jpg/.jpeg/.bmp (it goes by content, not name).
+_IMAGE_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"GIF87a", b"GIF89a", b"II*\x00", b"MM\x00*")
+_FOLDER_FORM = "allowed: a directory of class folders, root/<class>/<image>"
+
+
+def _image_folder_problems(key: str, root: str, classes: list[int]) -> tuple[list[str], dict[int, int] | None]:
+    """What keeps the job from reading ``classes`` of the image folder ``root`` (the path the job opens: a relative
+    root is relative to the working directory, where Snakemake parses the Snakefile and runs every job), and the
+    image files per class (None unless every class has some). Lists the folders; opens one image per class."""
+    from pruneshot.data.folders import IMAGE_EXTENSIONS, class_folder_names, class_images
+
+    path = Path(root)
+    where = "" if path.is_absolute() else f" (relative to the working directory {os.getcwd()}" + (
+        "; '~' is not expanded)" if root.startswith("~") else ")")
+    head = f"config key '{key}.root': {root!r}{where}"
+    if not path.exists():
+        return [f"{head} does not exist; {_FOLDER_FORM}"], None
+    if not path.is_dir():
+        return [f"{head} is not a directory; {_FOLDER_FORM}"], None
+    try:
+        names = class_folder_names(path)
+    except OSError as e:
+        return [f"{head} cannot be listed ({e.strerror}); {_FOLDER_FORM}"], None
+    if not names:
+        return [f"{head} has no class folders (sub-folders); {_FOLDER_FORM}"], None
+    beyond = sorted({c for c in classes if not 0 <= c < len(names)})
+    if beyond:
+        shown = ", ".join(f"{i} {n!r}" for i, n in enumerate(names[:20])) + (", ..." if len(names) > 20 else "")
+        return [f"config key '{key}.classes': classes {beyond} do not exist in imagefolder root {root!r}{where}: it "
+                f"has {len(names)} class folders ({shown}); allowed: 0..{len(names) - 1} (indices into the sorted "
+                "folder names)"], None
+    problems, sizes = [], {}
+    for c in sorted(set(classes)):
+        folder = f"class folder {names[c]!r} (class {c})"
+        try:
+            images = class_images(path / names[c])
+        except OSError as e:
+            problems.append(f"{head}: {folder} cannot be listed ({e.strerror})")
+            continue
+        if not images:
+            problems.append(f"{head}: {folder} holds no image file; allowed: files ending "
+                            f"{', '.join(IMAGE_EXTENSIONS)} (any case)")
+            continue
+        unreadable = _image_file_problem(images[0])
+        if unreadable:
+            problems.append(f"{head}: {folder}: image {images[0].name!r} {unreadable}")
+        sizes[c] = len(images)
+    return problems, (None if problems else sizes)
+
+
+def _image_file_problem(path: Path) -> str | None:
+    """Why the image file ``path`` cannot be read (its first bytes only), or None."""
+    try:
+        with open(path, "rb") as f:
+            first = f.read(16)
+    except OSError as e:
+        return f"cannot be read ({e.strerror})"
+    if not first:
+        return "is empty (0 bytes)"
+    if not (first.startswith(_IMAGE_SIGNATURES) or (first[:4] == b"RIFF" and first[8:12] == b"WEBP")):
+        return f"is not an image file (no PNG, JPEG, BMP, GIF, TIFF or WebP signature; its first bytes: {first!r})"
+    return None
+
+
+def _mirror_problem(url: str) -> str | None:
+    """Why ``url`` cannot serve as a download base URL (the schema already asked for http, https or file), or
+    None: http(s) needs a host, file:// an existing, readable local directory."""
+    allowed = "allowed: http://host/path/, https://host/path/ or file:///local/directory/"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0..65535
+    except ValueError as e:
+        return f"is not a valid URL ({e}); {allowed}"
+    if parts.scheme in ("http", "https"):
+        return None if parts.hostname else f"has no host; {allowed}"
+    if parts.netloc not in ("", "localhost"):
+        return (f"names the host {parts.netloc!r}; allowed: a directory on this machine, file:///path/ or "
+                "file://localhost/path/")
+    directory = urllib.parse.unquote(parts.path)
+    if not directory:
+        return f"names no directory; {allowed}"
+    if not os.path.isdir(directory):
+        state = "is not a directory" if os.path.exists(directory) else "does not exist"
+        return f"is not an existing directory ({directory} {state}); {allowed}"
+    if not os.access(directory, os.R_OK | os.X_OK):
+        return f"names the directory {directory}, which cannot be read; {allowed}"
+    return None
 
 
 def _method_problems(config: dict[str, Any]) -> list[str]:

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+from pruneshot.data.folders import IMAGE_EXTENSIONS, class_folder_names, class_images
+
 _CIFAR_PIXELS = 3 * 32 * 32
 
 
@@ -117,7 +118,7 @@ def image_folder_classes(root: Path) -> list[str]:
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"image folder {root} does not exist")
-    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    names = class_folder_names(root)
     if not names:
         raise ValueError(f"image folder {root} has no class folders")
     return names
@@ -141,7 +142,7 @@ def image_folder_files(root: Path, classes: list[int] | None = None) -> list[tup
     out: list[tuple[int, Path]] = []
     for label in wanted:
         cdir = root / names[label]
-        files = sorted(p for p in cdir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        files = class_images(cdir)
         if not files:
             raise ValueError(f"class folder {cdir} contains no images ({'/'.join(IMAGE_EXTENSIONS)})")
         out.extend((label, fp) for fp in files)

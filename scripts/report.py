@@ -9,4 +9,4 @@ i, o = snakemake.input, snakemake.output
 targets = dict(zip(snakemake.params.targets, map(Path, i.target_manifests), strict=True))
 report(snakemake.config, Path(i.results), Path(i.study), Path(i.sync), Path(i.source_manifest), targets,
        Path(o.html), Path(o.figures), job_from_snakemake(snakemake), episodes_csv=Path(i.episodes),
-       sanity_json=Path(i.sanity))
+       sanity_json=Path(i.sanity), selection_csv=Path(i.selection) if hasattr(i, "selection") else None)

@@ -11,4 +11,5 @@ job = job_from_snakemake(snakemake)
 with lease_for_job(snakemake.resources, log=job.log):  # a free GPU when the job requests one
     transfer(snakemake.config, w.method, list(snakemake.params.arms), int(w.shots), w.target, int(w.replicate),
              float(w.budget), Path(i.weights), Path(i.arch), Path(i.network_record), Path(i.source_manifest),
-             Path(i.target_manifest), Path(i.episodes), Path(snakemake.output.record), job)
+             Path(i.target_manifest), Path(i.episodes), Path(snakemake.output.record), job,
+             selection=Path(i.selection) if hasattr(i, "selection") else None)

@@ -673,3 +673,46 @@ def test_snakemake_refuses_a_missing_image_folder_before_deleting_earlier_data(t
     assert "prepare_source" not in out, out  # no job was planned, let alone run
     assert sorted((p.name, p.read_text(), p.stat().st_mtime_ns) for p in source.iterdir()) == before
     assert not (proj / "logs").exists()
+
+
+# ------------------------------------------------------------------ transfer.select: never on target classes
+
+
+def _with_select(cfg: dict, select: dict, source: list[int] | None = None) -> dict:
+    cfg = copy.deepcopy(cfg)
+    cfg["transfer"]["select"] = select
+    if source is not None:
+        cfg["data"]["source"]["classes"] = source
+    return cfg
+
+
+def test_transfer_select_defaults_and_a_held_out_source_split_are_accepted(cfg, schema):
+    """The embedded default (MNIST 0-4 -> 5-9) keeps fixed settings; holding digits 3-4 out of pretraining
+    makes a legal validation set; the grid's defaults are the issue's."""
+    assert validate_config(cfg, schema)["transfer"]["select"] is None
+    out = validate_config(_with_select(cfg, {"data": {"dataset": "mnist10k", "classes": [3, 4]}}, [0, 1, 2]),
+                          schema)
+    sel = out["transfer"]["select"]
+    assert (sel["lr"], sel["steps"], sel["episodes"], sel["ways"]) == ([0.003, 0.01, 0.03], [30, 60, 100], 20, None)
+    from pruneshot.stages.select import select_ways
+
+    assert select_ways(out) == 2  # episodes.ways (5) capped at the two validation classes
+
+
+@pytest.mark.parametrize(("select", "source", "needle"), [
+    # target classes of the same dataset
+    ({"data": {"dataset": "mnist10k", "classes": [5, 6]}}, None, "classes [5, 6] are target 'mnist_5to9's"),
+    # the same digits in another digit dataset
+    ({"data": {"dataset": "digits", "classes": [7, 8, 9]}}, None, "classes [7, 8, 9] are target 'mnist_5to9's"),
+    # classes pretraining saw
+    ({"data": {"dataset": "mnist10k", "classes": [3, 4]}}, None, "classes [3, 4] are source classes"),
+    ({"data": {"dataset": "mnist10k", "classes": [3, 4, 12]}}, [0, 1, 2], "classes [12] do not exist in mnist10k"),
+    ({"data": {"dataset": "mnist10k", "classes": [3, 4]}, "ways": 3}, [0, 1, 2], "3-way validation episodes"),
+    # no grid step count leaves double_pruning's 50 adapt steps room
+    ({"data": {"dataset": "mnist10k", "classes": [3, 4]}, "steps": [20, 40]}, [0, 1, 2],
+     "double_pruning adapts for 50 support steps"),
+])
+def test_transfer_select_on_target_or_seen_classes_is_refused(cfg, schema, select, source, needle):
+    with pytest.raises(ConfigError) as err:
+        validate_config(_with_select(cfg, select, source), schema)
+    assert "transfer.select" in str(err.value) and needle in str(err.value)

@@ -416,3 +416,55 @@ def test_rerun_failed_reruns_exactly_the_failed_cells_and_their_dependants(tmp_p
     assert "no failed cells" in run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml"],
                                     proj).stdout
     assert not os.environ.get("PRUNESHOT_INJECT_FAILURE")
+
+
+def test_transfer_settings_chosen_on_validation_never_read_target_data(tmp_path: Path) -> None:
+    """Issue 13: transfer.select on the micro study (source digits 0-2, validation classes 3-4 held out of
+    pretraining, targets 5-9). Every results row carries the chosen settings; the report shows them and
+    the lr sensitivity figure; and the choice never reads target data: with the target pool replaced by
+    noise, the select jobs are not even scheduled, and forced they choose exactly the same."""
+    import shutil
+
+    import torch
+    from conftest import copy_worktree
+
+    from pruneshot.io import load_tensors, read_json, save_tensors
+
+    proj = tmp_path / "proj"
+    copy_worktree(proj)
+    cfg = yaml.safe_load((ROOT / "tests/configs/micro.yaml").read_text())
+    cfg["data"]["source"]["classes"] = [0, 1, 2]
+    cfg["transfer"]["select"] = {"lr": [0.01, 0.1], "steps": [6, 10], "episodes": 3,
+                                 "data": {"dataset": "digits", "classes": [3, 4]}}
+    (proj / "config/select.yaml").write_text(yaml.safe_dump(cfg))
+    snake = [str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/select.yaml"]
+    run(snake, proj)
+    root = proj / "results/micro"
+    df = pd.read_csv(root / "tables/results.csv")
+    sel = pd.read_csv(root / "tables/selection.csv")
+    assert (df["status"] == "ok").all()
+    assert set(df["transfer_settings"]) == {"selected"}
+    for row in df.itertuples():
+        chosen = sel[(sel["method"] == row.method) & (sel["requested_budget"] == row.requested_budget)
+                     & (sel["shots"] == row.shots) & (sel["arm"] == row.arm) & sel["chosen"]]
+        assert len(chosen) == 1, row
+        assert (row.transfer_lr, row.support_steps) == (chosen["lr"].iloc[0], chosen["steps"].iloc[0])
+    # channel_scaling adapts for 6 of its steps: both grid points are candidates; every lr x steps scored
+    assert len(sel[(sel["method"] == "dense")]) == 2 * 2
+    html = (root / "report/index.html").read_text()
+    assert 'id="selection-table"' in html and 'id="fig-lr_sensitivity"' in html
+    assert (root / "report/figures/lr_sensitivity.png").stat().st_size > 0
+    records = sorted((root / "select").rglob("*.json"))
+    before = {p: read_json(p)["arms"] for p in records}
+    # poison the target: every image noise, every label shuffled
+    pool = root / "data/target/digits_5to9/pool.safetensors"
+    tensors = load_tensors(pool)
+    gen = torch.Generator().manual_seed(0)
+    tensors["x"] = torch.randint(0, 256, tensors["x"].shape, generator=gen).to(tensors["x"].dtype)
+    tensors["y"] = tensors["y"][torch.randperm(len(tensors["y"]), generator=gen)]
+    save_tensors(pool, tensors)
+    dry = run([*snake, "-n", "--rerun-triggers", "mtime", "input", "params"], proj).stdout
+    assert "select_transfer" not in dry and "transfer" in dry  # the target's dependants are stale, select is not
+    shutil.rmtree(root / "select")
+    run([*snake, "--until", "select_transfer"], proj)
+    assert {p: read_json(p)["arms"] for p in records} == before

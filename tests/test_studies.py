@@ -84,3 +84,18 @@ def test_dry_run_lists_the_full_grid(path, tmp_path):
     assert counts["prepare_target"] == n_targets
     assert counts["report"] == counts["sanity"] == 1
     assert counts["budget_one"] == reps
+    if cfg["transfer"]["select"]:  # one selection per network and shots, on the validation classes
+        assert counts["select_transfer"] == (networks("source") + networks("target")) * n_shots
+        assert counts["make_select_episodes"] == n_shots
+        assert counts["prepare_select"] == counts["selection_table"] == 1
+    else:
+        assert not {"select_transfer", "prepare_select", "selection_table"} & set(counts)
+
+
+@pytest.mark.parametrize("path", PROTOCOL, ids=lambda p: p.stem)
+def test_protocol_studies_choose_transfer_settings_on_held_out_classes(path):
+    """Issue 13: the protocol studies choose lr and steps on validation classes held out of pretraining."""
+    cfg = load_config(path)
+    sel = cfg["transfer"]["select"]
+    assert sel and sel["data"]["dataset"] == cfg["data"]["source"]["dataset"]
+    assert not set(sel["data"]["classes"]) & set(cfg["data"]["source"]["classes"])

@@ -303,3 +303,39 @@ def test_a_non_finite_fine_tuning_loss_fails_instead_of_scoring_a_broken_network
     with pytest.raises(FloatingPointError, match="non-finite"):
         finetune_episode(model, x, y, arm="finetune", steps=20, lr=1e12, momentum=0.9, weight_decay=0.0,
                          batch_size=6, seed=0)
+
+
+# the arms' combinations: finetune and linear_probe with frozen BatchNorm, reinit (finetune) with batch statistics
+@pytest.mark.parametrize(("arm", "batch_norm"), [("finetune", "frozen"), ("linear_probe", "frozen"),
+                                                 ("finetune", "batch")])
+def test_on_step_sees_exactly_the_weights_of_a_shorter_run(arm, batch_norm):
+    """Transfer selection scores several step counts in one run: the network after k steps of a long run
+    (read in on_step, with an evaluation in between) is bitwise the network of a k-step run, and the
+    long run's end is unchanged by the evaluations."""
+    from pruneshot.training import accuracy
+
+    x, y = torch.randn(12, 1, 8, 8), torch.tensor([0, 1, 2] * 4)
+    qx, qy = torch.randn(9, 1, 8, 8), torch.tensor([0, 1, 2] * 3)
+    kw = dict(arm=arm, lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=6, seed=3, batch_norm=batch_norm)
+
+    def state(model):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    seen, accs = {}, {}
+
+    def on_step(k, model=None):
+        if k in (0, 3, 7):
+            seen[k] = state(long)
+            accs[k] = accuracy(long, qx, qy)  # an evaluation in eval mode, as selection does
+
+    long = _tiny_model()
+    finetune_episode(long, x, y, steps=10, on_step=on_step, **kw)
+    assert sorted(seen) == [0, 3, 7]
+    for k in (0, 3, 7):
+        short = _tiny_model()
+        finetune_episode(short, x, y, steps=k, **kw)
+        assert all(torch.equal(seen[k][n], v) for n, v in state(short).items()), k
+        assert accs[k] == accuracy(short, qx, qy)
+    plain = _tiny_model()
+    finetune_episode(plain, x, y, steps=10, **kw)
+    assert all(torch.equal(v, state(plain)[n]) for n, v in state(long).items())

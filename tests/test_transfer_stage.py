@@ -772,3 +772,82 @@ def test_transfer_and_budget_one_refuse_edited_episodes(world, tmp_path, monkeyp
         budget_one(world["cfg"], 0, world["src"] / "manifest.json", corrupt / "model.safetensors",
                    corrupt / "arch.json", world["tgt"] / "manifest.json", original, tmp_path / "b.json",
                    _job("budget_one"), pretrained_metrics=corrupt / "metrics.json")
+
+
+# ------------------------------------------------------------------ transfer settings chosen on validation
+
+
+def _select_cfg(world: dict) -> dict:
+    """The world's config with transfer.select on validation classes 0-2 (3-way, 2 episodes). The config
+    check refuses classes the source saw (tests/test_config.py); the stage itself takes what it is given."""
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["transfer"]["select"] = {"lr": [0.01, 0.1], "steps": [3, 8], "ways": 3, "episodes": 2,
+                                 "data": {"dataset": "digits", "classes": [0, 1, 2], "split": None, "root": None}}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def validation(world: dict) -> dict:
+    from pruneshot.stages.data import make_episodes, prepare_select
+    from pruneshot.stages.select import SELECT_AXIS, select_ways
+
+    cfg = _select_cfg(world)
+    out = world["tmp"] / "select"
+    prepare_select(cfg, out / "data", _job("prepare_select"))
+    make_episodes(cfg, SELECT_AXIS, select_ways(cfg), SHOTS, out / "data/manifest.json", out / "episodes.json",
+                  _job("make_select_episodes"), count=cfg["transfer"]["select"]["episodes"])
+    return {"cfg": cfg, "manifest": out / "data/manifest.json", "episodes": out / "episodes.json", "dir": out}
+
+
+def _select(world: dict, validation: dict, method: str, budget: float, name: str = "a") -> dict:
+    from pruneshot.stages.select import select_transfer
+
+    weights, arch, record = _network(world, method, budget)
+    arms = get_method(method).arms(["finetune", "linear_probe", "reinit", "prototype"])
+    return select_transfer(validation["cfg"], method, arms, SHOTS, 0, budget, weights, arch, record,
+                           world["src"] / "manifest.json", validation["manifest"], validation["episodes"],
+                           validation["dir"] / f"{method}_{budget}_{name}.json", _job("select_transfer"))
+
+
+@pytest.mark.parametrize(("method", "budget"), [("dense", 1.0), ("random", 0.5), ("channel_scaling", 0.5)])
+def test_selection_chooses_the_best_grid_point_deterministically(world, validation, method, budget):
+    from pruneshot.stages.select import choose
+
+    rec = _select(world, validation, method, budget)
+    again = _select(world, validation, method, budget, name="b")
+    assert rec["status"] == "ok" and rec["arms"] == again["arms"]
+    assert rec["episodes"] == 2 and rec["ways"] == 3
+    trained = {"finetune", "linear_probe"} | ({"reinit"} if get_method(method).side == "source" else set())
+    assert set(rec["arms"]) == trained
+    if get_method(method).side == "target":  # adapt (4 steps) counts inside: 3 steps are not a candidate
+        assert rec["adapt_steps"] == 4 and rec["candidate_steps"] == [8]
+    else:
+        assert rec["candidate_steps"] == [3, 8]
+    for arm, r in rec["arms"].items():
+        cells = r["mean_accuracy"]
+        assert len(cells) == 2 * len(rec["candidate_steps"])
+        best = max(c["accuracy"] for c in cells)
+        first = next(c for c in sorted(cells, key=lambda c: (c["lr"], c["steps"])) if c["accuracy"] == best)
+        assert (r["chosen"]["lr"], r["chosen"]["steps"]) == (first["lr"], first["steps"]), arm
+        assert choose({1.0: {5: [0.5, 0.7]}, 2.0: {5: [0.6, 0.6]}}, [2.0, 1.0], [5])["lr"] == 1.0  # tie: smaller lr
+
+
+def test_transfer_uses_the_chosen_settings_exactly(world, validation):
+    """A transfer with a selection record trains each arm with its chosen lr and steps: the same episodes'
+    accuracies as a transfer with those values fixed in the config."""
+    rec = _select(world, validation, "l1_filter", 0.5)
+    sel_path = validation["dir"] / "l1_filter_0.5_a.json"
+    weights, arch, record = _network(world, "l1_filter", 0.5)
+    arms = ["finetune", "reinit"]
+    chosen = transfer(validation["cfg"], "l1_filter", arms, SHOTS, "digits_5to9", 0, 0.5, weights, arch, record,
+                      world["src"] / "manifest.json", world["tgt"] / "manifest.json", world["episodes"],
+                      world["tmp"] / "sel_transfer.json", _job("transfer"), selection=sel_path)
+    for arm in arms:
+        want = rec["arms"][arm]["chosen"]
+        got = chosen["arms"][arm]
+        assert (got["lr"], got["support_steps"], got["settings"]) == (want["lr"], want["steps"], "selected")
+        cfg = copy.deepcopy(world["cfg"])
+        cfg["transfer"]["lr"], cfg["transfer"]["steps"] = want["lr"], want["steps"]
+        fixed = _transfer_job(world, "l1_filter", 0.5, [arm], cfg=cfg, out=world["tmp"] / f"fixed_{arm}.json")
+        assert fixed["arms"][arm]["settings"] == "fixed"
+        assert _accs(fixed["arms"][arm]) == _accs(got), arm

@@ -271,7 +271,29 @@ def semantic_problems(config: dict[str, Any]) -> list[str]:
     problems += _budget_problems(config)
     problems += _method_problems(config)
     problems += _backbone_problems(config)
+    problems += _selection_problems(config)
     return problems
+
+
+def _selection_problems(config: dict[str, Any]) -> list[str]:
+    """transfer.select: its validation classes exist (an image folder is checked like a target's) and are
+    never a target's (:func:`pruneshot.stages.select.selection_problems`)."""
+    sel = (config.get("transfer") or {}).get("select")
+    if not sel:
+        return []
+    from pruneshot.stages.select import selection_problems
+
+    data = sel["data"]
+    if data["dataset"] == "imagefolder":
+        found, _ = _image_folder_problems("transfer.select.data", data.get("root") or "", data["classes"])
+        if found:
+            return found
+    else:
+        missing = _missing_classes(data["dataset"], data["classes"])
+        if missing is not None:
+            return [f"config key 'transfer.select.data.classes': classes {missing[0]} do not exist in "
+                    f"{data['dataset']}; allowed: {missing[1]}"]
+    return selection_problems(config)
 
 
 def _budget_problems(config: dict[str, Any]) -> list[str]:

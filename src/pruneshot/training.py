@@ -270,6 +270,7 @@ def finetune_episode(
     model: nn.Module, support_x: torch.Tensor, support_y: torch.Tensor, *, arm: str, steps: int,
     lr: float, momentum: float, weight_decay: float, batch_size: int, seed: int,
     augment: Augment | None = None, fill: float = 0.0, batch_norm: str = "frozen",
+    on_step: Callable[[int], None] | None = None,
 ) -> nn.Module:
     """Adapt ``model`` (whose head is already ``ways``-way) to one support set.
 
@@ -285,6 +286,10 @@ def finetune_episode(
     random draws are made on the CPU from ``seed``, so they do not depend on the device.
     ``augment``: every step's batch is randomly cropped (padding value ``fill``: the normalised
     value of a zero pixel) and flipped, with offsets/flips drawn after the step's subsample.
+    ``on_step(k)``: called before the first step (k = 0) and after every step k (the model is then
+    exactly what a ``k``-step run returns: transfer selection scores several step counts in one run);
+    it may evaluate the model, whose train/eval mode is restored after it, and must not draw from the
+    global RNG or change weights.
     """
     gen = torch.Generator().manual_seed(seed)
     if arm == "linear_probe":
@@ -308,7 +313,14 @@ def finetune_episode(
         with torch.no_grad():
             cached = model.forward_features(support_x)
     finite = torch.ones((), dtype=torch.bool, device=support_x.device)  # checked once at the end (no sync per step)
-    for _ in range(steps):
+
+    def notify(k: int) -> None:
+        if on_step is not None:
+            on_step(k)
+            model.train(batch_norm == "batch")
+
+    notify(0)
+    for step in range(steps):
         if len(support_y) > batch_size:
             idx = torch.randperm(len(support_y), generator=gen)[:batch_size].to(support_x.device)
             xb, yb = (support_x if cached is None else cached)[idx], support_y[idx]
@@ -322,6 +334,7 @@ def finetune_episode(
         opt.zero_grad()
         loss.backward()
         opt.step()
+        notify(step + 1)
     if not bool(finite):
         raise FloatingPointError(f"{arm}: the fine-tuning loss became non-finite within {steps} steps (lr {lr}); "
                                  "the cell is recorded as failed")

@@ -71,6 +71,23 @@ wildcard_constraints:
     ways=_alts([WAYS]),
 
 
+SELECT = config["transfer"]["select"]  # None: every method transfers with transfer.lr and transfer.steps
+
+
+def selection_inputs(wildcards):
+    """The transfer job's chosen settings (transfer.select), none when the settings are fixed."""
+    if not SELECT:
+        return {}
+    w = dict(wildcards.items())
+    return {"selection": R("selection", method=w["method"], budget=w["budget"], shots=w["shots"],
+                           replicate=w["replicate"])}
+
+
+def selection_outputs():
+    return sorted({R("selection", method=m, budget=b, shots=s, replicate=r) for (m, b, r) in networks()
+                   for s in SHOTS}) if SELECT else []
+
+
 def search_threads(wildcards):
     """A search trains on one thread, but a method that trains its network anew on the source (scratch)
     gets the pretraining recipe's threads: float sums depend on the thread count."""
@@ -137,6 +154,19 @@ def search_settings(wildcards):
     return settings_hash(PRETRAIN_SETTINGS, config["budget"]["metric"], options_for(config, method))
 
 
+def select_data_settings(wildcards):
+    return settings_hash(SELECT and SELECT["data"], config["data"]["image"], ROOT_SEED)
+
+
+def select_episode_settings(wildcards):
+    return settings_hash(SELECT, config["episodes"], ROOT_SEED)
+
+
+def select_settings(wildcards):
+    return settings_hash(search_settings(wildcards), config["transfer"], config["episodes"], method_arms(
+        wildcards.method))
+
+
 def transfer_settings(wildcards):
     return settings_hash(search_settings(wildcards), config["transfer"], config["episodes"], method_arms(
         wildcards.method))
@@ -170,4 +200,5 @@ def sanity_transfers():
 
 
 def final_targets():
-    return [R(key) for key in ("report_html", "results_csv", "metrics_json", "sync_json")]
+    keys = ("report_html", "results_csv", "metrics_json", "sync_json") + (("selection_csv",) if SELECT else ())
+    return [R(key) for key in keys]

@@ -34,6 +34,7 @@ rule aggregate:
 
 rule report:
     input:
+        unpack(lambda w: {"selection": R("selection_csv")} if SELECT else {}),
         results=R("results_csv"),
         episodes=R("episodes_csv"),
         sanity=R("sanity_json"),

@@ -2,6 +2,7 @@
 rule transfer:
     input:
         unpack(lambda w: network_paths(dict(w.items()))),
+        unpack(selection_inputs),
         study=R("study_json"),
         source_manifest=R("source_manifest"),
         target_manifest=R("target_manifest"),

@@ -45,9 +45,12 @@ from pruneshot.report.html import (
 )
 from pruneshot.report.load import FILE_MODE, check_mixed, load_episodes, load_results
 from pruneshot.report.sanity import mechanism_html, retention_html, sanity_html
+from pruneshot.report.selection import FIGURE as SELECTION_FIGURE
+from pruneshot.report.selection import lr_figure, selection_html
 from pruneshot.report.tables import compute_statistics
 
 _TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("retention", "Source retention"),
+        ("selection", "Transfer settings"),
         ("how-to-read", "How to read"),
         ("figures", "Figures"), ("methods", "Methods"),
         ("results", "Results per cell"), ("ranks", "Average rank"), ("comparisons", "Paired comparisons"),
@@ -57,7 +60,7 @@ _TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("retention", "
 
 def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict[str, Path],
                 episodes: pd.DataFrame | None = None, mixed: dict[str, dict[str, int]] | None = None,
-                sanity: dict[str, Any] | None = None) -> str:
+                sanity: dict[str, Any] | None = None, selection: pd.DataFrame | None = None) -> str:
     """The report as an HTML string (see :func:`build_report`)."""
     study = provenance.get("study") or "unnamed study"
     commit = str(provenance.get("git_commit") or "unknown")
@@ -68,7 +71,8 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         return f"<code>{_esc(values[0][:12])}</code>" if len(values) == 1 else f"{len(values)} {label} (mixed)" \
             if values else "unknown"
     statistics = compute_statistics(results, episodes)
-    toc = "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in _TOC)
+    toc = "".join(f'<li><a href="#{a}">{_esc(t)}</a></li>' for a, t in _TOC
+                  if a != "selection" or selection is not None)
     return "\n".join([
         "<!DOCTYPE html>",
         '<html lang="en">',
@@ -90,11 +94,12 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         sanity_html(sanity, results),
         mechanism_html(results),
         retention_html(results),
+        selection_html(selection, figures.get(SELECTION_FIGURE)),
         '<section id="how-to-read"><h2>How to read this report</h2>',
         _how_to_read(results, statistics),
         "</section>",
         '<section id="figures"><h2>Figures</h2>',
-        _figures_html(figures, results),
+        _figures_html({k: v for k, v in figures.items() if k != SELECTION_FIGURE}, results),
         "</section>",
         _tables_html(results, statistics, episodes),
         '<section id="provenance"><h2>Provenance</h2>',
@@ -108,7 +113,7 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
 
 def build_report(results_csv: Path, provenance: dict, out_html: Path, figures_dir: Path,
                  episodes_csv: Path | None = None, allow_mixed: bool = False,
-                 sanity: dict[str, Any] | None = None) -> dict[str, Path]:
+                 sanity: dict[str, Any] | None = None, selection_csv: Path | None = None) -> dict[str, Path]:
     """Write a self-contained HTML report for ``results_csv`` to ``out_html`` (atomically).
 
     ``episodes_csv`` (results/tables/episodes.csv) enables the paired tests and the paired reinit
@@ -117,13 +122,19 @@ def build_report(results_csv: Path, provenance: dict, out_html: Path, figures_di
     Figures are written to ``figures_dir`` (``{name}.png``, for Snakemake's report) and
     embedded as base64 ``data:`` URIs; CSS is inline; no scripts or external resources.
     All text is HTML-escaped. ``sanity``: the sanity gates (``results/<study>/sanity/gates.json``),
-    shown at the top (a red banner for a failed gate). Returns the figure paths.
+    shown at the top (a red banner for a failed gate). ``selection_csv`` (transfer.select): the chosen
+    transfer settings and the learning-rate sensitivity figure. Returns the figure paths.
     """
     results = load_results(results_csv)
     mixed = check_mixed(results, allow_mixed)
     episodes = load_episodes(episodes_csv) if episodes_csv is not None else None
     figures = make_figures(results, Path(figures_dir), episodes)
-    text = render_html(results, provenance, figures, episodes, mixed, sanity)
+    selection = pd.read_csv(selection_csv) if selection_csv is not None else None
+    lr_fig = lr_figure(selection, Path(figures_dir) / f"{SELECTION_FIGURE}.png") if selection is not None else None
+    if lr_fig is not None:
+        os.chmod(lr_fig, FILE_MODE)
+        figures = {**figures, SELECTION_FIGURE: lr_fig}
+    text = render_html(results, provenance, figures, episodes, mixed, sanity, selection)
     with atomic_path(out_html) as tmp:
         tmp.write_text(text, encoding="utf-8")
         os.chmod(tmp, FILE_MODE)

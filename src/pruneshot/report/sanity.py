@@ -256,7 +256,14 @@ def equal_by_construction(results: Any) -> list[str]:
     out.append(f"Episodes: every row of a (target, shots) panel is scored on the same saved episodes "
                f"({', '.join(map(str, n))} per cell; episode root seed {', '.join(seeds)}), with the same "
                "per-episode head seed, so every comparison below is paired.")
-    if "support_steps" in ok:
+    selected = "transfer_settings" in ok and (ok["transfer_settings"].astype(str) == "selected").any()
+    if selected:
+        out.append("Transfer settings: every trained arm's learning rate and support steps were chosen for each "
+                   "method, budget, replicate and shots by the same procedure, on the same validation episodes "
+                   "from classes that are never target classes, over the same grid (section Transfer settings); "
+                   "steps and learning rates therefore differ between rows by design, and each row records its own "
+                   "(transfer_lr, support_steps).")
+    elif "support_steps" in ok:
         parts = []
         for arm, g in ok.groupby("arm"):
             vals = sorted({int(v) for v in pd.to_numeric(g["support_steps"], errors="coerce").dropna()})

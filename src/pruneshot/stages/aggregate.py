@@ -152,7 +152,8 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
             "search_device": se["search_device"],
             "acc_mean": summary["mean"], "acc_ci95": summary["ci95"],
             "acc_std": summary["std"], "n_episodes": summary["n"],
-            "support_steps": tr.get("support_steps", nan), "bn_statistics": bn_statistics(method.side, se, pre),
+            "support_steps": tr.get("support_steps", nan), "transfer_lr": tr.get("lr", nan),
+            "transfer_settings": tr.get("settings", "fixed"), "bn_statistics": bn_statistics(method.side, se, pre),
             # source retention of the transferred network (source-side; target-side prune per episode)
             "source_val_acc": (se.get("source_retention") or {}).get("source_val_acc", nan),
             "widths": json.dumps((se.get("source_retention") or {}).get("widths", {}), sort_keys=True),

@@ -42,9 +42,24 @@ def prepare_target(config: dict[str, Any], target: str, out_dir: Path, job: Job)
     return manifest
 
 
+def prepare_select(config: dict[str, Any], out_dir: Path, job: Job) -> dict[str, Any]:
+    """The validation classes of ``transfer.select.data`` -> one pool shard + manifest (as a target's)."""
+    from pruneshot.data import prepare as data
+
+    entry = config["transfer"]["select"]["data"]
+    raw = data.load_entry(entry, "target", config["data"])  # split default: test, as a target's
+    manifest = data.prepare_target(raw, entry["classes"], out_dir, image=config["data"].get("image"),
+                                   provenance=job.provenance([], {}))
+    job.log(f"selection classes: {entry['dataset']} ({manifest['split']}), {manifest['splits']['pool']['n']} "
+            f"images, classes {entry['classes']}, images {manifest['image_shape']}")
+    return manifest
+
+
 def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, manifest_path: Path,
-                  out: Path, job: Job) -> None:
-    """Sample and save the fixed episodes of (target, ways, shots)."""
+                  out: Path, job: Job, count: int | None = None) -> None:
+    """Sample and save the fixed episodes of (target, ways, shots): ``count`` of them (None:
+    ``episodes.count``). ``target`` also names the episode seeds' axis."""
+    from pruneshot.data.episodes import content_sha256
     from pruneshot.data.episodes import make_episodes as sample
     from pruneshot.io import load_tensors
 
@@ -52,10 +67,9 @@ def make_episodes(config: dict[str, Any], target: str, ways: int, shots: int, ma
     pool_path = Path(manifest_path).parent / manifest["splits"]["pool"]["file"]
     labels = load_tensors(pool_path)["y"].numpy()
     ep_cfg = config["episodes"]
-    episodes = sample(labels, ways=ways, shots=shots, count=ep_cfg["count"],
+    episodes = sample(labels, ways=ways, shots=shots, count=ep_cfg["count"] if count is None else count,
                       queries_per_class=ep_cfg["queries_per_class"],
                       root_seed=config["study"]["root_seed"], target=target)
-    from pruneshot.data.episodes import content_sha256
 
     payload = {"target": target, "ways": ways, "shots": shots, "queries_per_class": ep_cfg["queries_per_class"],
                "pool_sha256": manifest["splits"]["pool"]["sha256"], "episodes": episodes}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +54,21 @@ class _Setting:
     fill: float  # crop padding value of a level-0 pixel after normalisation
     spec: dict[str, Any]  # the loaded network's architecture
     adapt_steps: int  # support-set steps of a target-side method's adapt (0: none, or budget >= 1)
+    #: Per trained arm, its {lr, steps, settings}: chosen on validation (transfer.select) or fixed
+    #: (transfer.lr, transfer.steps); an arm not listed uses the fixed ones.
+    arm_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def lr(self, arm: str) -> float:
+        """The learning rate ``arm`` fine-tunes with."""
+        return float(self.arm_settings.get(arm, {}).get("lr", self.tc["lr"]))
 
     def arm_steps(self, arm: str) -> int:
-        """Training steps of ``arm`` on the support set: what ``transfer.steps`` leaves after adapt's
-        steps, so every method's arm sees the same number of support steps ('prototype': none)."""
-        return 0 if arm == "prototype" else self.tc["steps"] - self.adapt_steps
+        """Training steps of ``arm`` on the support set: what its support-step total (``transfer.steps``,
+        or the steps chosen on validation) leaves after adapt's steps, so every method's arm sees the
+        same number of support steps under fixed settings ('prototype': none)."""
+        if arm == "prototype":
+            return 0
+        return int(self.arm_settings.get(arm, {}).get("steps", self.tc["steps"])) - self.adapt_steps
 
     def support_steps(self, arm: str) -> int:
         """Every support-set step ``arm``'s network took in this cell (adapt's and the arm's)."""
@@ -194,7 +204,7 @@ def _score(s: _Setting, arm: str, model: Any, on_device: tuple[Any, Any, Any, An
     if arm == "prototype":
         return prototype_accuracy(model, sx, sy, qx, qy)
     tc = s.tc
-    finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=s.arm_steps(arm), lr=tc["lr"],
+    finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=s.arm_steps(arm), lr=s.lr(arm),
                      momentum=tc["momentum"], weight_decay=tc["weight_decay"], batch_size=tc["batch_size"],
                      seed=seed, augment=s.augment, fill=s.fill, batch_norm="batch" if arm == "reinit" else "frozen")
     if arm == "reinit":
@@ -214,8 +224,8 @@ def _run_episodes(s: _Setting, networks: list[Any], episodes: list[_Episode], co
     network = networks[0]
     from pruneshot.models.cost import cost
 
-    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0, "support_steps": s.support_steps(a)}
-                                          for a in s.arms}
+    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0, "support_steps": s.support_steps(a),
+                                              **_settings_entry(s, a)} for a in s.arms}
     controls: dict[str, dict[str, Any]] = {}
     seeds_rows: list[dict[str, Any]] = []
     adapted: list[dict[str, Any]] = []
@@ -258,6 +268,14 @@ def _run_episodes(s: _Setting, networks: list[Any], episodes: list[_Episode], co
     return per_arm, seeds_rows, adapted, controls
 
 
+def _settings_entry(s: _Setting, arm: str) -> dict[str, Any]:
+    """What a record says of ``arm``'s transfer settings: its learning rate and whether it was chosen on
+    validation ('selected') or is transfer.lr / transfer.steps ('fixed'); prototype has none."""
+    if arm == "prototype":
+        return {"lr": None, "settings": "none"}
+    return {"lr": s.lr(arm), "settings": s.arm_settings.get(arm, {}).get("settings", "fixed")}
+
+
 def _control(name: str, on_device: tuple[Any, Any, Any, Any]) -> float:
     """A network-free control's accuracy on one episode (``PruningMethod.controls``)."""
     from pruneshot.training import pixel_prototype_accuracy
@@ -286,7 +304,8 @@ def _verified_inputs(job: Job, rec: dict[str, Any], network_record: Path, weight
 
 def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: int, target: str, replicate: int,
              budget: float, weights: Path, arch: Path, network_record: Path, source_manifest: Path,
-             target_manifest: Path, episodes_path: Path, out: Path, job: Job) -> dict[str, Any]:
+             target_manifest: Path, episodes_path: Path, out: Path, job: Job,
+             selection: Path | None = None) -> dict[str, Any]:
     """Transfer one network to every saved episode under each of ``arms``; score each query set.
 
     The network (``weights``, ``arch``) is a source-side method's searched network at ``budget``
@@ -318,10 +337,14 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     norm = read_json(source_manifest)["normalization"]
     pool = splits.load_split(target_manifest, "pool", norm)
     augment_mode, augment = _augment(tc)
+    from pruneshot.stages.select import fixed_or_selected
+
+    chosen = read_json(selection) if selection is not None else None
     s = _Setting(method=method, arms=list(arms), ways=eps["ways"], shots=shots, target=target, replicate=replicate,
                  budget=float(budget), metric=config["budget"]["metric"], options=options_for(config, method), tc=tc,
                  device=device, augment=augment, fill=zero_level(read_json(target_manifest)["max_value"], norm),
-                 spec=read_json(arch), adapt_steps=adapt_steps(config, method, float(budget)))
+                 spec=read_json(arch), adapt_steps=adapt_steps(config, method, float(budget)),
+                 arm_settings={a: fixed_or_selected(config, a, chosen) for a in arms if a != "prototype"})
     seeds = seeds_for(config, replicate)
     inputs = [weights, arch, source_manifest, target_manifest, episodes_path]
     params = {"method": method_name, "arms": ",".join(arms), "shots": shots, "ways": s.ways, "target": target,
@@ -329,13 +352,17 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
               **{f"transfer.{k}": v for k, v in tc.items()}, "transfer.device_used": str(device)}
     # what a failed cell records (a successful one replaces it)
     per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0, "support_steps": s.support_steps(a),
-                                              "summary": None} for a in arms}
+                                              **_settings_entry(s, a), "summary": None} for a in arms}
     seeds_rows: list[dict[str, Any]] = []
     adapted: list[dict[str, Any]] = []
     controls: dict[str, dict[str, Any]] = {}
     dense: dict[str, int] = {}
     t0 = time.perf_counter()
     failure = f"search failed: {rec['error']}" if rec.get("status") == "failed" else None
+    if failure is None and chosen is not None and chosen.get("status") != "ok":
+        failure = f"transfer selection failed: {chosen.get('error')}"
+    if selection is not None:
+        inputs.append(selection)
     with job.tracked(inputs, seeds, params, upstream=rec) as run:
         overhead = process_age_s()
         if failure is None:

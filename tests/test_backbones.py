@@ -263,6 +263,11 @@ TINY_OPTIONS = {
 }
 
 
+#: A one-epoch pretraining recipe for the methods that train a network anew (scratch).
+RECIPE = {"epochs": 1, "batch_size": 16, "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4, "patience": 1,
+          "threads": 1}
+
+
 def _split(n: int, seed: int) -> Split:
     gen = torch.Generator().manual_seed(seed)
     return Split(x=torch.randn((n, C_IN, SIZE, SIZE), generator=gen), y=torch.randint(0, N_CLS, (n,), generator=gen))
@@ -285,7 +290,8 @@ def test_every_method_prunes_every_backbone(name, method_name):
                                         options=opts, log=lambda _m: None))
     else:
         res = method.search(SearchContext(model=model, budget=0.5, metric="params", source_train=_split(32, 1),
-                                          source_val=_split(8, 2), seed=7, options=opts, log=lambda _m: None))
+                                          source_val=_split(8, 2), seed=7, options=opts, log=lambda _m: None,
+                                          recipe=RECIPE))
     physical = res.model.eval()
     achieved = metrics.cost(physical, "params") / dense_params
     if method.budget_free:

@@ -339,3 +339,18 @@ def test_on_step_sees_exactly_the_weights_of_a_shorter_run(arm, batch_norm):
     plain = _tiny_model()
     finetune_episode(plain, x, y, steps=10, **kw)
     assert all(torch.equal(v, state(plain)[n]) for n, v in state(long).items())
+
+
+def test_a_diverging_pretraining_fails_instead_of_keeping_a_broken_network():
+    """Issue 14: only fine-tuning checked its loss; a pretraining (and so a scratch search) whose loss
+    became NaN went on, and early stopping kept whichever epoch scored best on validation."""
+    from pruneshot.training import pretrain, require_finite
+
+    *_, train, val = _digits_in_memory(120, 40)
+    with pytest.raises(FloatingPointError, match=r"pretraining, epoch 1 \(lr 1e\+30\).*non-finite"):
+        pretrain(_tiny_model(), train, val, epochs=3, batch_size=32, lr=1e30, momentum=0.9, weight_decay=0.0,
+                 patience=3, seed=0, log=lambda _m: None)
+    require_finite(0.5, "a finite loss")  # no error
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(FloatingPointError, match="some loop: the loss became non-finite"):
+            require_finite(bad, "some loop")

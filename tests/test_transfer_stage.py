@@ -851,3 +851,40 @@ def test_transfer_uses_the_chosen_settings_exactly(world, validation):
         fixed = _transfer_job(world, "l1_filter", 0.5, [arm], cfg=cfg, out=world["tmp"] / f"fixed_{arm}.json")
         assert fixed["arms"][arm]["settings"] == "fixed"
         assert _accs(fixed["arms"][arm]) == _accs(got), arm
+
+
+class _NanLoss:
+    """torch.nn.functional, but a cross entropy that is NaN (gradients flow): a loop that diverged."""
+
+    def __getattr__(self, name: str):
+        import torch.nn.functional as F
+
+        return getattr(F, name)
+
+    @staticmethod
+    def cross_entropy(*args, **kwargs):
+        import torch.nn.functional as F
+
+        return F.cross_entropy(*args, **kwargs) * float("nan")
+
+
+@pytest.mark.parametrize(("method", "loop"), [("slimming", "slimming sparsity fine-tune"),
+                                              ("dnal", "dnal architecture stage"), ("dap", "dap gate search")])
+def test_a_diverging_search_is_a_failed_cell_naming_the_loop(world, tmp_path, monkeypatch, method, loop):
+    """Issue 14: a search loop whose loss became NaN used to hand on its network as an ok row."""
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module(f"pruneshot.methods.{method}"), "F", _NanLoss())
+    pre = world["pre"]
+    rec = search(world["cfg"], method, 0.5, 0, world["src"] / "manifest.json", pre / "model.safetensors",
+                 pre / "arch.json", pre / "metrics.json", tmp_path / "model.safetensors", tmp_path / "arch.json",
+                 tmp_path / "record.json", _job("search", method=method))
+    assert rec["status"] == "failed" and f"{loop}" in rec["error"] and "became non-finite" in rec["error"], rec
+
+
+def test_a_diverging_target_side_adapt_is_a_failed_cell(world, tmp_path):
+    cfg = copy.deepcopy(world["cfg"])
+    cfg["channel_scaling"] = {**(cfg.get("channel_scaling") or {}), "lr": 1e30}
+    rec = _transfer_job(world, "channel_scaling", 0.5, ["finetune"], cfg=cfg,
+                        network=_network(world, "channel_scaling", 0.5), out=tmp_path / "t.json")
+    assert rec["status"] == "failed" and "support-set fit of the scales: the loss became non-finite" in rec["error"]

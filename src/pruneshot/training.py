@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +18,14 @@ from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer
 
 LogFn = Callable[[str], None]
 MetricsFn = Callable[[dict[str, float], int | None], None]
+
+
+def require_finite(value: float, what: str) -> None:
+    """Raise FloatingPointError naming the loop ``what`` when its loss ``value`` is NaN or infinite: a
+    diverged training loop fails its job (pretraining) or its cell (a search, an adapt, a transfer arm),
+    it never hands on a broken network."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what}: the loss became non-finite ({value}); not using the diverged network")
 
 
 @torch.no_grad()
@@ -200,6 +209,7 @@ def pretrain(
         sched.step()
         val_acc = source_accuracy(model, val, amp=amp_used)
         train_loss = float(total.item()) / n
+        require_finite(train_loss, f"pretraining, epoch {epoch + 1} (lr {lr})")
         history.append({"epoch": epoch, "train_loss": train_loss, "val_acc": val_acc})
         if log_metrics:
             log_metrics({"train_loss": train_loss, "val_acc": val_acc}, epoch)

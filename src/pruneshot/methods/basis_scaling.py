@@ -35,6 +35,7 @@ from torch import nn
 
 from pruneshot.methods import register
 from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
+from pruneshot.training import require_finite
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def fit_steps(
             xb, yb = x, y
         ce = F.cross_entropy(forward(xb), yb)
         loss = ce if penalty is None else ce + penalty()
+        require_finite(float(loss.item()), "support-set fit of the scales")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if after_backward is not None:

@@ -46,6 +46,7 @@ from pruneshot.methods.base import (
     width_ratio,
 )
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.training import require_finite
 
 
 @dataclass(frozen=True)
@@ -279,6 +280,7 @@ def architecture_search(
                 for t in gates.parameters():  # the weight step's theta gradients are not used
                     t.grad = None
 
+            require_finite(float(ce.item()) + float(pen.item()), f"dap gate search, step {step}")
             with torch.no_grad():
                 thetas = torch.cat([t.detach() for t in gates.parameters()])
             row = {"step": step, "tau_gate": taus_g[step], "tau_penalty": taus_p[step], "ce": ce.item(),

@@ -35,6 +35,7 @@ from pruneshot.methods.base import (
     width_ratio,
 )
 from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.training import require_finite
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,7 @@ def arch_stage(
             with torch.no_grad():
                 alphas = torch.cat([a.detach() for a in gates.alpha.values()])
                 open_ = int((torch.sigmoid(delta * alphas) > 0.5).sum().item())
+            require_finite(tot_ce + tot_pen, f"dnal architecture stage, epoch {epoch + 1}")
             row = {"epoch": epoch, "delta": delta, "ce": tot_ce / max(1, n), "penalty": tot_pen / max(1, n),
                    "alpha_mean": float(alphas.mean()), "alpha_min": float(alphas.min()),
                    "alpha_max": float(alphas.max()), "gates_open": open_}

@@ -2,8 +2,9 @@
 
 A network of the pruned size, with the uniform per-layer widths ``random`` uses for the budget, freshly
 initialised and pretrained on the source classes from scratch with the study's pretraining recipe
-(config ``pretrain``: epochs, batch size, lr, momentum, weight decay, patience, augmentation, threads;
-best epoch chosen on source validation), then transferred like any source-side network. It keeps
+(config ``pretrain``: epochs, batch size, lr, momentum, weight decay, patience, augmentation; best
+epoch chosen on source validation; the search rule gives its job ``pretrain.threads`` threads, as
+float sums depend on the thread count), then transferred like any source-side network. It keeps
 nothing of the pretrained network, so it asks whether a pruning method's choice of weights is worth
 more than the architecture size alone. At budget 1.0 it is a second dense replicate (another
 initialisation and batch order), not the dense network: the budget-1.0 gate does not apply to it.
@@ -33,8 +34,6 @@ class Scratch(PruningMethod):
     mechanism = ("best_val_acc", "epochs_run")
 
     def search(self, ctx: SearchContext) -> SearchResult:
-        import torch
-
         from pruneshot.data.pipeline import Augment
         from pruneshot.models.base import build_seeded
         from pruneshot.training import pretrain
@@ -46,7 +45,6 @@ class Scratch(PruningMethod):
         spec = ctx.model.spec_with_widths(widths)
         seed = scratch_seed(ctx.seed)
         model = build_seeded(spec, seed)
-        torch.set_num_threads(int(recipe["threads"]))  # the recipe's thread count, as pretraining (float sums)
         ctx.log(f"scratch: widths {widths}, trained from scratch on the source (seed {seed}, "
                 f"{recipe['epochs']} epochs at most)")
         model, info = pretrain(

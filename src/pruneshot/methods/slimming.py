@@ -32,6 +32,7 @@ from pruneshot.methods.base import (
     option,
 )
 from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
+from pruneshot.training import require_finite
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def sparsity_finetune(
             tot_l1 += sparsity.item() * len(idx)
             n += len(idx)
         row = {"epoch": epoch, "ce": tot_ce / max(1, n), "gamma_l1": tot_l1 / max(1, n)}
+        require_finite(row["ce"] + row["gamma_l1"], f"slimming sparsity fine-tune, epoch {epoch + 1}")
         history.append(row)
         if checkpoint is not None:
             opt_tensors, opt_meta = optimizer_state("opt", opt)

@@ -182,6 +182,15 @@ def test_mlflow_runs_read_back(project: Path) -> None:
     client = MlflowClient(study["tracking_uri"])
     runs = client.search_runs([study["experiment_id"]], max_results=1000)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == study["parent_run_id"]]
+    # the study's parent run: a training experiment, the config, the summary, the report, the study's status
+    finished = json.loads((study_dir(project) / "mlflow/finished.json").read_text())
+    parent = client.get_run(study["parent_run_id"])
+    assert client.get_experiment(study["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert parent.data.params["study.name"] == "tiny" and parent.data.params["transfer.steps"] == "8"
+    assert finished["logged"] and parent.info.status == finished["status"]
+    assert (finished["status"] == "FAILED") == bool(finished["reasons"])
+    assert any(k.startswith("acc.dense.b1.") for k in parent.data.metrics) and "rows_ok" in parent.data.metrics
+    assert {a.path for a in client.list_artifacts(study["parent_run_id"])} == {"index.html", "results.csv"}
     by_rule: dict[str, list] = {}
     for r in children:
         by_rule.setdefault(r.data.tags["pruneshot.rule"], []).append(r)

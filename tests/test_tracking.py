@@ -342,3 +342,65 @@ def test_sync_logs_deferred_runs_upstream_first_with_upstream_run_ids(sqlite_stu
     # idempotent: nothing left, the mapping unchanged
     assert sync_spool(spool) == {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
     assert spooling.logged_runs(spool) == runs
+
+
+# --------------------------------------------------------------------------- the study's parent run
+
+
+def test_the_study_opens_as_a_training_experiment_with_its_config_and_ends_with_its_results(tmp_path: Path) -> None:
+    """Issue 15: the UI opened on MLflow 3's GenAI overview, and the parent run was empty and closed at
+    once. Now: a model-training experiment; the parent run holds the flattened config while the study
+    runs, then its summary metrics, the report as an artifact and a status that reflects the study."""
+    from pruneshot.runtime.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, finish_study, flatten
+
+    uri = resolve_tracking_uri(None, tmp_path)
+    config = {"study": {"name": "s", "replicates": 3}, "transfer": {"lr": 0.01, "arms": ["finetune", "reinit"],
+                                                                     "select": None}}
+    assert flatten(config) == {"study.name": "s", "study.replicates": 3, "transfer.lr": 0.01,
+                               "transfer.arms": ["finetune", "reinit"], "transfer.select": None}
+    study = init_study(uri, "parent-test", {"pruneshot.config_sha256": "abc"}, params=flatten(config))
+    client = MlflowClient(uri)
+    assert client.get_experiment(study["experiment_id"]).tags[EXPERIMENT_KIND_TAG] == EXPERIMENT_KIND
+    parent = client.get_run(study["parent_run_id"])
+    assert parent.info.status == "RUNNING"
+    assert parent.data.params["transfer.lr"] == "0.01" and parent.data.params["study.replicates"] == "3"
+    assert parent.data.tags["pruneshot.config_sha256"] == "abc"
+    report = tmp_path / "index.html"
+    report.write_text("<html>report</html>")
+    finish_study(study, {"acc.dense.b1.1shot.finetune": 0.65, "rows_failed": 0.0}, [report], "FINISHED")
+    parent = client.get_run(study["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.metrics["acc.dense.b1.1shot.finetune"] == 0.65
+    assert [a.path for a in client.list_artifacts(study["parent_run_id"])] == ["index.html"]
+    # a second study in the same store keeps a kind someone chose in the UI
+    client.set_experiment_tag(study["experiment_id"], EXPERIMENT_KIND_TAG, "finetuning")
+    init_study(uri, "parent-test", {})
+    assert client.get_experiment(study["experiment_id"]).tags[EXPERIMENT_KIND_TAG] == "finetuning"
+
+
+def test_study_status_reflects_failed_rows_and_gates(tmp_path: Path) -> None:
+    import json
+
+    import pandas as pd
+
+    from pruneshot.stages.tracking import study_metrics
+
+    rows = [{"method": "dense", "requested_budget": 1.0, "shots": 1, "arm": "finetune", "acc_mean": 0.6,
+             "status": "ok", "budget_missed": False},
+            {"method": "dense", "requested_budget": 1.0, "shots": 1, "arm": "finetune", "acc_mean": 0.7,
+             "status": "ok", "budget_missed": False}]
+    csv = tmp_path / "results.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    gates = tmp_path / "gates.json"
+    gates.write_text(json.dumps({"gates": {"pretraining_helps": {"status": "passed"}}, "failed": [],
+                                 "not_evaluated": []}))
+    metrics, status, reasons = study_metrics(csv, gates)
+    assert status == "FINISHED" and not reasons
+    assert metrics["acc.dense.b1.1shot.finetune"] == pytest.approx(0.65)  # mean over replicates
+    assert metrics["gate.pretraining_helps"] == 1.0 and metrics["rows_failed"] == 0.0
+    pd.DataFrame([*rows, {**rows[0], "method": "random", "status": "failed", "acc_mean": float("nan")}]).to_csv(
+        csv, index=False)
+    gates.write_text(json.dumps({"gates": {"pretraining_helps": {"status": "failed"}}, "failed": ["pretraining_helps"],
+                                 "not_evaluated": []}))
+    metrics, status, reasons = study_metrics(csv, gates)
+    assert status == "FAILED" and reasons == ["1 failed row(s)", "sanity gate pretraining_helps did not pass"]
+    assert metrics["gate.pretraining_helps"] == 0.0 and metrics["rows_failed"] == 1.0

@@ -19,6 +19,8 @@ LOGS_DIR = "logs"
 RESULTS: dict[str, str] = {
     "study_json": "mlflow/study.json",
     "sync_json": "mlflow/sync.json",
+    # the study's parent run ended: its status, metrics and artifacts (rule finish_tracking)
+    "finish_json": "mlflow/finished.json",
     # spool id -> MLflow run id of every record sync_tracking logged, kept across its reruns (a ledger
     # it merges into, not a rule output: Snakemake would delete it before each rerun)
     "mlflow_runs": "mlflow/runs.json",
@@ -66,6 +68,7 @@ RESULTS: dict[str, str] = {
 LOGS: dict[str, str] = {
     "init_tracking": "init_tracking.log",
     "sync_tracking": "sync_tracking.log",
+    "finish_tracking": "finish_tracking.log",
     "prepare_source": "prepare_source.log",
     "prepare_target": "prepare_target/{target}.log",
     "make_episodes": "make_episodes/{target}/{ways}way_{shots}shot.log",

@@ -200,5 +200,6 @@ def sanity_transfers():
 
 
 def final_targets():
-    keys = ("report_html", "results_csv", "metrics_json", "sync_json") + (("selection_csv",) if SELECT else ())
+    keys = ("report_html", "results_csv", "metrics_json", "sync_json", "finish_json") + (
+        ("selection_csv",) if SELECT else ())
     return [R(key) for key in keys]

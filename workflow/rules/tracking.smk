@@ -23,3 +23,21 @@ rule sync_tracking:
         "../../envs/pruneshot.yaml"
     script:
         "../../scripts/sync_tracking.py"
+
+
+# Ends the study's parent run (opened RUNNING by init_tracking): summary metrics, the report and the
+# results table as artifacts, and a status that reflects the study.
+rule finish_tracking:
+    input:
+        study=R("study_json"),
+        results=R("results_csv"),
+        sanity=R("sanity_json"),
+        report=R("report_html"),
+    output:
+        finished=R("finish_json"),
+    log:
+        LOG("finish_tracking"),
+    conda:
+        "../../envs/pruneshot.yaml"
+    script:
+        "../../scripts/finish_tracking.py"

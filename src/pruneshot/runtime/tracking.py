@@ -202,8 +202,29 @@ def _log_batch(
 # --------------------------------------------------------------------------- study
 
 
-def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str]) -> dict[str, str]:
-    """Create the store/experiment if missing and a FINISHED parent run named ``experiment_name``.
+#: Experiment tag the MLflow 3 UI reads to choose its view: without it an experiment opens on the GenAI
+#: overview (traces, token usage); this kind opens it on its runs, as a model-training experiment.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
+    """A nested config as dotted keys (``transfer.select.lr``); lists and scalars are the leaves."""
+    out: dict[str, object] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str],
+               params: Mapping[str, object] | None = None) -> dict[str, str]:
+    """Create the store/experiment if missing (a model-training experiment for the UI) and the study's
+    parent run named ``experiment_name``, RUNNING until :func:`finish_study` ends it, holding ``params``
+    (the study's flattened config) and ``tags`` (commit, config hash).
 
     Runs once, before the fan-out; errors propagate. Returns ``tracking_uri``,
     ``experiment_name``, ``experiment_id`` and ``parent_run_id`` (all strings), the
@@ -218,7 +239,8 @@ def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str]) ->
     experiment_id = _ensure_experiment(client, experiment_name, artifact_location)
     run_tags = _clean_tags({**tags, ROLE_TAG: "study"})
     run = client.create_run(experiment_id, tags=run_tags, run_name=experiment_name)
-    client.set_terminated(run.info.run_id, status="FINISHED")
+    for chunk in _chunk_pairs(_clean_params(params or {})):
+        _log_batch(client, run.info.run_id, [], chunk, [])
     return {
         "tracking_uri": tracking_uri,
         "experiment_name": experiment_name,
@@ -227,11 +249,28 @@ def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str]) ->
     }
 
 
+def finish_study(study: Mapping[str, str], metrics: Mapping[str, float], artifacts: Sequence[Path],
+                 status: str) -> None:
+    """End the study's parent run: log the study's summary ``metrics`` and ``artifacts`` (files, e.g. the
+    report and the results table) and set its ``status`` (FINISHED, or FAILED when cells failed or a
+    sanity gate did not pass). Errors propagate."""
+    client = _client(study["tracking_uri"])
+    run_id = study["parent_run_id"]
+    now = _now_ms()
+    rows = [{"key": _clean_key(k), "value": float(v), "timestamp": now, "step": 0} for k, v in metrics.items()]
+    for i in range(0, len(rows), 1000):
+        _log_batch(client, run_id, rows[i : i + 1000], [], [])
+    for path in artifacts:
+        client.log_artifact(run_id, str(path))
+    client.set_terminated(run_id, status=status)
+
+
 def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except Exception:
             experiment = client.get_experiment_by_name(name)  # created concurrently?
             if experiment is None:
@@ -239,6 +278,8 @@ def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str |
     if experiment.lifecycle_stage == "deleted":
         _log.warning("MLflow experiment %r was deleted; restoring it", name)
         client.restore_experiment(experiment.experiment_id)
+    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose in the UI is kept
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
 
 

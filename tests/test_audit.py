@@ -441,6 +441,62 @@ def test_a_row_whose_transfer_record_is_missing_is_an_error(unit: Path) -> None:
     assert any(f"its transfer record {U_TRANSFER} is missing" in e for e in result.errors)
 
 
+def _hex64(out: str) -> list[str]:
+    import re
+
+    return re.findall(r"\b[0-9a-f]{64}\b", out)
+
+
+def test_several_rows_are_short_by_default_one_line_per_level(unit_study: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", "--root", str(unit_study)]) == 0  # every row
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    heads = [ln for ln in lines if ln.startswith("row ")]
+    assert len(heads) == 2 and all("60.0 ± 19.6 %" in h and "commit c0ffee" in h for h in heads)
+    levels = [ln.strip().split(":")[0] for ln in lines if ln.startswith(" ")]
+    source_side = ["transfer run", "pruned network", "search", "pretrained backbone", "source data", "target data",
+                   "episodes", "profile"]
+    target_side = ["transfer run", "pretrained backbone", "source data", "target data", "episodes", "profile"]
+    assert levels == source_side + target_side  # random, then basis_scaling; no level repeated
+    assert len(lines) == 2 + len(source_side) + len(target_side)
+    assert not _hex64(out) and "MISMATCH" not in out and "hashes ok" in out
+    rec = next(ln for ln in lines if ln.strip().startswith("pretrained backbone:"))
+    assert "results/unit/pretrain/r0/metrics.json: rule pretrain, mlflow run-pre," in rec
+    # --long: today's whole tree, every hash
+    assert main(["audit", "--root", str(unit_study), "--long"]) == 0
+    long = capsys.readouterr().out
+    assert len(long.splitlines()) > 4 * len(lines) and "recorded by" in long and _hex64(long)
+    with pytest.raises(SystemExit):
+        main(["audit", "--root", str(unit_study), "--short", "--long"])
+    capsys.readouterr()
+
+
+def test_one_row_is_long_by_default_and_short_on_request(unit_study: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    row = unit_row(unit_study, "random")
+    assert main(["audit", "--root", str(unit_study), row["row_id"]]) == 0
+    long = capsys.readouterr().out
+    assert long.rstrip("\n") == text.format_lineage(lineage(unit_study, row, U))
+    assert main(["audit", "--root", str(unit_study), "--short", row["row_id"]]) == 0
+    short = capsys.readouterr().out.splitlines()
+    assert short[0].startswith(f"row {row['row_id']}: random b0.5 digits_5to9 5-way 1-shot finetune r0: 60.0")
+    assert len(short) == 9 and not _hex64("\n".join(short))
+
+
+def test_short_names_every_mismatch(unit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    flip_byte(unit / U_CHECKPOINT)
+    tr = read(unit, U_TRANSFER)
+    tr["arms"]["finetune"]["summary"]["mean"] = 0.9  # the record no longer says what the row says
+    (unit / U_TRANSFER).write_text(json.dumps(tr))
+    assert main(["audit", "--root", str(unit), "--short", unit_row(unit, "random")["row_id"]]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    bad = [ln for ln in lines if "MISMATCH" in ln or "DIFFERS" in ln]
+    assert [ln.strip().split(":")[0] for ln in bad] == ["transfer run", "pruned network"]
+    assert "record accuracy 0.9 DIFFERS" in bad[0]
+    assert f"{U_CHECKPOINT} sha256 MISMATCH; {U_CHECKPOINT} md5 MISMATCH" in bad[1]
+
+
 # --- the session's finished tiny study (needs the whole pipeline: tests/conftest.py `project`) ------
 
 P = StudyPaths("tiny")

@@ -370,7 +370,8 @@ def test_a_failing_method_becomes_a_failed_row_and_the_others_are_unaffected(wor
     text = (out / "metrics.json").read_text()
     assert "NaN" not in text  # strict JSON for `dvc metrics show`: failed rows carry no NaN there
     metrics = json.loads(text)
-    assert metrics["failed_cells"] == 2 and any(k.startswith("random/") for k in metrics)
+    assert metrics["rows"] == {"ok": 1, "failed": 2} and metrics["failed"] == {"channel_scaling": 1, "l1_filter": 1}
+    assert metrics["random"][f"{SHOTS}shot"] == pytest.approx(by.loc["random", "acc_mean"], abs=1e-4)
 
 
 def test_a_target_side_row_reads_its_network_from_pretrain_and_its_cost_from_the_episodes(world):

@@ -223,7 +223,9 @@ def _audit(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"study": paths.study, "results": results_rel, "rows": lineages}, indent=2, default=str))
     else:
-        print("\n\n".join(text.format_lineage(lin) for lin in lineages))
+        short = args.short or (not args.long and len(lineages) > 1)  # several rows: one line per level
+        print(("\n" if short else "\n\n").join((text.format_lineage_short if short else text.format_lineage)(lin)
+                                                for lin in lineages))
     return 0
 
 
@@ -267,6 +269,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="re-hash the artefacts (of ROW_ID's lineage, else all) and compare with the recorded hashes; "
                         "recompute the transfer summaries and results rows' accuracy columns and compare")
+    brief = p.add_mutually_exclusive_group()
+    brief.add_argument("--short", action="store_true",
+                       help="per row, the head line and one line per lineage level (record, rule, MLflow run, "
+                            "whether its recorded hashes match); the default when several rows are audited")
+    brief.add_argument("--long", action="store_true",
+                       help="per row, the whole tree: every file, its sha256 and every hash recorded for it; "
+                            "the default for one row")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_audit)
     p = sub.add_parser("report", help="rebuild the HTML report from existing tables (no Snakemake)")

@@ -1,4 +1,5 @@
-"""Text of the audit: a lineage as an indented tree, a verification as mismatch lines and a summary."""
+"""Text of the audit: a lineage as an indented tree (in full, or one line per level), a verification as
+mismatch lines and a summary."""
 
 from __future__ import annotations
 
@@ -75,6 +76,58 @@ def format_lineage(lin: dict[str, Any]) -> str:
     lines.append("")
     _format_node(lin["tree"], 0, lines, row.get("acc_mean"))
     return "\n".join(lines)
+
+
+def format_lineage_short(lin: dict[str, Any]) -> str:
+    """The lineage in brief: the head line (the row, its accuracy, its commit against HEAD now; the results
+    table's dvc.lock hash if it differs), then one
+    line per lineage level (transfer run, pruned network, search, backbone, data, episodes, profile), each
+    with its record, rule, MLflow run and how many recorded hashes of its files match; a level already
+    listed is not repeated. Every mismatch, missing file or differing accuracy is still named."""
+    row = lin["row"]
+    commit, head = row.get("git_commit"), lin["project"]["git_head"]
+    at = f"commit {str(commit)[:12]}" + (" (dirty)" if str(row.get("git_dirty")).lower() == "true" else "")
+    if head and head != commit:
+        at += ", not HEAD"
+    lines = [f"row {row['row_id']}: {row.get('method')} b{row.get('requested_budget')} {row.get('target')} "
+             f"{row.get('ways')}-way {row.get('shots')}-shot {row.get('arm')} r{row.get('replicate')}: "
+             f"{_pct(row.get('acc_mean'))} ± {_pct(row.get('acc_ci95'))} % ({at})"]
+    if lin["results_file"]["recorded"] and "MISMATCH" in (results := _hash_summary([lin["results_file"]])):
+        lines[0] += f"; results table {results}"
+    _short_node(lin["tree"], 1, lines, row)
+    return "\n".join(lines)
+
+
+def _hash_summary(files: list[dict[str, Any]]) -> str:
+    """'N recorded hashes ok', or the files and hashes that do not match."""
+    bad = [f"{f['path']} MISSING" for f in files if not f["sha256"]]
+    recorded = [(f, r) for f in files if f["sha256"] for r in f["recorded"]]
+    bad += list(dict.fromkeys(f"{f['path']} {r['algo']} MISMATCH" for f, r in recorded if not r["ok"]))
+    n = len(recorded)
+    if bad:
+        return "; ".join(bad)
+    return f"{n} recorded hash{'es' if n != 1 else ''} ok" if n else "no recorded hash"
+
+
+def _short_node(node: dict[str, Any], depth: int, lines: list[str], row: dict[str, Any]) -> None:
+    if "see_above" in node:  # listed already
+        return
+    parts = []
+    if node.get("rule"):
+        parts.append(f"rule {node['rule']}")
+    if node.get("mlflow_run_id"):
+        parts.append(f"mlflow {node['mlflow_run_id']}")
+    if node.get("git_commit") and node["git_commit"] != row.get("git_commit"):
+        parts.append(f"commit {str(node['git_commit'])[:12]} (not the row's)")
+    if "record_acc_mean" in node and _num(node["record_acc_mean"], fmt=".12g") != _num(row.get("acc_mean"),
+                                                                                         fmt=".12g"):
+        parts.append(f"record accuracy {node['record_acc_mean']} DIFFERS from the row's")
+    if not node.get("rule") and node.get("note"):  # no record, or one without provenance
+        parts.append(node["note"])
+    parts.append(_hash_summary(node.get("files", [])))
+    lines.append(f"{'  ' * depth}{node['level']}: {node.get('record') or '-'}: " + ", ".join(parts))
+    for child in node.get("children", []):
+        _short_node(child, depth + 1, lines, row)
 
 
 def _format_files(files: list[dict[str, Any]], pad: str) -> list[str]:

@@ -67,6 +67,48 @@ def bn_statistics(side: str, network: dict[str, Any], pretrain: dict[str, Any]) 
     return "pretrained, recalibrated" if (pretrain.get("bn_recalibration") or {}).get("applied") else "pretrained"
 
 
+def metrics_summary(rows: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
+    """metrics.json: a summary small enough for ``dvc metrics show``, which prints one table row per
+    metrics file and one column per leaf (header: the dotted key path).
+
+    ``rows.ok``/``rows.failed`` count the results rows; ``failed.<method>`` (only when rows failed) counts
+    a method's failed rows. ``<method>.<k>shot`` is the headline accuracy: acc_mean of the method's ok rows
+    at its tightest budget on the first of ``arms`` it ran, averaged over targets and replicates, so
+    there is one column per (method, shots) however many budgets, arms, targets and replicates the
+    study has. ``headline.arm``/``headline.budget`` name that arm and the tightest budget of the study;
+    a method whose arm or budget differs says so in ``<method>.arm``/``<method>.budget``. Strict JSON."""
+    import math
+
+    ok = [r for r in rows if r["status"] == "ok"]
+    out: dict[str, Any] = {"rows": {"ok": len(ok), "failed": len(rows) - len(ok)}}
+    failed: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            failed[r["method"]] = failed.get(r["method"], 0) + 1
+    if failed:
+        out["failed"] = dict(sorted(failed.items()))
+    if not ok:
+        return out
+    headline = {"arm": arms[0], "budget": min(r["requested_budget"] for r in ok)}
+    out["headline"] = headline
+    for method in sorted({r["method"] for r in ok}):
+        mine = [r for r in ok if r["method"] == method]
+        budget = min(r["requested_budget"] for r in mine)
+        ran = {r["arm"] for r in mine if r["requested_budget"] == budget}
+        arm = next((a for a in arms if a in ran), min(ran))
+        accs: dict[int, list[float]] = {}
+        for r in mine:
+            if r["requested_budget"] == budget and r["arm"] == arm and math.isfinite(r["acc_mean"]):
+                accs.setdefault(int(r["shots"]), []).append(r["acc_mean"])
+        entry: dict[str, Any] = {f"{k}shot": round(sum(v) / len(v), 4) for k, v in sorted(accs.items())}
+        if arm != headline["arm"]:
+            entry["arm"] = arm
+        if budget != headline["budget"]:
+            entry["budget"] = budget
+        out[method] = entry
+    return out
+
+
 def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manifest: Path,
               target_manifests: dict[str, Path], out_csv: Path, out_episodes_csv: Path,
               out_metrics: Path, job: Job, sync_json: Path | None = None) -> list[dict[str, Any]]:
@@ -184,14 +226,7 @@ def aggregate(config: dict[str, Any], cells: list[dict[str, Any]], source_manife
         table.to_csv(tmp, index=False)
     with atomic_path(out_episodes_csv) as tmp:
         pd.DataFrame(episode_rows).to_csv(tmp, index=False)
-    metrics = {
-        f"{r['method']}/b{budget_label(r['requested_budget'])}/{r['target']}/{r['shots']}shot/{r['arm']}"
-        f"/r{r['replicate']}": {"acc_mean": round(r["acc_mean"], 6), "acc_ci95": round(r["acc_ci95"], 6),
-                                "params_ratio": round(r["params_ratio"], 6),
-                                "flops_ratio": round(r["flops_ratio"], 6)}
-        for r in rows if r["status"] == "ok"
-    }
-    metrics["failed_cells"] = sum(r["status"] != "ok" for r in rows)
+    metrics = metrics_summary(rows, config["transfer"]["arms"])
     write_json(out_metrics, metrics)
     job.log(f"aggregated {len(rows)} cells, {len(episode_rows)} episode results")
     return rows

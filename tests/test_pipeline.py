@@ -477,3 +477,48 @@ def test_transfer_settings_chosen_on_validation_never_read_target_data(tmp_path:
     shutil.rmtree(root / "select")
     run([*snake, "--until", "select_transfer"], proj)
     assert {p: read_json(p)["arms"] for p in records} == before
+
+
+def test_a_run_ends_with_the_summary_or_the_failed_jobs_and_how_to_rerun_them(tmp_path: Path) -> None:
+    """Issue 15.1: a plain `snakemake` run ended without a word. One micro study (not the default config)
+    with a recorded failed cell: the successful run prints the summary, the gates, the report's path and
+    `pruneshot rerun-failed --config`; a dry run, a --touch run and a run with nothing to do print no
+    summary; a run whose job fails lists it and the commands that rerun it."""
+    import shutil
+    import subprocess
+
+    from conftest import _env, copy_worktree
+
+    proj = tmp_path / "proj"
+    copy_worktree(proj)
+    shutil.copy(ROOT / "tests/configs/micro.yaml", proj / "config/micro.yaml")
+    env = dict(_env(), PRUNESHOT_INJECT_FAILURE="search:random")
+    smk = [str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/micro.yaml"]
+
+    def snakemake(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*smk, *args], cwd=proj, env=env, capture_output=True, text=True)
+
+    first = snakemake()
+    assert first.returncode == 0, first.stderr[-3000:]
+    expected = run([str(BIN / "pruneshot"), "summary", "--config", "config/micro.yaml"], proj).stdout
+    assert expected.strip() and expected in first.stdout, first.stdout
+    assert "\nsanity " in first.stdout and "pruneshot rerun-failed --config config/micro.yaml" in first.stdout
+    assert re.search(r"\nreport: \S*results/micro/report/index\.html\n", first.stdout)
+    for args in (["-n"], ["--touch"], [], ["--lint"]):
+        quiet = snakemake(*args)
+        assert quiet.returncode == 0, quiet.stderr[-3000:]
+        assert "\nreport: " not in quiet.stdout + quiet.stderr and "\nsanity " not in quiet.stdout, args
+    # A job that fails: the dense network no longer matches the hash its search recorded.
+    weights = proj / "results/micro/search/dense/b1/r0/model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    failed = snakemake("--forcerun", "results/micro/transfer/digits_5to9/dense/b1/1shot/r0.json")
+    assert failed.returncode != 0
+    assert "\nreport: " not in failed.stdout + failed.stderr
+    err = failed.stderr
+    assert re.search(r"pruneshot: \d job\(s\) failed:\n  rule (transfer|profile), jobid: \d+, wildcards: .*"
+                     r"method=dense", err), err[-3000:]
+    assert "logs/micro/" in err.split("pruneshot:")[-1]
+    assert "rerun them (what finished is kept) with:\n  snakemake " + " ".join(smk[1:]) + "\n" in err
+    assert "--forcerun" not in err.split("rerun them")[-1]
+    assert "the study also has 1 failed cell(s)" in err
+    assert "  pruneshot rerun-failed --config config/micro.yaml" in err

@@ -163,7 +163,8 @@ def test_report_contains_methods_error_commit_and_provenance(built: dict) -> Non
 
 def test_report_is_self_contained(built: dict) -> None:
     text = built["html"]
-    assert text.count("data:image/png;base64,") == len(FIGURE_NAMES)
+    # Every figure is embedded but the reinit gap, which says one line without a reinit arm (issue 15).
+    assert text.count("data:image/png;base64,") == len(FIGURE_NAMES) - 1
     assert not re.search(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", text)  # ... never as a link
     assert "<script" not in text.lower()
     assert "<link" not in text.lower()
@@ -268,7 +269,11 @@ def test_a_missed_budget_is_marked_in_the_tables_the_report_and_the_summary(tmp_
     table = results_table(results)
     assert _row(table, "l1_filter", "0.5", "1")["achieved"] == "1.000 ⚠ missed"
     assert "missed" not in _row(table, "l1_filter", "0.5", "5")["achieved"]
-    assert (detail_table(results)["gap"].str.contains("missed")).sum() == 1
+    # Named by what it is (issue 15): achieved − requested, so l1_filter's 1.0 for 0.5 reads +0.500.
+    detail = detail_table(results)
+    assert "gap" not in detail.columns and (detail["achieved − requested"].str.contains("missed")).sum() == 1
+    assert detail.loc[detail["achieved − requested"].str.contains("missed"), "achieved − requested"].tolist() == [
+        "+0.500 ⚠ missed"]
     missed = budget_missed_table(results)
     assert missed[["method", "requested", "achieved", "gap"]].values.tolist() == [["l1_filter", "0.5", "1.000",
                                                                                    "-0.500"]]
@@ -448,8 +453,9 @@ def test_figures_have_alt_text_and_captions(built: dict) -> None:
     text = built["html"]
     figures = re.findall(r"<figure id=\"fig-([a-z_]+)\"><img alt=\"([^\"]*)\" src=[^>]*><figcaption>(.*?)"
                          r"</figcaption></figure>", text)
+    # No reinit arm in this study: the reinit-gap figure is one line, not an empty figure (issue 15).
     assert [f[0] for f in figures] == ["acc_vs_params", "acc_vs_flops", "acc_vs_latency", "acc_vs_shots",
-                                       "budget_achieved", "search_cost", "reinit_gap"]
+                                       "budget_achieved", "search_cost"]
     for name, alt, caption in figures:
         assert alt.startswith("Figure: ") and "dense" in alt, name
         assert caption.startswith("<strong>Figure ") and len(caption) > 80, name
@@ -702,3 +708,136 @@ def test_mechanism_figures_are_tabulated_per_method_and_budget(tmp_path: Path) -
     assert "overlap_with_plain_ranking" in mechanism_html(df)
     df["mechanism"] = "{}"
     assert mechanism_html(df) == ""
+
+
+def make_many_methods_results() -> pd.DataFrame:
+    """make_results() with l1_filter's rows copied to every registered method plus a few unregistered names
+    (more pruning methods than the palette has colours), and a scratch control."""
+    from pruneshot.methods import available
+
+    base = make_results()
+    template = base[base["method"] == "l1_filter"]
+    extra = [m for m in available() if m not in set(base["method"])] + [f"custom_{i}" for i in range(6)]
+    copies = [template.assign(method=m, method_source="test") for m in extra]
+    return pd.concat([base, *copies], ignore_index=True)
+
+
+def test_every_method_gets_a_unique_colour_and_marker_and_controls_keep_theirs() -> None:
+    """Issue 15: dap and basis_scaling were both orange, dnal and l1_filter both pink."""
+    from matplotlib.colors import to_rgb
+
+    from pruneshot.report.styles import CONTROL_STYLES, PALETTE, legend_order, method_styles
+
+    methods = sorted(set(make_many_methods_results()["method"]))
+    assert len(methods) >= 12
+    styles = method_styles(methods)
+    assert set(styles) == set(methods)
+    pairs = [(to_rgb(s["color"]), s["marker"]) for s in styles.values()]
+    assert len(set(pairs)) == len(pairs)
+    assert styles["dense"]["marker"] == "*" and to_rgb(styles["dense"]["color"]) == (0.0, 0.0, 0.0)
+    reserved_markers = {"*"} | {s["marker"] for s in CONTROL_STYLES.values()}
+    for name in ("random", "scratch"):
+        assert styles[name] == CONTROL_STYLES[name]
+        r, g, b = to_rgb(styles[name]["color"])
+        assert r == g == b and styles[name]["linestyle"] == "--"  # a grey, dashed
+    pruning = [m for m in methods if styles[m]["group"] in ("source", "target", "other")]
+    assert {"dap", "basis_scaling", "dnal", "l1_filter"} <= set(pruning)
+    for m in pruning:
+        assert styles[m]["marker"] not in reserved_markers and styles[m]["linestyle"] == "-"
+        assert styles[m]["color"] in PALETTE
+    # The first len(PALETTE) pruning methods differ in colour and in marker both.
+    first = [m for m in legend_order(methods) if m in pruning][: len(PALETTE)]
+    assert len({styles[m]["color"] for m in first}) == len({styles[m]["marker"] for m in first}) == len(first)
+    # Legend: dense, references, controls, then the source-side methods before the target-side ones.
+    order = legend_order(methods)
+    assert order[:4] == ["dense", "linear_probe", "random", "scratch"]
+    groups = [styles[m]["group"] for m in order[4:]]
+    assert groups == sorted(groups, key=["source", "target", "other"].index)
+
+
+def test_accuracy_figures_use_the_method_styles_and_split_many_methods_by_side() -> None:
+    from matplotlib.colors import to_rgb
+
+    from pruneshot.report.figures import _plot_vs_cost
+    from pruneshot.report.load import _aggregate_ok
+    from pruneshot.report.styles import method_styles
+
+    results = make_many_methods_results()
+    styles = method_styles(results["method"].tolist())
+    agg = _aggregate_ok(results)
+    fig = _plot_vs_cost(agg, "params_ratio", "x", "Accuracy vs parameters kept", styles)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("source-side" in t for t in titles) and any("target-side" in t for t in titles)
+    seen = set()
+    for ax in fig.axes:
+        side = ax.get_title().split("\n")[0].split(" · ")[1].removesuffix("-side")
+        for container in ax.containers:  # one errorbar container per series
+            method, line = str(container.get_label()).split(" ", 1)[0], container.lines[0]
+            if method not in styles:
+                continue
+            seen.add(method)
+            assert styles[method]["group"] in ("reference", "control", side), (method, ax.get_title())
+            assert to_rgb(line.get_color()) == to_rgb(styles[method]["color"])
+            assert line.get_marker() == styles[method]["marker"]
+    assert "dense" in seen and "random" in seen and "basis_scaling" in seen and "dap" in seen
+    legend_texts = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend_texts.index("source-side pruning") < legend_texts.index("dap") < legend_texts.index(
+        "target-side pruning") < legend_texts.index("basis_scaling")
+    # A small study keeps one panel per shots.
+    small = _plot_vs_cost(_aggregate_ok(make_results()), "params_ratio", "x", "t", method_styles(
+        make_results()["method"].tolist()))
+    assert len(small.axes) == 2
+
+
+def _legend_overlaps(fig) -> list[str]:
+    """What each figure legend overlaps: any axes or the figure title, or whether it leaves the figure."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if fig.canvas is None or not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    hits = []
+    for legend in fig.legends:
+        box = legend.get_window_extent(renderer)
+        if not (box.y0 >= fig.bbox.y0 - 1 and box.y1 <= fig.bbox.y1 + 1 and box.x1 <= fig.bbox.x1 + 1):
+            hits.append("outside the figure")
+        hits += [f"axes {ax.get_title()!r}" for ax in fig.axes if box.overlaps(ax.get_window_extent(renderer))]
+        if fig._suptitle is not None and box.overlaps(fig._suptitle.get_window_extent(renderer)):
+            hits.append(f"title {fig._suptitle.get_text()!r}")
+    return hits
+
+
+@pytest.mark.parametrize("study", ["small", "many_methods"])
+def test_no_figure_legend_overlaps_its_panels_or_title(study: str, tmp_path: Path, monkeypatch) -> None:
+    """Issue 15: in small studies the legend was drawn over the figure title."""
+    from pruneshot.report import figures as figures_module
+
+    results = make_results() if study == "small" else make_many_methods_results()
+    saved = figures_module._save
+    overlaps: dict[str, list[str]] = {}
+
+    def checked_save(fig, path: Path) -> None:
+        saved(fig, path)
+        overlaps[path.stem] = _legend_overlaps(fig)
+
+    monkeypatch.setattr(figures_module, "_save", checked_save)
+    make_figures(results, tmp_path / "figs", make_episodes(results) if study == "small" else None)
+    assert sorted(overlaps) == sorted(FIGURE_NAMES)
+    assert {name: hits for name, hits in overlaps.items() if hits} == {}
+
+
+def test_reinit_gap_without_a_reinit_arm_is_one_line_and_a_figure_with_one(built: dict, tmp_path: Path) -> None:
+    text = built["html"]
+    assert 'id="fig-reinit_gap-none"' in text and 'id="fig-reinit_gap"' not in text
+    line = text.split('id="fig-reinit_gap-none"')[1].split("</p>")[0]
+    assert "no configuration ran under both the finetune and reinit arms" in line
+    results = make_results()
+    reinit = results[results["method"].isin(["dense", "l1_filter"])].assign(arm="reinit")
+    reinit["row_id"] = reinit["row_id"] + "r"
+    both = pd.concat([results, reinit.assign(acc_mean=reinit["acc_mean"] - 0.05)], ignore_index=True)
+    csv = tmp_path / "both.csv"
+    both.to_csv(csv, index=False)
+    build_report(csv, make_provenance(), tmp_path / "both.html", tmp_path / "figs")
+    text = (tmp_path / "both.html").read_text(encoding="utf-8")
+    assert '<figure id="fig-reinit_gap">' in text and 'id="fig-reinit_gap-none"' not in text

@@ -254,7 +254,7 @@ def _check_report_page(html: Path, shot: Path, tmp_path: Path) -> PageResult:
     result = load_page(html, shot, tmp_path)
     assert result.problems() == [], "\n".join(result.problems())
     n_embedded = html.read_text(encoding="utf-8").count("data:image/png;base64,")
-    assert len(result.images) == len(result.figures) == n_embedded >= 7
+    assert len(result.images) == len(result.figures) == n_embedded >= 6  # reinit gap: a line without reinit
     assert result.title.startswith("pruneshot report")
     data = shot.read_bytes()
     assert data[:8] == PNG_MAGIC
@@ -346,3 +346,73 @@ def test_native_report_captions_every_output_and_shows_commit_and_config(project
                    "network's FLOPs", "measured CPU latency", "Requested budget against the achieved",
                    "Time spent searching", "fresh initialisation"):
         assert re.search(re.escape(phrase), page), phrase
+
+
+# --------------------------------------------------------------------------- tables fit the page (issue 15)
+
+_TABLE_WIDTHS = """
+(() => {
+  const body = document.body, cs = getComputedStyle(body);
+  const content = body.clientWidth - parseFloat(cs.paddingLeft) - parseFloat(cs.paddingRight);
+  return {content, page: document.documentElement.scrollWidth, tables: [...document.querySelectorAll('table')].map(
+    t => ({id: t.id || t.className, scroll: Math.max(t.scrollWidth, t.getBoundingClientRect().width),
+           box: t.parentElement.scrollWidth}))};
+})()
+"""
+
+
+def table_widths(html: Path, tmp: Path, width: int, media: str = "screen") -> dict[str, Any]:
+    """Every table's scroll width (and its wrapper's) against the body's content width, in a window
+    ``width`` px wide under the ``media`` CSS media type (``print``: the page as printed)."""
+    browser = DevTools(tmp / f"profile-widths-{width}-{media}", width=width)
+    try:
+        target = browser.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = browser.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        browser.call("Page.enable", session=session)
+        browser.call("Emulation.setDeviceMetricsOverride", {"width": width, "height": 1000, "deviceScaleFactor": 1,
+                                                            "mobile": False}, session=session)
+        browser.call("Emulation.setEmulatedMedia", {"media": media}, session=session)
+        browser.call("Page.navigate", {"url": html.resolve().as_uri()}, session=session)
+        browser.wait_event("Page.loadEventFired", session)
+        state = browser.call("Runtime.evaluate", {"expression": _TABLE_WIDTHS, "returnByValue": True},
+                             session=session)
+    finally:
+        browser.close()
+    return state["result"]["value"]
+
+
+def _wide_report(tmp_path: Path) -> Path:
+    """A report from many methods, a reinit arm, CPU and CUDA latencies at two batch sizes and long device
+    names: the widest detail table the report makes."""
+    from test_report import make_many_methods_results, make_provenance
+
+    from pruneshot.report.build import build_report
+
+    results = make_many_methods_results()
+    reinit = results[results["method"].isin(["dense", "l1_filter", "dap"])].assign(arm="reinit")
+    results = pd.concat([results, reinit.assign(row_id=reinit["row_id"] + "r")], ignore_index=True)
+    results["latency_device"] = "cpu:Intel(R) Xeon(R) Platinum 8480+ x86_64"
+    results["latency_cuda_device"] = "cuda:NVIDIA H100 80GB HBM3"
+    results["latency_cuda_ms_b1"] = 0.21
+    results["latency_cuda_ms_b64"] = 1.75
+    results["search_scope"] = "once"
+    results["budget_gap"] = results["requested_budget"] - results["params_ratio"]
+    results["budget_missed"] = results["budget_gap"].abs() > 0.015
+    csv = tmp_path / "wide.csv"
+    results.to_csv(csv, index=False)
+    out = tmp_path / "wide" / "index.html"
+    build_report(csv, make_provenance(), out, tmp_path / "wide" / "figures")
+    return out
+
+
+@pytest.mark.parametrize(("width", "media"), [(1400, "screen"), (1000, "screen"), (794, "print")])
+def test_no_table_is_wider_than_the_page(tmp_path: Path, width: int, media: str) -> None:
+    """Issue 15: the cost-detail table scrolled sideways and lost columns in print."""
+    html = _wide_report(tmp_path)
+    assert "achieved − requested" in html.read_text(encoding="utf-8")
+    widths = table_widths(html, tmp_path, width, media)
+    content = widths["content"]
+    wide = [(t["id"], t["scroll"], t["box"]) for t in widths["tables"] if max(t["scroll"], t["box"]) > content + 1]
+    assert len(widths["tables"]) > 5
+    assert wide == [], f"content width {content}px"
+    assert widths["page"] <= width

@@ -99,7 +99,7 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         _how_to_read(results, statistics),
         "</section>",
         '<section id="figures"><h2>Figures</h2>',
-        _figures_html({k: v for k, v in figures.items() if k != SELECTION_FIGURE}, results),
+        _figures_html({k: v for k, v in figures.items() if k != SELECTION_FIGURE}, results, episodes),
         "</section>",
         _tables_html(results, statistics, episodes),
         '<section id="provenance"><h2>Provenance</h2>',

@@ -24,10 +24,19 @@ from pruneshot.report.load import (
     _prepared,
     latency_batch,
     latency_table_columns,
-    method_order,
     timed_latency_columns,
 )
 from pruneshot.report.stats import BASELINES, budget_free_methods
+from pruneshot.report.styles import (
+    LINESTYLES,
+    add_legend,
+    fitted_legend,
+    legend_order,
+    method_side,
+    method_styles,
+    pruning_methods,
+    tidy_legend,
+)
 from pruneshot.report.tables import _fmt_budget, reinit_gap_data
 
 FIGURE_DPI = 110
@@ -38,25 +47,14 @@ FIGURE_NAMES = (
 )
 #: Written only when some row has a CUDA latency.
 CUDA_FIGURE = "acc_vs_latency_cuda"
-_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
-_LINESTYLES = ("-", "--", ":", "-.")
+#: Above this many pruning methods spanning several sides, the accuracy-vs-cost figures get one panel per side.
+SPLIT_SIDES_ABOVE = 5
 
 
 def _series_label(row: pd.Series, qualifiers: Sequence[str]) -> str:
     """``method`` or e.g. ``l1_filter [side=target]`` when the method varies in that column."""
     quals = [f"{c}={row[c]}" for c in qualifiers]
     return str(row["method"]) + (f" [{', '.join(quals)}]" if quals else "")
-
-
-def _method_styles(methods: Sequence[str]) -> dict[str, dict[str, Any]]:
-    import seaborn as sns
-
-    others = [m for m in methods if m != "dense"]
-    palette = sns.color_palette("colorblind", max(len(others), 1))
-    styles: dict[str, dict[str, Any]] = {"dense": {"color": (0.15, 0.15, 0.15), "marker": "*"}}
-    for i, m in enumerate(others):
-        styles[m] = {"color": palette[i % len(palette)], "marker": _MARKERS[i % len(_MARKERS)]}
-    return styles
 
 
 def _layout(agg: pd.DataFrame) -> tuple[list[str], dict[str, list[str]]]:
@@ -115,10 +113,13 @@ def _dodge(k: int, n: int, span: float = 0.03) -> float:
     return float(10 ** (step * (k - (n - 1) / 2)))
 
 
-def _facet_title(target: str | None, arm: str | None, shots: int | None = None) -> str:
-    parts = [f"{shots}-shot"] if shots is not None else []
-    parts += [p for p in (target, arm) if p is not None]
-    return " · ".join(parts)
+def _facet_title(target: str | None, arm: str | None, shots: int | None = None, side: str | None = None) -> str:
+    """E.g. ``5-shot · mnist_5to9 · finetune``; with a side, ``5-shot · source-side`` then the rest below."""
+    head = [f"{shots}-shot"] if shots is not None else []
+    rest = [p for p in (target, arm) if p is not None]
+    if side is None:
+        return " · ".join(head + rest)
+    return "\n".join(p for p in (" · ".join([*head, f"{side}-side"]), " · ".join(rest)) if p)
 
 
 def _new_figure(nrows: int, ncols: int, sharey: bool = True, width: float = 4.0,
@@ -130,22 +131,8 @@ def _new_figure(nrows: int, ncols: int, sharey: bool = True, width: float = 4.0,
     return fig, axes
 
 
-def _add_legend(fig: Any, axes: np.ndarray, methods: Sequence[str], title: str | None = None) -> None:
-    """One legend for the figure, outside the panels, ordered by method then first appearance."""
-    handles: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(lab, h)
-    rank = {m: i for i, m in enumerate(methods)}
-    first_seen = {lab: i for i, lab in enumerate(handles)}
-    ordered = sorted(handles, key=lambda lab: (rank.get(lab.split(" ", 1)[0], len(rank)), first_seen[lab]))
-    handles = {lab: handles[lab] for lab in ordered}
-    if handles:
-        fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", frameon=False,
-                   fontsize="small", title=title, title_fontsize="small")
-
-
 def _save(fig: Any, path: Path) -> None:
+    tidy_legend(fig)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
         os.chmod(tmp, FILE_MODE)
@@ -199,24 +186,46 @@ def _pareto_front(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return np.asarray(fx), np.asarray(fy)
 
 
+def _side_columns(methods: Sequence[str]) -> list[str | None]:
+    """The sides that get their own panel column (``[None]``: one panel for all methods)."""
+    pruned = pruning_methods(methods)
+    sides = list(dict.fromkeys(method_side(m) for m in pruned))
+    return sides if len(pruned) > SPLIT_SIDES_ABOVE and len(sides) > 1 else [None]
+
+
+def _series_style(style: dict[str, Any], variant: int) -> str:
+    """The method's line style for its first series, the next ones for further variants (e.g. per side)."""
+    if variant == 0:
+        return str(style["linestyle"])
+    rest = [ls for ls in LINESTYLES if ls != style["linestyle"]]
+    return rest[(variant - 1) % len(rest)]
+
+
 def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles: dict[str, dict[str, Any]],
                   fmt: Callable[[float], str] = _plain) -> Any:
-    """Accuracy against ``cost`` (log x): one panel per shots (columns) and target x arm (rows);
-    each method a line through its budgets, dense a star with a dashed reference line, random a
-    series, the all-method Pareto front dotted grey."""
+    """Accuracy against ``cost`` (log x): one panel per shots (columns) and target x arm (rows), and with
+    many methods one panel per side of the pruning methods (each with dense, the references and the
+    controls); each method a line through its budgets, dense a star with a dashed reference line,
+    the Pareto front of all methods (of every side) a wide grey band."""
     if agg.empty or cost not in agg.columns or not np.isfinite(pd.to_numeric(agg[cost], errors="coerce")).any():
         return _empty_figure(title, f"no successful run with a {cost} value to plot")
     agg = agg.assign(**{cost: pd.to_numeric(agg[cost], errors="coerce")})
     arms, quals = _layout(agg)
     facets = _facet_rows(agg, arms)
     shots_values = sorted(agg["shots"].astype(int).unique())
-    methods = method_order(agg["method"])
-    fig, axes = _new_figure(len(facets), len(shots_values))
+    methods = legend_order(agg["method"])
+    sides = _side_columns(methods)
+    pruned = set(pruning_methods(methods))
+    columns = [(shots, side) for shots in shots_values for side in sides]
+    fig, axes = _new_figure(len(facets), len(columns), width=4.0 if len(columns) <= 2 else 3.4)
     for r, (target, arm) in enumerate(facets):
-        for c, shots in enumerate(shots_values):
+        for c, (shots, side) in enumerate(columns):
             ax = axes[r, c]
-            panel = _panel_data(agg[agg["shots"].astype(int) == shots], target, arm, arms, quals)
-            panel = panel[np.isfinite(panel[cost].to_numpy(dtype=float)) & (panel[cost] > 0)]
+            every = _panel_data(agg[agg["shots"].astype(int) == shots], target, arm, arms, quals)
+            every = every[np.isfinite(every[cost].to_numpy(dtype=float)) & (every[cost] > 0)]
+            panel = every
+            if side is not None:
+                panel = every[[m not in pruned or method_side(m) == side for m in every["method"].astype(str)]]
             labels = [
                 lab for m in methods for lab in sorted(panel.loc[panel["method"] == m, "_label"].unique())
             ]
@@ -227,17 +236,16 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
                 x = s[cost].to_numpy(dtype=float) * _dodge(k, len(labels))
                 y = 100 * s["acc_mean"].to_numpy(dtype=float)
                 yerr = 100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float))
-                ls = _LINESTYLES[sorted(panel.loc[panel["method"] == method, "_label"].unique()).index(label)
-                                 % len(_LINESTYLES)]
+                ls = _series_style(style, sorted(panel.loc[panel["method"] == method, "_label"].unique()).index(label))
                 ax.errorbar(x, y, yerr=yerr, color=style["color"], marker=style["marker"], linestyle=ls,
                             markersize=9 if method == "dense" else 6, capsize=3, linewidth=1.5, label=label,
                             zorder=3)
                 if method == "dense":
                     for yy in y:
                         ax.axhline(yy, color=style["color"], linestyle="--", linewidth=1, alpha=0.6, zorder=1)
-            if len(panel) > 1:
-                px = panel[cost].to_numpy(dtype=float)
-                fx, fy = _pareto_front(px, 100 * panel["acc_mean"].to_numpy(dtype=float))
+            if len(every) > 1:
+                px = every[cost].to_numpy(dtype=float)
+                fx, fy = _pareto_front(px, 100 * every["acc_mean"].to_numpy(dtype=float))
                 fx, fy = np.append(fx, px.max()), np.append(fy, fy[-1])  # the best level holds up to the max cost
                 ax.step(fx, fy, where="post", color="0.55", linewidth=6, alpha=0.3, zorder=1,
                         solid_capstyle="round", label="Pareto front (all methods)")
@@ -245,12 +253,12 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(_log_tick_formatter(ax, minor=False, fmt=fmt))
                 ax.xaxis.set_minor_formatter(_log_tick_formatter(ax, minor=True, fmt=fmt))
-            ax.set_title(_facet_title(target, arm, shots), fontsize="medium")
+            ax.set_title(_facet_title(target, arm, shots, side), fontsize="medium")
             if c == 0:
                 ax.set_ylabel("accuracy (%)")
             if panel.empty:
                 ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=ax.transAxes)
-    _add_legend(fig, axes, methods)
+    add_legend(fig, axes, methods, styles)
     fig.supxlabel(xlabel, fontsize="medium")
     fig.suptitle(title)
     return fig
@@ -263,12 +271,16 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
 
     arms, quals = _layout(agg)
     facets = _facet_rows(agg, arms)
-    methods = method_order(agg["method"])
+    methods = legend_order(agg["method"])
     shots_values = sorted(agg["shots"].astype(int).unique())
-    fig, axes = _new_figure(1, len(facets))
-    for c, (target, arm) in enumerate(facets):
-        ax = axes[0, c]
+    sides = _side_columns(methods)  # with many methods: one row of panels per side
+    pruned = set(pruning_methods(methods))
+    fig, axes = _new_figure(len(sides), len(facets))
+    for r, c in np.ndindex(len(sides), len(facets)):
+        (target, arm), side, ax = facets[c], sides[r], axes[r, c]
         panel = _panel_data(agg, target, arm, arms, quals)
+        if side is not None:
+            panel = panel[[m not in pruned or method_side(m) == side for m in panel["method"].astype(str)]]
         series: list[tuple[str, float, str]] = []
         for m in methods:
             sub = panel[panel["method"] == m]
@@ -288,7 +300,7 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
             ax.errorbar(x, 100 * s["acc_mean"].to_numpy(dtype=float),
                         yerr=100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float)), color=shades[rank],
                         marker=styles[m]["marker"], markersize=9 if m == "dense" else 6, capsize=3,
-                        linestyle=_LINESTYLES[variants.index(label) % len(_LINESTYLES)],
+                        linestyle=_series_style(styles[m], variants.index(label)),
                         linewidth=1.5, label=f"{label} @ {_fmt_budget(budget)}", zorder=3)
         ax.set_xscale("log")
         ax.set_xticks(shots_values, [str(s) for s in shots_values])
@@ -296,8 +308,8 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
         ax.set_xlabel("shots per class")
         if c == 0:
             ax.set_ylabel("accuracy (%)")
-        ax.set_title(_facet_title(target, arm), fontsize="medium")
-    _add_legend(fig, axes, methods)
+        ax.set_title(_facet_title(target, arm, side=side), fontsize="medium")
+    add_legend(fig, axes, methods, styles)
     fig.suptitle(title)
     return fig
 
@@ -311,7 +323,7 @@ def _plot_budget(results: pd.DataFrame, title: str, styles: dict[str, dict[str, 
     pts = {m: p[np.isfinite(p["_x"]) & np.isfinite(p["_y"])] for m, p in pts.items()}
     if not metrics or all(p.empty for p in pts.values()):
         return _empty_figure(title, "no achieved params or FLOPs recorded")
-    methods = method_order(df["method"])
+    methods = legend_order(df["method"])
     budget_metrics = set(df["budget_metric"].astype(str)) if "budget_metric" in df.columns else set()
     fig, axes = _new_figure(1, len(metrics), sharey=False, width=4.4, height=3.6)
     for c, metric in enumerate(metrics):
@@ -333,7 +345,7 @@ def _plot_budget(results: pd.DataFrame, title: str, styles: dict[str, dict[str, 
         suffix = " — the budget metric" if metric in budget_metrics else ""
         ax.set_ylabel(f"achieved {metric} ratio")
         ax.set_title(f"{metric}{suffix}", fontsize="medium")
-    _add_legend(fig, axes, methods)
+    add_legend(fig, axes, methods, styles)
     fig.suptitle(title)
     return fig
 
@@ -354,7 +366,7 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
     df = df[np.isfinite(df["_sec"])][keep].drop_duplicates()
     if df.empty:
         return _empty_figure(title, "no search time recorded")
-    methods = method_order(df["method"])
+    methods = legend_order(df["method"])
     budgets = sorted(df["_b"].dropna().unique(), reverse=True)
     palette = dict(zip(budgets, sns.color_palette("crest", max(len(budgets), 1)), strict=False))
     fig, axes = _new_figure(1, 1, width=7.0, height=0.28 * len(methods) + 0.9)
@@ -388,8 +400,7 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
                if f"budget {_fmt_budget(b)}" in found}
     handles["searched once"] = Line2D([], [], color="0.4", marker="o", linestyle="")
     handles["per episode (mean)"] = Line2D([], [], color="0.4", marker="^", linestyle="")
-    fig.legend(list(handles.values()), list(handles.keys()), loc="outside right upper", frameon=False,
-               fontsize="small")
+    fitted_legend(fig, list(handles.values()), list(handles.keys()))
     fig.suptitle(title)
     return fig
 
@@ -401,7 +412,7 @@ def _plot_reinit_gap(gaps: pd.DataFrame, title: str, styles: dict[str, dict[str,
     facets = sorted({(str(t), int(s)) for t, s in zip(gaps["target"], gaps["shots"], strict=True)})
     multi_target = len({t for t, _ in facets}) > 1
     rows = []
-    for m in method_order(gaps["method"]):
+    for m in legend_order(gaps["method"]):
         for b in sorted(gaps.loc[gaps["method"] == m, "requested_budget"].unique(), reverse=True):
             rows.append((m, float(b)))
     fig, axes = _new_figure(1, len(facets), width=3.6, height=0.3 * len(rows) + 0.9)
@@ -431,7 +442,8 @@ def make_figures(results: pd.DataFrame, out_dir: Path, episodes: pd.DataFrame | 
     Names (:data:`FIGURE_NAMES`, plus :data:`CUDA_FIGURE` when some row has a CUDA latency):
     accuracy against the achieved params ratio, FLOPs ratio and measured CPU latency at batch 1
     (one panel per shots, and per arm when pruned methods ran under several or per target when
-    several; dense and the controls in every panel; the Pareto front of all methods dotted),
+    several, and per side with many methods; dense and the controls in every panel; the Pareto front
+    of all methods a grey band; styles from :mod:`pruneshot.report.styles`),
     accuracy against shots, requested vs achieved budget, search seconds per method and the
     finetune − reinit gap (paired over ``episodes`` when given). Only ``status == "ok"`` rows
     with an accuracy are drawn, averaged over replicates; failed rows and missing (NaN) costs
@@ -448,7 +460,7 @@ def make_figures(results: pd.DataFrame, out_dir: Path, episodes: pd.DataFrame | 
     agg = _aggregate_ok(results)
     if not agg.empty:
         agg["shots"] = agg["shots"].astype(int)
-    styles = _method_styles(method_order(results["method"].astype(str)) if "method" in results.columns else [])
+    styles = method_styles(results["method"].astype(str).tolist() if "method" in results.columns else [])
     cpu = latency_table_columns(agg)
     cpu_col = cpu[0] if cpu else f"{CPU_LATENCY_PREFIX}1"
     cpu_batch = latency_batch(cpu_col)

@@ -27,6 +27,7 @@ from pruneshot.report.tables import (
     detail_table,
     failures_table,
     methods_table,
+    reinit_gap_data,
     reinit_gap_table,
     results_table,
 )
@@ -50,14 +51,25 @@ nav ul { columns: 3; font-size: 0.9rem; padding-left: 1.2rem; }
 .banner ul { margin: 0.3rem 0 0; }
 figure { margin: 1rem 0 2rem; } figure img { max-width: 100%; height: auto; border: 1px solid #eee; }
 figcaption { color: #444; font-size: 0.9rem; max-width: 80ch; }
-.scroll { overflow-x: auto; }
-table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; }
-th, td { border: 1px solid #d6d6d6; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0 1rem; max-width: 100%; }
+table.wide { font-size: 0.66rem; } table.wide th, table.wide td { padding: 0.15rem 0.25rem; }
+th, td { border: 1px solid #d6d6d6; padding: 0.25rem 0.5rem; text-align: left; vertical-align: top;
+         overflow-wrap: break-word; }
+td.mono, td pre.error { overflow-wrap: anywhere; }
 th { background: #f3f3f3; } tbody tr:nth-child(even) { background: #fafafa; }
 tr.group td { border-top: 2px solid #8a8a8a; }
-#detail-table td, #comparisons-table td, .results-table td { white-space: nowrap; }
 details > summary { cursor: pointer; margin: 0.4rem 0; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+@media (max-width: 1100px) { th, td { overflow-wrap: anywhere; } table.wide { font-size: 0.65rem; } }
+@media print {
+  body { max-width: none; margin: 0; padding: 0; }
+  th, td { overflow-wrap: anywhere; }
+  .scroll { overflow: visible; }
+  table { font-size: 0.7rem; } table.wide { font-size: 0.6rem; }
+  th, td { padding: 0.15rem 0.25rem; }
+  figure, tr { break-inside: avoid; }
+}
 td.failed { color: #a40000; font-weight: 600; }
 .up { color: #0b6e2f; font-weight: 700; } .down { color: #a40000; font-weight: 700; }
 .legend, .note { font-size: 0.85rem; color: #333; }
@@ -95,10 +107,15 @@ def _cell(value: Any, column: str) -> str:
     return f"<td>{_esc(text)}</td>"
 
 
+#: Tables with more columns than this are set in a smaller font.
+WIDE_COLUMNS = 10
+
+
 def _html_table(df: pd.DataFrame, table_id: str, css_class: str = "", group_by: str | None = None) -> str:
     """``df`` as an HTML table; with ``group_by``, a row whose value in that column differs from the
     previous row's starts a visual group."""
-    head = "".join(f"<th>{_esc(c)}</th>" for c in df.columns)
+    # Headers may break after an underscore (budget_metric) rather than overflow.
+    head = "".join(f"<th>{_esc(c).replace('_', '_<wbr>')}</th>" for c in df.columns)
     body = []
     previous: Any = None
     for i, row in enumerate(df.itertuples(index=False)):
@@ -107,6 +124,8 @@ def _html_table(df: pd.DataFrame, table_id: str, css_class: str = "", group_by: 
         start = group_by is not None and i > 0 and value != previous
         previous = value
         body.append(f'<tr class="group">{cells}</tr>' if start else f"<tr>{cells}</tr>")
+    # Tables with many columns get a smaller font (``wide``); every cell may wrap, so each table fits the page.
+    css_class = " ".join(c for c in (css_class, "wide" if len(df.columns) > WIDE_COLUMNS else "") if c)
     cls = f' class="{_esc(css_class)}"' if css_class else ""
     return (f'<div class="scroll"><table id="{_esc(table_id)}"{cls}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n'
             + "\n".join(body) + "\n</tbody></table></div>")
@@ -164,9 +183,11 @@ def _how_to_read(results: pd.DataFrame, statistics: Statistics) -> str:
 _FIGURE_TEXT = {
     "acc_vs_params": ("accuracy (%) against achieved parameter ratio",
                       "Accuracy against the achieved fraction of the dense network's parameters (log scale); one "
-                      "panel per shots value (columns) and target and arm (rows). Each method's points are "
-                      "connected in budget order, so its accuracy-cost trade-off (its Pareto front) reads as a "
-                      "line; the grey band is the Pareto front of all methods together."),
+                      "panel per shots value (columns) and target and arm (rows), and with many methods per side "
+                      "(source- and target-side methods apart; dense, the references and the controls (random, "
+                      "scratch: dashed greys) in every panel). Each method has its own colour and marker; its "
+                      "points are connected in budget order, so its accuracy-cost trade-off (its Pareto front) "
+                      "reads as a line; the grey band is the Pareto front of all methods together."),
     "acc_vs_flops": ("accuracy (%) against achieved FLOPs ratio",
                      "Accuracy against the achieved fraction of the dense network's FLOPs (theoretical, batch 1, "
                      "log scale); panels and lines as in the parameters figure."),
@@ -177,7 +198,8 @@ _FIGURE_TEXT = {
                   "Accuracy against measured CUDA latency (median ms per forward pass, synchronised, smallest "
                   "profiled batch size, log scale); panels and lines as above."),
     "acc_vs_shots": ("accuracy (%) against shots per class",
-                     "Accuracy against shots per class; one line per method and budget (darker = larger budget)."),
+                     "Accuracy against shots per class; one line per method and budget (darker = larger budget); "
+                     "with many methods one row of panels per side."),
     "budget_achieved": ("achieved params and FLOPs ratio against the requested budget",
                         "Requested budget against the achieved params and FLOPs ratios of every network (target-"
                         "side methods: averaged over each cell's episodes); the dashed diagonal is achieved = "
@@ -206,9 +228,24 @@ def _alt_text(name: str, results: pd.DataFrame) -> str:
             f"arms {', '.join(arms)}.")
 
 
-def _figures_html(figures: dict[str, Path], results: pd.DataFrame) -> str:
+#: Figures with nothing to show for a study: (test on the results and episodes, the line shown instead).
+_FIGURE_NONE = {
+    "reinit_gap": (lambda results, episodes: reinit_gap_data(results, episodes).empty,
+                   "Inherited weights vs fresh initialisation: no figure, no configuration ran under both the "
+                   "finetune and reinit arms."),
+}
+
+
+def _figures_html(figures: dict[str, Path], results: pd.DataFrame, episodes: pd.DataFrame | None = None) -> str:
+    """The figures as numbered ``<figure>`` elements; one with nothing to show for this study (e.g. the
+    reinit gap without a reinit arm) becomes a one-line ``<p id="fig-NAME-none">`` instead."""
     parts = []
-    for i, (name, path) in enumerate(figures.items(), start=1):
+    i = 0
+    for name, path in figures.items():
+        if name in _FIGURE_NONE and _FIGURE_NONE[name][0](results, episodes):
+            parts.append(f'<p id="fig-{_esc(name)}-none" class="figure-none">{_esc(_FIGURE_NONE[name][1])}</p>')
+            continue
+        i += 1
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
         caption = _FIGURE_TEXT.get(name, (name, name))[1]
         if name.startswith("acc_vs"):

@@ -354,10 +354,11 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
     out["flops ratio"] = df.get("flops_ratio", pd.Series(np.nan, index=df.index)).map(
         lambda v: _fmt_num(v, ".3f")
     )
-    if "budget_gap" in df.columns:
-        out["gap"] = df["budget_gap"].map(lambda v: _fmt_num(v, "+.3f"))
+    if "budget_gap" in df.columns:  # results.csv's budget_gap is requested − achieved: shown the other way round
+        col = "achieved − requested"
+        out[col] = pd.to_numeric(df["budget_gap"], errors="coerce").map(lambda v: _fmt_num(0.0 - v, "+.3f"))
         if "budget_missed" in df.columns:
-            out.loc[_truthy(df["budget_missed"]).to_numpy(), "gap"] += " ⚠ missed"
+            out.loc[_truthy(df["budget_missed"]).to_numpy(), col] += " ⚠ missed"
     for c in lat:
         batch = latency_batch(c)
         out[f"latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))

@@ -109,7 +109,11 @@ def test_the_report_says_what_every_comparison_shared():
                      "network_acc_min": 0.6 if method == "random" else float("nan"),
                      "network_acc_max": 0.65 if method == "random" else float("nan")})
     text = " ".join(equal_by_construction(pd.DataFrame(rows)))
-    assert "finetune 60" in text and "prototype 0" in text and "DIFFERS" not in text
+    assert "finetune 60" in text and "prototype none" in text and "DIFFERS" not in text
+    # a target-side method's prototype arm only adapts: said as such, not as a difference between methods
+    with_adapt = [*rows, {**rows[2], "arm": "prototype", "support_steps": 30}]
+    text = " ".join(equal_by_construction(pd.DataFrame(with_adapt)))
+    assert "prototype none (target-side adapt: 30)" in text and "DIFFERS" not in text
     assert "Control dense is in every panel" in text and "3 masks" in text and "5.0 points" in text
     rows[2]["support_steps"] = 110
     assert "DIFFERS" in " ".join(equal_by_construction(pd.DataFrame(rows)))

@@ -267,6 +267,11 @@ def equal_by_construction(results: Any) -> list[str]:
         parts = []
         for arm, g in ok.groupby("arm"):
             vals = sorted({int(v) for v in pd.to_numeric(g["support_steps"], errors="coerce").dropna()})
+            if arm == "prototype":  # no training: only a target-side method's adapt touches the support set
+                adapt = [v for v in vals if v]
+                parts.append("prototype none" + (f" (target-side adapt: {'/'.join(map(str, adapt))})" if adapt
+                                                 else ""))
+                continue
             parts.append(f"{arm} {'/'.join(map(str, vals)) if vals else 'not recorded'}"
                          + (" (DIFFERS between methods)" if len(vals) > 1 else ""))
         out.append("Support-set steps per arm, every method (a target-side method's adapt steps counted inside): "
@@ -283,13 +288,13 @@ def equal_by_construction(results: Any) -> list[str]:
             out.append(f"Control {control} is in every panel" if not missing
                        else f"Control {control} is missing from: {', '.join(missing)}")
     if "networks" in ok and (ok["method"] == "random").any():
-        r = ok[ok["method"] == "random"]
+        r = ok[(ok["method"] == "random") & (ok["arm"] != "reinit")]  # reinit: one architecture, one network
         k = sorted({int(v) for v in pd.to_numeric(r["networks"], errors="coerce").dropna()})
         lo, hi = pd.to_numeric(r.get("network_acc_min"), errors="coerce"), pd.to_numeric(r.get("network_acc_max"),
                                                                                          errors="coerce")
         spread = (hi - lo).dropna()
         text = f"random: {'/'.join(map(str, k))} masks per network, each evaluated on every episode; its rows are " \
-               "their per-episode mean"
+               "their per-episode mean (reinit: the masks share one architecture, so one network)"
         if len(spread):
             text += f"; the masks' cell means differ by up to {100 * spread.max():.1f} points (median " \
                     f"{100 * spread.median():.1f})"

@@ -841,3 +841,30 @@ def test_reinit_gap_without_a_reinit_arm_is_one_line_and_a_figure_with_one(built
     build_report(csv, make_provenance(), tmp_path / "both.html", tmp_path / "figs")
     text = (tmp_path / "both.html").read_text(encoding="utf-8")
     assert '<figure id="fig-reinit_gap">' in text and 'id="fig-reinit_gap-none"' not in text
+
+
+def test_the_transfer_settings_section_lists_the_choices_and_draws_the_lr_figure(tmp_path: Path) -> None:
+    """transfer.select's report section (report/selection.py) from a selection table: the chosen pair per
+    method, budget, shots and arm (replicates joined), and the learning-rate sensitivity figure."""
+    from pruneshot.report.selection import chosen_table, lr_figure, selection_html, sensitivity
+
+    rows = []
+    for method in ("dense", "random", "l1_filter"):
+        for rep in (0, 1):
+            for lr in (0.01, 0.1):
+                for steps in (30, 60):
+                    acc = 0.5 + (0.1 if (lr, steps) == (0.01, 60) else 0.0) + 0.01 * rep
+                    rows.append({"method": method, "requested_budget": 1.0 if method == "dense" else 0.5,
+                                 "replicate": rep, "shots": 1, "arm": "finetune", "lr": lr, "steps": steps,
+                                 "accuracy": acc, "chosen": (lr, steps) == (0.01, 60), "status": "ok", "error": ""})
+    selection = pd.DataFrame(rows)
+    table = chosen_table(selection)
+    assert table["method"].tolist()[0] == "dense" and sorted(table["method"]) == ["dense", "l1_filter", "random"]
+    assert table.loc[0, ["lr", "steps", "validation acc %"]].tolist() == ["0.01/0.01", "60/60", "60.5"]
+    best = sensitivity(selection)
+    assert best[(best["method"] == "dense") & (best["lr"] == 0.01)]["accuracy"].item() == pytest.approx(0.605)
+    path = lr_figure(selection, tmp_path / "lr.png")
+    assert path is not None and path.stat().st_size > 0
+    html = selection_html(selection, path)
+    assert 'id="selection-table"' in html and 'id="fig-lr_sensitivity"' in html and "never target classes" in html
+    assert selection_html(None, None) == ""

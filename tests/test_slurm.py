@@ -46,6 +46,7 @@ GPU_RULES = {"pretrain", "transfer", "profile", "profile_adapted"}  # profiles/s
 # the micro study's jobs (3 methods at one budget, one target, 1-shot; channel_scaling, target-side, has no
 # search and its cell's own profile_adapted); `all` runs in the main process
 EXPECTED_JOBS = ["init_tracking", "prepare_source", "prepare_target", "make_episodes", "pretrain", "sync_tracking",
+                 "finish_tracking",
                  "aggregate", "budget_one", "sanity", "report", *["search", "profile"] * 2, *["transfer"] * 3,
                  "profile_adapted"]
 SUBMITTED = re.compile(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: ([^)]*)\)")

@@ -55,14 +55,15 @@ def lr_figure(selection: pd.DataFrame, path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     from pruneshot.io import atomic_path
-    from pruneshot.report.figures import FIGURE_DPI, _method_styles
+    from pruneshot.report.figures import FIGURE_DPI
+    from pruneshot.report.styles import method_styles
 
     data = sensitivity(selection)
     if data.empty:
         return None
     arms, shots = sorted(data["arm"].unique()), sorted(data["shots"].astype(int).unique())
     methods = method_order(data["method"])
-    styles = _method_styles(methods)
+    styles = method_styles(methods)
     fig = Figure(figsize=(1.0 + 4.0 * len(shots), 0.8 + 3.0 * len(arms)), dpi=FIGURE_DPI, layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(arms), len(shots), sharey=True, squeeze=False))
     for r, arm in enumerate(arms):

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from pruneshot.report.load import method_order
+from pruneshot.report.tables import _truthy
 
 #: The figure's file name (below the report's figures folder).
 FIGURE = "lr_sensitivity"
@@ -116,7 +117,3 @@ def selection_html(selection: pd.DataFrame | None, figure: Path | None) -> str:
                      "grid may be too narrow.</figcaption></figure>")
     parts.append("</section>")
     return "\n".join(parts)
-
-
-def _truthy(values: pd.Series) -> pd.Series:
-    return values.map(lambda v: v is True or str(v).strip().lower() == "true")

@@ -133,7 +133,6 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
     """Choose every trained arm's (lr, steps) of one network and shots value on the validation episodes;
     write the record (the grid's mean accuracies, per episode, the choice) to ``out``."""
     from pruneshot.data import splits
-    from pruneshot.data.episodes import verified
     from pruneshot.data.pipeline import resolve_device, zero_level
     from pruneshot.methods import get_method, options_for
     from pruneshot.models.base import load_model
@@ -144,6 +143,7 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
         _augment,
         _episodes,
         _Setting,
+        _verified_inputs,
         adapt_steps,
         episode_seeds,
     )
@@ -151,14 +151,8 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
     sel = config["transfer"]["select"]
     method = get_method(method_name)
     rec = read_json(network_record)
-    job.check_recorded(weights, rec.get("weights_sha256"), network_record)
-    job.check_recorded(arch, rec.get("arch_sha256"), network_record)
-    eps = verified(read_json(select_episodes), str(select_episodes))
-    pool_sha = read_json(select_manifest)["splits"]["pool"]["sha256"]
-    if eps.get("pool_sha256") != pool_sha:
-        raise ValueError(f"validation episodes {select_episodes} were drawn from a pool with sha256 "
-                         f"{eps.get('pool_sha256')}, but {select_manifest} records {pool_sha}: "
-                         "rerun make_select_episodes")
+    # the transfer stage's own checks: network vs its record, the episodes' content hash, their pool
+    eps = _verified_inputs(job, rec, network_record, weights, arch, select_manifest, select_episodes)
     tc = config["transfer"]
     device = resolve_device(tc.get("device", "auto"), "transfer.device")
     norm = read_json(source_manifest)["normalization"]

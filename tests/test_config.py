@@ -311,6 +311,20 @@ def test_a_method_without_any_configured_arm_is_an_error(cfg, schema):
     assert "transfer.arms" in msg and "basis_scaling" in msg and "target-side" in msg
 
 
+def test_dense_only_arms_must_be_configured_arms_and_need_dense(cfg, schema):
+    bad = {**cfg, "methods": ["dense", "random"], "transfer": {"arms": ["finetune"], "dense_only_arms": ["reinit"]}}
+    msg = _error(bad, schema)
+    assert "transfer.dense_only_arms" in msg and "['reinit'] not among transfer.arms" in msg
+    bad = {**cfg, "methods": ["random"], "transfer": {"arms": ["finetune", "reinit"], "dense_only_arms": ["reinit"]}}
+    assert "'dense' is not among the methods" in _error(bad, schema)
+    bad = {**cfg, "methods": ["dense", "random"], "transfer": {"arms": ["reinit"], "dense_only_arms": ["reinit"]}}
+    msg = _error(bad, schema)
+    assert "'random'" in msg and "less transfer.dense_only_arms ['reinit']" in msg
+    good = {**cfg, "methods": ["dense", "random"],
+            "transfer": {"arms": ["finetune", "reinit"], "dense_only_arms": ["reinit"]}}
+    assert validate_config(good, schema)["transfer"]["dense_only_arms"] == ["reinit"]
+
+
 # ------------------------------------------------------------------ study name: a folder of its own
 
 

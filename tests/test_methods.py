@@ -191,6 +191,17 @@ def test_linear_probe_arm_and_default_arms():
     assert get_method("l1_filter").arms(["finetune", "linear_probe"]) == ["finetune", "linear_probe"]
 
 
+def test_study_arms_keep_dense_only_arms_for_the_dense_network_alone():
+    transfer = {"arms": ["finetune", "linear_probe", "reinit", "prototype"],
+                "dense_only_arms": ["reinit", "linear_probe"]}
+    assert get_method("dense").study_arms(transfer) == transfer["arms"]
+    assert get_method("linear_probe").study_arms(transfer) == ["linear_probe"]
+    assert get_method("l1_filter").study_arms(transfer) == ["finetune", "prototype"]
+    assert get_method("scratch").study_arms(transfer) == ["finetune", "prototype"]
+    assert get_method("channel_scaling").study_arms(transfer) == ["finetune", "prototype"]
+    assert get_method("l1_filter").study_arms({"arms": ["finetune", "reinit"]}) == ["finetune", "reinit"]
+
+
 def test_l1_filter_at_budget_one_keeps_everything(dense):
     res = get_method("l1_filter").search(_ctx(copy.deepcopy(dense), 1.0))
     assert res.model.spec["widths"] == WIDTHS

@@ -119,6 +119,20 @@ def test_the_report_says_what_every_comparison_shared():
     assert "DIFFERS" in " ".join(equal_by_construction(pd.DataFrame(rows)))
 
 
+def test_arms_run_for_dense_only_are_named_and_need_no_controls():
+    base = {"target": "t", "shots": 1, "status": "ok", "n_episodes": 20, "seed_episode": 0}
+    rows = [{**base, "method": m, "arm": a} for m, a in [("dense", "finetune"), ("random", "finetune"),
+                                                          ("scratch", "finetune"), ("dense", "reinit"),
+                                                          ("dense", "linear_probe"), ("linear_probe", "linear_probe")]]
+    text = " ".join(equal_by_construction(pd.DataFrame(rows)))
+    assert "only (the sanity gates' controls, no comparison between methods): linear_probe, reinit" in text
+    assert "Control random is in every panel" in text and "Control scratch is in every panel" in text
+    rows.append({**base, "method": "l1_filter", "arm": "reinit"})  # a compared panel without its controls
+    text = " ".join(equal_by_construction(pd.DataFrame(rows)))
+    assert "Control random is missing from: t 1-shot reinit" in text and "only (the sanity gates' controls, no " \
+        "comparison between methods): linear_probe." in text
+
+
 def test_retention_table_averages_replicates_and_skips_target_side():
     import json
 

@@ -28,16 +28,23 @@ def test_the_issue_s_studies_exist():
 
 
 def test_the_validation_study_is_the_default_at_full_size():
-    """28x28 (native), >= 200 episodes per cell, 3 replicates, every registered method, every arm; else
-    the default's data, backbone and training."""
+    """28x28 (native), >= 200 episodes per cell, 3 replicates, every registered method, every arm (the
+    gates' controls for dense only, finetune and prototype for every method); else the default's data,
+    backbone and training."""
     from pruneshot.methods import ARMS, available
 
     cfg, default = load_config(VALIDATION), load_config(ROOT / "config/config.yaml")
     assert cfg["data"]["image"]["size"] in (None, 28) and cfg["data"]["source"]["dataset"] == "mnist10k"
     assert cfg["episodes"]["count"] >= 200 and cfg["study"]["replicates"] == 3
+    assert set(cfg["episodes"]["shots"]) <= set(default["episodes"]["shots"])
     assert sorted(cfg["methods"]) == available() and sorted(cfg["transfer"]["arms"]) == sorted(ARMS)
-    for key in ("backbone", "pretrain", "transfer", "budget"):
+    assert sorted(cfg["transfer"]["dense_only_arms"]) == ["linear_probe", "reinit"]
+    for method in cfg["methods"]:  # every method is compared on the same two arms
+        assert {"finetune", "prototype"} <= set(get_method(method).study_arms(cfg["transfer"])) or \
+            get_method(method).budget_free, method
+    for key in ("backbone", "pretrain", "budget"):
         assert cfg[key] == default[key], key
+    assert {**cfg["transfer"], "dense_only_arms": []} == default["transfer"]
     assert cfg["data"]["source"]["classes"] == default["data"]["source"]["classes"]
 
 

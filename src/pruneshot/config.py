@@ -500,14 +500,23 @@ def _method_problems(config: dict[str, Any]) -> list[str]:
     """Every configured method must have a transfer arm among the configured ones."""
     from pruneshot.methods import get_method
 
-    arms = config.get("transfer", {}).get("arms", ["finetune"])
+    transfer = config.get("transfer", {})
+    arms = transfer.get("arms", ["finetune"])
+    dense_only = list(transfer.get("dense_only_arms") or ())
     problems = []
+    if [a for a in dense_only if a not in arms]:
+        problems.append(f"config key 'transfer.dense_only_arms': {[a for a in dense_only if a not in arms]} "
+                        f"not among transfer.arms {arms}")
+    elif dense_only and "dense" not in config["methods"]:
+        problems.append(f"config key 'transfer.dense_only_arms': {dense_only} run for the dense network only, "
+                        "but 'dense' is not among the methods")
     for name in config["methods"]:
         method = get_method(name)
-        if not method.arms(list(arms)):
+        if not method.study_arms(transfer):
             problems.append(
-                f"config key 'transfer.arms': method {name!r} ({method.side}-side) has no arm among {arms}; "
-                f"it is evaluated with {method.arms(['finetune', 'linear_probe', 'reinit'])}"
+                f"config key 'transfer.arms': method {name!r} ({method.side}-side) has no arm among {arms}"
+                + (f" less transfer.dense_only_arms {dense_only}" if dense_only else "")
+                + f"; it is evaluated with {method.arms(['finetune', 'linear_probe', 'reinit'])}"
             )
         if method.side == "target" and any(b < 1.0 for b in config["budget"]["levels"]):
             from pruneshot.methods import options_for

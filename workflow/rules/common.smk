@@ -32,7 +32,7 @@ def method_budgets(method):
 
 
 def method_arms(method):
-    return METHODS[method].arms(config["transfer"]["arms"])
+    return METHODS[method].study_arms(config["transfer"])
 
 
 def networks():
@@ -162,13 +162,19 @@ def select_episode_settings(wildcards):
     return settings_hash(SELECT, config["episodes"], ROOT_SEED)
 
 
+def _transfer_section():
+    """config["transfer"] as the jobs' settings hash sees it: dense_only_arms acts only through each
+    job's own arms (hashed beside it), so adding it leaves other methods' cells as they were."""
+    return {k: v for k, v in config["transfer"].items() if k != "dense_only_arms"}
+
+
 def select_settings(wildcards):
-    return settings_hash(search_settings(wildcards), config["transfer"], config["episodes"], method_arms(
+    return settings_hash(search_settings(wildcards), _transfer_section(), config["episodes"], method_arms(
         wildcards.method))
 
 
 def transfer_settings(wildcards):
-    return settings_hash(search_settings(wildcards), config["transfer"], config["episodes"], method_arms(
+    return settings_hash(search_settings(wildcards), _transfer_section(), config["episodes"], method_arms(
         wildcards.method))
 
 

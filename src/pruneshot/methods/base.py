@@ -287,6 +287,16 @@ class PruningMethod(ABC):
         """Transfer arms this method is evaluated with, given the configured ones."""
         return list(configured)
 
+    def study_arms(self, transfer: Mapping[str, Any]) -> list[str]:
+        """The arms this method runs in a study with config section ``transfer``: ``arms`` of the
+        configured ones, less ``transfer.dense_only_arms`` unless the method evaluates the dense
+        network (a budget-free method: dense, linear_probe). The one place a study's arms are decided."""
+        arms = self.arms(list(transfer.get("arms") or ["finetune"]))
+        if self.budget_free:
+            return arms
+        dense_only = set(transfer.get("dense_only_arms") or ())
+        return [a for a in arms if a not in dense_only]
+
     def search(self, ctx: SearchContext) -> SearchResult:
         """Source-side methods: a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
         raise NotImplementedError(f"{self.name} is a {self.side}-side method: it has no source-side search()")

@@ -241,6 +241,14 @@ def sanity_html(result: Mapping[str, Any] | None, results: Any = None) -> str:
     return '<section id="sanity"><h2>Sanity gates</h2>' + "\n".join(parts) + "</section>"
 
 
+def _dense_methods(names: Iterable[str]) -> set[str]:
+    """Those of ``names`` that evaluate the dense network (budget-free methods: dense, linear_probe)."""
+    from pruneshot.methods import available, get_method
+
+    known = set(available())
+    return {n for n in names if n in known and get_method(n).budget_free}
+
+
 def equal_by_construction(results: Any) -> list[str]:
     """Sentences stating what every compared row shared, read from results.csv (``results``: its
     DataFrame), so a reader can check the comparison was fair: episodes, support steps per arm, the
@@ -281,10 +289,14 @@ def equal_by_construction(results: Any) -> list[str]:
         out.append("BatchNorm statistics: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in kinds.items())
                    + " (searched networks re-estimated on the same source images; reinit arm: support images).")
     panels = ok.groupby(["target", "shots", "arm"])["method"].apply(set)
+    dense_only = sorted({a for (_, _, a), m in panels.items() if m <= _dense_methods(m)})
+    if dense_only:  # no comparison between methods there: the gates' controls (transfer.dense_only_arms)
+        out.append(f"Arms run for the dense network only (the sanity gates' controls, no comparison between "
+                   f"methods): {', '.join(dense_only)}.")
     for control in BASELINES:
         if any(control in m for m in panels):
-            missing = [f"{t} {s}-shot {a}" for (t, s, a), m in panels.items() if control not in m
-                       and not (control != "dense" and a == "linear_probe" and m <= {"dense", "linear_probe"})]
+            missing = [f"{t} {s}-shot {a}" for (t, s, a), m in panels.items()
+                       if control not in m and (control == "dense" or a not in dense_only)]
             out.append(f"Control {control} is in every panel" if not missing
                        else f"Control {control} is missing from: {', '.join(missing)}")
     if "networks" in ok and (ok["method"] == "random").any():

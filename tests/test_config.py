@@ -11,6 +11,7 @@ import yaml
 from pruneshot import config as cfgmod
 from pruneshot.cli import main as cli_main
 from pruneshot.config import ConfigError, budget_label, config_hash, load_schema, validate_config
+from pruneshot.data.checks import DATASET_CLASS_SIZES
 from pruneshot.methods import available
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,12 +162,12 @@ def test_embedded_class_sizes_are_those_of_the_embedded_files():
 
     for name in ("digits", "mnist10k"):
         labels, counts = np.unique(load_raw(name).y, return_counts=True)
-        assert dict(zip(labels.tolist(), counts.tolist(), strict=True)) == cfgmod.DATASET_CLASS_SIZES[name]
+        assert dict(zip(labels.tolist(), counts.tolist(), strict=True)) == DATASET_CLASS_SIZES[name]
 
 
 def test_shots_boundary_uses_smallest_target_class(cfg, schema):
     # the smallest of the default target's classes (mnist10k 5..9) is class 5; one query image must remain
-    smallest = min(cfgmod.DATASET_CLASS_SIZES["mnist10k"][c] for c in (5, 6, 7, 8, 9))
+    smallest = min(DATASET_CLASS_SIZES["mnist10k"][c] for c in (5, 6, 7, 8, 9))
     cfg["episodes"]["shots"] = [smallest - 1]
     validate_config(cfg, schema)
     cfg["episodes"]["shots"] = [smallest]

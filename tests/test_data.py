@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pruneshot.config import DATASET_CLASS_SIZES
 from pruneshot.data import prepare as data
+from pruneshot.data.checks import DATASET_CLASS_SIZES
 from pruneshot.data.splits import load_split
 from pruneshot.io import load_tensors, read_json
 

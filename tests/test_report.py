@@ -319,7 +319,7 @@ def test_methods_table_names_source_and_side():
 
 
 def test_reinit_gap_table_pairs_the_arms():
-    from pruneshot.report.tables import reinit_gap_table
+    from pruneshot.report.reinit_gap import reinit_gap_table
 
     gaps = reinit_gap_table(_with_reinit_and_target())
     # only l1_filter@0.5 ran under both arms, at 1 and 5 shots
@@ -476,7 +476,8 @@ def _with_nan_failure() -> pd.DataFrame:
 
 
 def test_failed_rows_with_nan_metrics_are_listed_never_dropped(tmp_path: Path) -> None:
-    from pruneshot.report.tables import detail_table, failures_table, reinit_gap_table
+    from pruneshot.report.reinit_gap import reinit_gap_table
+    from pruneshot.report.tables import detail_table, failures_table
 
     results = _with_nan_failure()
     episodes = make_episodes(results)
@@ -530,7 +531,7 @@ def test_a_dirty_checkout_is_shown_not_refused(built: dict) -> None:
 
 
 def test_paired_reinit_gap_uses_the_shared_episodes() -> None:
-    from pruneshot.report.tables import reinit_gap_table
+    from pruneshot.report.reinit_gap import reinit_gap_table
 
     results = _with_reinit_and_target()
     episodes = make_episodes(results)

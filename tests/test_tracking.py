@@ -10,10 +10,11 @@ import pytest
 from conftest import free_port
 from mlflow.tracking import MlflowClient
 
+from pruneshot.runtime import mlflow_client, tracking
 from pruneshot.runtime import spool as spooling
-from pruneshot.runtime import tracking
+from pruneshot.runtime.mlflow_client import resolve_tracking_uri
 from pruneshot.runtime.spool import sync_spool
-from pruneshot.runtime.tracking import JobRun, init_study, resolve_tracking_uri
+from pruneshot.runtime.tracking import JobRun, init_study
 
 EPOCHS = 4
 
@@ -57,10 +58,10 @@ def test_resolve_tracking_uri_precedence(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_configure_timeouts_bounds_retries_without_overriding(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in tracking.HTTP_ENV_DEFAULTS:
+    for name in mlflow_client.HTTP_ENV_DEFAULTS:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
-    tracking.configure_timeouts()
+    mlflow_client.configure_timeouts()
     assert int(os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]) <= 2
     assert int(os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"]) <= 2
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "3"  # the user's value wins
@@ -104,7 +105,7 @@ def test_job_runs_are_nested_with_params_tags_and_history(sqlite_study: dict[str
         assert run.data.tags["pruneshot.note"] == "late tag"
         assert run.data.params["lr"] == "0.01"
         assert json.loads(run.data.params["grid"]) == {"sparsity": [0.5, 0.9]}
-        assert run.data.params["long"] == "x" * tracking.MAX_PARAM_VALUE  # truncated, not crashed
+        assert run.data.params["long"] == "x" * mlflow_client.MAX_PARAM_VALUE  # truncated, not crashed
         history = sorted(client.get_metric_history(run_id, "loss"), key=lambda m: m.step)
         assert [m.step for m in history] == list(range(EPOCHS))
         assert [m.value for m in history] == pytest.approx([seed + 1.0 / (e + 1) for e in range(EPOCHS)])
@@ -317,7 +318,7 @@ def test_sync_logs_deferred_runs_upstream_first_with_upstream_run_ids(sqlite_stu
     spool = tmp_path / "spool"
     with JobRun(sqlite_study, "pretrain", tags={}, params={"epochs": 3}, spool_dir=spool, live=False) as pre:
         _train(pre, epochs=3)
-    up = {tracking.UPSTREAM_SPOOL_TAG: pre.spool_id, tracking.UPSTREAM_RUN_TAG: ""}
+    up = {mlflow_client.UPSTREAM_SPOOL_TAG: pre.spool_id, mlflow_client.UPSTREAM_RUN_TAG: ""}
     children = []
     for name in ("search-b", "search-a"):  # file names sort before "pretrain": start time decides
         with JobRun(sqlite_study, name, tags=up, params={}, spool_dir=spool, live=False) as job:
@@ -337,8 +338,8 @@ def test_sync_logs_deferred_runs_upstream_first_with_upstream_run_ids(sqlite_stu
     assert _metric_count(client, pre_run.info.run_id) == 6
     for child in children:
         run = client.get_run(runs[child.spool_id])
-        assert run.data.tags[tracking.UPSTREAM_RUN_TAG] == pre_run.info.run_id
-        assert run.data.tags[tracking.SPOOL_ID_TAG] == child.spool_id
+        assert run.data.tags[mlflow_client.UPSTREAM_RUN_TAG] == pre_run.info.run_id
+        assert run.data.tags[mlflow_client.SPOOL_ID_TAG] == child.spool_id
     # idempotent: nothing left, the mapping unchanged
     assert sync_spool(spool) == {"records": 0, "synced": 0, "failed": 0, "metrics": 0}
     assert spooling.logged_runs(spool) == runs
@@ -351,7 +352,8 @@ def test_the_study_opens_as_a_training_experiment_with_its_config_and_ends_with_
     """Issue 15: the UI opened on MLflow 3's GenAI overview, and the parent run was empty and closed at
     once. Now: a model-training experiment; the parent run holds the flattened config while the study
     runs, then its summary metrics, the report as an artifact and a status that reflects the study."""
-    from pruneshot.runtime.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, finish_study, flatten
+    from pruneshot.runtime.mlflow_client import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG
+    from pruneshot.runtime.tracking import finish_study, flatten
 
     uri = resolve_tracking_uri(None, tmp_path)
     config = {"study": {"name": "s", "replicates": 3}, "transfer": {"lr": 0.01, "arms": ["finetune", "reinit"],

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pruneshot.io import atomic_path
+from pruneshot.report.formatting import fmt_budget
 from pruneshot.report.load import (
     CPU_LATENCY_PREFIX,
     CUDA_LATENCY_RE,
@@ -26,6 +27,7 @@ from pruneshot.report.load import (
     latency_table_columns,
     timed_latency_columns,
 )
+from pruneshot.report.reinit_gap import reinit_gap_data
 from pruneshot.report.stats import BASELINES, budget_free_methods
 from pruneshot.report.styles import (
     LINESTYLES,
@@ -37,7 +39,6 @@ from pruneshot.report.styles import (
     pruning_methods,
     tidy_legend,
 )
-from pruneshot.report.tables import _fmt_budget, reinit_gap_data
 
 FIGURE_DPI = 110
 #: Figures always written (a figure without data says so in its panel).
@@ -301,7 +302,7 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
                         yerr=100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float)), color=shades[rank],
                         marker=styles[m]["marker"], markersize=9 if m == "dense" else 6, capsize=3,
                         linestyle=_series_style(styles[m], variants.index(label)),
-                        linewidth=1.5, label=f"{label} @ {_fmt_budget(budget)}", zorder=3)
+                        linewidth=1.5, label=f"{label} @ {fmt_budget(budget)}", zorder=3)
         ax.set_xscale("log")
         ax.set_xticks(shots_values, [str(s) for s in shots_values])
         ax.minorticks_off()
@@ -382,7 +383,7 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
         for b, g in pos.groupby("_b", sort=True):
             ax.scatter(g["_sec"], np.full(len(g), y), color=[palette.get(b, "0.3")],
                        marker="^" if per_episode else "o", s=36, zorder=3, edgecolors="white", linewidths=0.4,
-                       label=f"budget {_fmt_budget(b)}")
+                       label=f"budget {fmt_budget(b)}")
         if pos.empty:
             ax.annotate("no search (0 s)", xy=(0.01, y), xycoords=("axes fraction", "data"), va="center",
                         fontsize="small", color="0.35")
@@ -396,8 +397,8 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
     from matplotlib.lines import Line2D
 
     found = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
-    handles = {f"budget {_fmt_budget(b)}": found[f"budget {_fmt_budget(b)}"] for b in budgets
-               if f"budget {_fmt_budget(b)}" in found}
+    handles = {f"budget {fmt_budget(b)}": found[f"budget {fmt_budget(b)}"] for b in budgets
+               if f"budget {fmt_budget(b)}" in found}
     handles["searched once"] = Line2D([], [], color="0.4", marker="o", linestyle="")
     handles["per episode (mean)"] = Line2D([], [], color="0.4", marker="^", linestyle="")
     fitted_legend(fig, list(handles.values()), list(handles.keys()))
@@ -428,7 +429,7 @@ def _plot_reinit_gap(gaps: pd.DataFrame, title: str, styles: dict[str, dict[str,
             ax.errorbar(100 * hit["gap"].to_numpy(dtype=float), [y],
                         xerr=100 * np.nan_to_num(hit["gap_ci"].to_numpy(dtype=float)),
                         color=styles[m]["color"], marker=styles[m]["marker"], capsize=3, linestyle="", zorder=3)
-        ax.set_yticks(range(len(rows)), [f"{m} @ {_fmt_budget(b)}" for m, b in reversed(rows)])
+        ax.set_yticks(range(len(rows)), [f"{m} @ {fmt_budget(b)}" for m, b in reversed(rows)])
         ax.set_ylim(-0.7, len(rows) - 0.3)
         ax.set_xlabel("finetune − reinit (pp)")
         ax.set_title(_facet_title(target if multi_target else None, None, shots), fontsize="medium")

@@ -15,6 +15,7 @@ import pandas as pd
 
 from pruneshot.report.figures import CUDA_FIGURE, _facet_title
 from pruneshot.report.load import MIXED_KEYS, _device_columns, _prepared, method_order
+from pruneshot.report.reinit_gap import reinit_gap_data, reinit_gap_table
 from pruneshot.report.stats import BASELINES
 from pruneshot.report.tables import (
     ALPHA,
@@ -27,8 +28,6 @@ from pruneshot.report.tables import (
     detail_table,
     failures_table,
     methods_table,
-    reinit_gap_data,
-    reinit_gap_table,
     results_table,
 )
 

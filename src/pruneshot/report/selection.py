@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pruneshot.report.formatting import truthy
 from pruneshot.report.load import method_order
-from pruneshot.report.tables import _truthy
 
 #: The figure's file name (below the report's figures folder).
 FIGURE = "lr_sensitivity"
@@ -24,7 +24,7 @@ def chosen_table(selection: pd.DataFrame) -> pd.DataFrame:
     with '/' where replicates chose differently) and the chosen pair's validation accuracy (%, mean over
     replicates)."""
     cols = ["method", "budget", "shots", "arm", "lr", "steps", "validation acc %"]
-    ok = selection[(selection["status"] == "ok") & _truthy(selection["chosen"])] if len(selection) else selection
+    ok = selection[(selection["status"] == "ok") & truthy(selection["chosen"])] if len(selection) else selection
     if ok.empty:
         return pd.DataFrame(columns=cols)
     rows = []

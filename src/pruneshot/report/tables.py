@@ -6,15 +6,14 @@ percentage points. A missing value reads "—", a cell where every run failed "f
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from pruneshot.config import budget_value
 from pruneshot.report import stats
+from pruneshot.report.formatting import MISSING, finite, fmt_acc, fmt_budget, fmt_num, fmt_p, shots_key, truthy
 from pruneshot.report.load import (
     CUDA_LATENCY_RE,
     _prepared,
@@ -29,53 +28,7 @@ from pruneshot.report.load import (
 #: Paired comparisons are made against these methods (:data:`stats.BASELINES`), one column each.
 BASELINES = stats.BASELINES
 ALPHA = 0.05
-MISSING = "—"
 UP, DOWN = "▲", "▼"
-
-
-# --------------------------------------------------------------------------- formatting
-
-
-def _finite(value: Any) -> float | None:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
-
-
-def _fmt_budget(value: Any) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return MISSING if math.isnan(v) else f"{v:.3g}"
-
-
-def _fmt_num(value: Any, spec: str) -> str:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return MISSING if value is None or value == "" else str(value)
-    return MISSING if math.isnan(v) else format(v, spec)
-
-
-def _fmt_acc(mean: float, ci: float) -> str:
-    """Format fractions as percent text: 0.834, 0.012 -> "83.4 ± 1.2"."""
-    ci_txt = MISSING if ci is None or not math.isfinite(ci) else f"{100 * ci:.1f}"
-    return f"{100 * mean:.1f} ± {ci_txt}"
-
-
-def _fmt_p(p: Any) -> str:
-    v = _finite(p)
-    if v is None:
-        return MISSING
-    return "<0.0001" if v < 1e-4 else f"{v:.4f}" if v < 0.01 else f"{v:.3f}"
-
-def _shots_key(value: Any) -> int | None:
-    v = _finite(value)
-    return int(v) if v is not None else None
-
 
 
 # --------------------------------------------------------------------------- statistics
@@ -147,7 +100,7 @@ def summary_table(results: pd.DataFrame) -> pd.DataFrame:
             elif ok.empty:
                 record[col] = "failed"
             else:
-                text = _fmt_acc(float(ok["acc_mean"].mean()), float(ok["acc_ci95"].mean()))
+                text = fmt_acc(float(ok["acc_mean"].mean()), float(ok["acc_ci95"].mean()))
                 record[col] = text + (f" ({n_bad}/{len(cell)} failed)" if n_bad else "")
         records.append(record)
     table = pd.DataFrame.from_records(records, columns=[*keys, *shot_cols])
@@ -164,12 +117,12 @@ def _marks(comps: pd.DataFrame) -> str:
     """"+1.2 pp ▲" style text for one cell's comparisons with one baseline (one mark per replicate)."""
     if comps.empty:
         return MISSING
-    diffs = [v for v in (_finite(d) for d in comps["mean_diff"]) if v is not None]
+    diffs = [v for v in (finite(d) for d in comps["mean_diff"]) if v is not None]
     if not diffs:
         return "no shared episodes"
     marks = []
     for sig, d in zip(comps["significant"], comps["mean_diff"], strict=True):
-        v = _finite(d)
+        v = finite(d)
         marks.append("n.s." if not bool(sig) or v is None else (UP if v > 0 else DOWN))
     if len(marks) > 1:  # one symbol per replicate, · for not significant
         mark_txt = "n.s." if set(marks) == {"n.s."} else "".join(m if m != "n.s." else "·" for m in marks)
@@ -180,13 +133,13 @@ def _marks(comps: pd.DataFrame) -> str:
 
 def _rank_text(entries: list[tuple[float, float, int]]) -> str:
     """``[(cell budget, rank, methods in cell)]`` -> "2 / 9" or "1 / 9 at 0.5, 3 / 9 at 0.25"."""
-    entries = [e for e in entries if _finite(e[1]) is not None]
+    entries = [e for e in entries if finite(e[1]) is not None]
     if not entries:
         return MISSING
     entries.sort(key=lambda e: -e[0])
     if len(entries) == 1:
         return f"{entries[0][1]:g} / {entries[0][2]}"
-    return ", ".join(f"{r:g} / {k} at {_fmt_budget(b)}" for b, r, k in entries)
+    return ", ".join(f"{r:g} / {k} at {fmt_budget(b)}" for b, r, k in entries)
 
 
 def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
@@ -212,14 +165,14 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
         return pd.DataFrame(columns=cols)
     keys = _cell_groups(df)
     df["_b"] = df["requested_budget"].map(budget_value)
-    df["_s"] = df["shots"].map(_shots_key)
+    df["_s"] = df["shots"].map(shots_key)
     comps = st.comparisons.assign(
-        _b=st.comparisons["requested_budget"].map(budget_value), _s=st.comparisons["shots"].map(_shots_key),
+        _b=st.comparisons["requested_budget"].map(budget_value), _s=st.comparisons["shots"].map(shots_key),
         target=st.comparisons["target"].astype(str), arm=st.comparisons["arm"].astype(str),
         method=st.comparisons["method"].astype(str))
     comp_index = {k: g for k, g in comps.groupby(["method", "_b", "target", "_s", "arm"], sort=False)}
     ranks = st.ranks.assign(kcb=st.ranks["requested_budget"].map(budget_value),
-                            kmb=st.ranks["method_budget"].map(budget_value), ks=st.ranks["shots"].map(_shots_key))
+                            kmb=st.ranks["method_budget"].map(budget_value), ks=st.ranks["shots"].map(shots_key))
     cell_sizes = ranks.groupby(["target", "ks", "arm", "kcb"])["method"].transform("size") if not ranks.empty \
         else pd.Series(dtype=int)
     rank_index: dict[tuple, list[tuple[float, float, int]]] = {}
@@ -227,7 +180,7 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
         rank_index.setdefault((str(r.method), r.kmb, str(r.target), r.ks, str(r.arm)), []).append(
             (r.kcb, float(r.rank), int(size)))
     spread = st.spread.assign(kb=st.spread["requested_budget"].map(budget_value),
-                              ks=st.spread["shots"].map(_shots_key))
+                              ks=st.spread["shots"].map(shots_key))
     spread_index = {(str(r.method), r.kb, str(r.target), r.ks, str(r.arm)): r for r in spread.itertuples()}
     multi_rep = bool((spread["n_replicates"] > 1).any()) if not spread.empty else False
 
@@ -246,7 +199,7 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
             ci = float(pd.to_numeric(ok["acc_ci95"], errors="coerce").mean())
             n_ep = pd.to_numeric(ok.get("n_episodes"), errors="coerce").dropna()
             n_txt = f"n={round(n_ep.mean())}" if not n_ep.empty else "n=?"
-            acc = f"{_fmt_acc(mean, ci)} ({n_txt}" + (f"; {n_bad}/{len(cell)} failed)" if n_bad else ")")
+            acc = f"{fmt_acc(mean, ci)} ({n_txt}" + (f"; {n_bad}/{len(cell)} failed)" if n_bad else ")")
         metric = str(first.get("budget_metric", "params")) or "params"
         ratios = pd.to_numeric(cell.get(f"{metric}_ratio"), errors="coerce").dropna() \
             if f"{metric}_ratio" in cell.columns else pd.Series(dtype=float)
@@ -255,14 +208,14 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
         else:
             lo, hi = float(ratios.min()), float(ratios.max())
             achieved = f"{lo:.3f}" if hi - lo < 5e-4 else f"{lo:.3f}–{hi:.3f}"
-            if _truthy(cell.get("budget_missed")).any():
+            if truthy(cell.get("budget_missed")).any():
                 achieved += " ⚠ missed"
         sp = spread_index.get(key)
         rep_txt = MISSING
         if sp is not None and int(sp.n_replicates) == 1:
             rep_txt = f"{100 * float(sp.acc_mean):.1f} (1)"
         if sp is not None and int(sp.n_replicates) > 1:
-            rep_txt = f"{100 * float(sp.acc_mean):.1f} ± {_fmt_num(100 * float(sp.acc_std_replicates), '.1f')} " \
+            rep_txt = f"{100 * float(sp.acc_mean):.1f} ± {fmt_num(100 * float(sp.acc_std_replicates), '.1f')} " \
                       f"({int(sp.n_replicates)})"
         cell_comps = comp_index.get(key, pd.DataFrame(columns=comps.columns))
         vs = {}
@@ -274,8 +227,8 @@ def results_table(results: pd.DataFrame, statistics: Statistics | None = None,
             else:
                 vs[base] = _marks(cell_comps[cell_comps["baseline"] == base])
         records.append({
-            "target": str(first["target"]), "shots": _fmt_num(first["shots"], ".0f"), "arm": str(first["arm"]),
-            "method": str(first["method"]), "budget": _fmt_budget(first["requested_budget"]),
+            "target": str(first["target"]), "shots": fmt_num(first["shots"], ".0f"), "arm": str(first["arm"]),
+            "method": str(first["method"]), "budget": fmt_budget(first["requested_budget"]),
             "achieved": achieved, "accuracy %": acc, "replicates %": rep_txt,
             **{f"vs {base}": text for base, text in vs.items()}, "rank": _rank_text(rank_index.get(key, [])),
             "row_id": " ".join(sorted(cell["row_id"].astype(str))) if "row_id" in cell.columns else MISSING,
@@ -302,16 +255,16 @@ def comparisons_table(statistics: Statistics) -> pd.DataFrame:
         return pd.DataFrame(columns=cols)
     out = pd.DataFrame({
         "row_id": c["row_id"].astype(str), "method": c["method"].astype(str),
-        "budget": c["requested_budget"].map(_fmt_budget), "target": c["target"].astype(str),
-        "shots": c["shots"].map(lambda v: _fmt_num(v, ".0f")), "arm": c["arm"].astype(str),
-        "replicate": c["replicate"].map(lambda v: _fmt_num(v, ".0f")), "baseline": c["baseline"].astype(str),
-        "baseline row_id": c["baseline_row_id"].astype(str), "n": c["n"].map(lambda v: _fmt_num(v, ".0f")),
-        "Δ mean (pp)": c["mean_diff"].map(lambda v: _fmt_num(100 * v if _finite(v) is not None else v, "+.1f")),
-        "effect size r": c["effect_size"].map(lambda v: _fmt_num(v, "+.2f")),
-        "W": c["statistic"].map(lambda v: _fmt_num(v, "g")),
-        "p": c["p_value"].map(_fmt_p), "p (Holm)": c["p_holm"].map(_fmt_p),
+        "budget": c["requested_budget"].map(fmt_budget), "target": c["target"].astype(str),
+        "shots": c["shots"].map(lambda v: fmt_num(v, ".0f")), "arm": c["arm"].astype(str),
+        "replicate": c["replicate"].map(lambda v: fmt_num(v, ".0f")), "baseline": c["baseline"].astype(str),
+        "baseline row_id": c["baseline_row_id"].astype(str), "n": c["n"].map(lambda v: fmt_num(v, ".0f")),
+        "Δ mean (pp)": c["mean_diff"].map(lambda v: fmt_num(100 * v if finite(v) is not None else v, "+.1f")),
+        "effect size r": c["effect_size"].map(lambda v: fmt_num(v, "+.2f")),
+        "W": c["statistic"].map(lambda v: fmt_num(v, "g")),
+        "p": c["p_value"].map(fmt_p), "p (Holm)": c["p_holm"].map(fmt_p),
         "significant": [
-            (f"yes {UP}" if (_finite(d) or 0) > 0 else f"yes {DOWN}") if bool(s) else "no"
+            (f"yes {UP}" if (finite(d) or 0) > 0 else f"yes {DOWN}") if bool(s) else "no"
             for s, d in zip(c["significant"], c["mean_diff"], strict=True)
         ],
         "test": c["test_method"].astype(str),
@@ -344,39 +297,39 @@ def detail_table(results: pd.DataFrame) -> pd.DataFrame:
                         "method": df["method"]})
     for c in context:
         if c in ("shots", "replicate"):
-            out[c] = df[c].map(lambda v: _fmt_num(v, ".0f"))
+            out[c] = df[c].map(lambda v: fmt_num(v, ".0f"))
         else:
             out[c] = df[c].astype(str)
-    out["requested"] = df["requested_budget"].map(_fmt_budget)
+    out["requested"] = df["requested_budget"].map(fmt_budget)
     out["params ratio"] = df.get("params_ratio", pd.Series(np.nan, index=df.index)).map(
-        lambda v: _fmt_num(v, ".3f")
+        lambda v: fmt_num(v, ".3f")
     )
     out["flops ratio"] = df.get("flops_ratio", pd.Series(np.nan, index=df.index)).map(
-        lambda v: _fmt_num(v, ".3f")
+        lambda v: fmt_num(v, ".3f")
     )
     if "budget_gap" in df.columns:  # results.csv's budget_gap is requested − achieved: shown the other way round
         col = "achieved − requested"
-        out[col] = pd.to_numeric(df["budget_gap"], errors="coerce").map(lambda v: _fmt_num(0.0 - v, "+.3f"))
+        out[col] = pd.to_numeric(df["budget_gap"], errors="coerce").map(lambda v: fmt_num(0.0 - v, "+.3f"))
         if "budget_missed" in df.columns:
-            out.loc[_truthy(df["budget_missed"]).to_numpy(), col] += " ⚠ missed"
+            out.loc[truthy(df["budget_missed"]).to_numpy(), col] += " ⚠ missed"
     for c in lat:
         batch = latency_batch(c)
-        out[f"latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
+        out[f"latency ms (b={batch})"] = df[c].map(lambda v: fmt_num(v, ".3f"))
     if "latency_device" in df.columns:
         out["latency device"] = df["latency_device"].astype(str)
     # CUDA timings only where some row has them (a CPU-only run leaves these columns empty)
     cuda_lat = timed_latency_columns(df, CUDA_LATENCY_RE)
     for c in cuda_lat:
         batch = latency_batch(c)
-        out[f"cuda latency ms (b={batch})"] = df[c].map(lambda v: _fmt_num(v, ".3f"))
+        out[f"cuda latency ms (b={batch})"] = df[c].map(lambda v: fmt_num(v, ".3f"))
     if cuda_lat and "latency_cuda_device" in df.columns:
         out["cuda device"] = df["latency_cuda_device"].astype(str)
     if "search_seconds" in df.columns:
-        out["search s"] = df["search_seconds"].map(lambda v: _fmt_num(v, ".2f"))
+        out["search s"] = df["search_seconds"].map(lambda v: fmt_num(v, ".2f"))
     if "search_scope" in df.columns:
         out["search scope"] = df["search_scope"].astype(str)
     out["acc %"] = [
-        _fmt_num(100 * float(a), ".1f") if ok else "failed"
+        fmt_num(100 * float(a), ".1f") if ok else "failed"
         for a, ok in zip(pd.to_numeric(df["acc_mean"], errors="coerce"), df["_ok"], strict=True)
     ]
     out["status"] = df["status"].astype(str)
@@ -407,91 +360,6 @@ def methods_table(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=cols)
 
 
-def reinit_gap_data(results: pd.DataFrame, episodes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """finetune minus reinit accuracy (fractions) for every (method, budget, target, shots) run under both.
-
-    With ``episodes``, the gap is paired: per episode the finetune minus reinit accuracy (averaged
-    over replicates, whose episodes are shared), its mean and 95% CI 1.96 * std / sqrt(n) (sample
-    std, ``paired`` True). Without, or when a row has no episodes, it is the difference of the
-    replicate-averaged means with the unpaired sqrt(ci_f^2 + ci_r^2) half-width (``paired`` False).
-    Columns: method, requested_budget, target, shots, finetune, finetune_ci, reinit, reinit_ci, gap,
-    gap_ci, n, paired, row_ids.
-    """
-    df = _prepared(results)
-    cols = ["method", "requested_budget", "target", "shots", "finetune", "finetune_ci", "reinit", "reinit_ci",
-            "gap", "gap_ci", "n", "paired", "row_ids"]
-    df = df[df["_ok"] & df["arm"].isin(["finetune", "reinit"])] if "arm" in df.columns else df.iloc[0:0]
-    if df.empty:
-        return pd.DataFrame(columns=cols)
-    df = df.assign(_b=df["requested_budget"].map(budget_value), _s=df["shots"].map(_shots_key),
-                   acc_mean=pd.to_numeric(df["acc_mean"]), acc_ci95=pd.to_numeric(df["acc_ci95"], errors="coerce"))
-    eps: dict[str, dict[int, float]] = {}
-    if episodes is not None:
-        for rid, ep, acc in zip(episodes["row_id"].astype(str), episodes["episode"], episodes["accuracy"],
-                                strict=True):
-            eps.setdefault(rid, {})[int(ep)] = float(acc)
-    rows = []
-    for (method, b, target, s), g in df.groupby(["method", "_b", "target", "_s"], sort=False):
-        ft, ri = g[g["arm"] == "finetune"], g[g["arm"] == "reinit"]
-        if ft.empty or ri.empty:
-            continue
-        rec = {"method": method, "requested_budget": b, "target": target, "shots": s,
-               "finetune": float(ft["acc_mean"].mean()), "finetune_ci": float(ft["acc_ci95"].mean()),
-               "reinit": float(ri["acc_mean"].mean()), "reinit_ci": float(ri["acc_ci95"].mean()),
-               "row_ids": " ".join(sorted([*ft["row_id"].astype(str), *ri["row_id"].astype(str)]))
-               if "row_id" in g.columns else ""}
-        diffs: dict[int, list[float]] = {}
-        reps = sorted(set(ft["replicate"]) & set(ri["replicate"])) if "replicate" in g.columns else []
-        for rep in reps:
-            f_ids = ft.loc[ft["replicate"] == rep, "row_id"].astype(str)
-            r_ids = ri.loc[ri["replicate"] == rep, "row_id"].astype(str)
-            f_eps, r_eps = eps.get(next(iter(f_ids), ""), {}), eps.get(next(iter(r_ids), ""), {})
-            for e in set(f_eps) & set(r_eps):
-                diffs.setdefault(e, []).append(f_eps[e] - r_eps[e])
-        if len(diffs) >= 1:
-            d = np.array([np.mean(v) for _, v in sorted(diffs.items())])
-            std = float(np.std(d, ddof=1)) if len(d) > 1 else 0.0
-            rec.update(gap=float(d.mean()), gap_ci=1.96 * std / math.sqrt(len(d)), n=len(d), paired=True)
-        else:
-            rec.update(gap=rec["finetune"] - rec["reinit"],
-                       gap_ci=math.sqrt(rec["finetune_ci"] ** 2 + rec["reinit_ci"] ** 2),
-                       n=int(pd.to_numeric(ft.get("n_episodes"), errors="coerce").mean())
-                       if "n_episodes" in ft.columns else 0, paired=False)
-        rows.append(rec)
-    if not rows:
-        return pd.DataFrame(columns=cols)
-    out = pd.DataFrame(rows)
-    order = {m: i for i, m in enumerate(method_order(out["method"]))}
-    out = out.assign(_mo=out["method"].map(order), _nb=-out["requested_budget"])
-    out = out.sort_values(["_mo", "_nb", "target", "shots"], kind="mergesort").reset_index(drop=True)
-    return out[cols]
-
-
-def reinit_gap_table(results: pd.DataFrame, episodes: pd.DataFrame | None = None) -> pd.DataFrame:
-    """finetune minus reinit accuracy (percentage points) for every configuration run under both arms.
-
-    Same architecture, same episodes, same optimiser and steps; only the starting weights differ
-    (inherited from the source vs freshly initialised). A positive gap means the inherited weights
-    help; DAP claims the architecture alone transfers (gap near 0). With ``episodes`` the ± is the
-    paired 95% CI of the per-episode differences; without, the unpaired sqrt(ci_f^2 + ci_r^2)
-    half-width (conservative). See :func:`reinit_gap_data`.
-    """
-    data = reinit_gap_data(results, episodes)
-    cols = ["method", "budget", "target", "shots", "finetune %", "reinit %", "gap (pp)", "CI", "row_id"]
-    if data.empty:
-        return pd.DataFrame(columns=cols)
-    return pd.DataFrame({
-        "method": data["method"], "budget": data["requested_budget"].map(_fmt_budget), "target": data["target"],
-        "shots": data["shots"].map(lambda v: _fmt_num(v, ".0f")),
-        "finetune %": [_fmt_acc(m, c) for m, c in zip(data["finetune"], data["finetune_ci"], strict=True)],
-        "reinit %": [_fmt_acc(m, c) for m, c in zip(data["reinit"], data["reinit_ci"], strict=True)],
-        "gap (pp)": [f"{100 * g:+.1f} ± {_fmt_num(100 * c, '.1f')}" for g, c in
-                     zip(data["gap"], data["gap_ci"], strict=True)],
-        "CI": [f"paired, n={n}" if p else "unpaired" for n, p in zip(data["n"], data["paired"], strict=True)],
-        "row_id": data["row_ids"],
-    })[cols]
-
-
 def failures_table(results: pd.DataFrame) -> pd.DataFrame:
     """Rows that did not produce an accuracy, with their error text."""
     df = _prepared(results)
@@ -503,21 +371,14 @@ def failures_table(results: pd.DataFrame) -> pd.DataFrame:
     out = pd.DataFrame({
         "row_id": bad["row_id"].astype(str) if "row_id" in bad.columns else "",
         "method": bad["method"],
-        "requested": bad["requested_budget"].map(_fmt_budget),
+        "requested": bad["requested_budget"].map(fmt_budget),
     })
     for c in ("target", "shots", "arm", "replicate"):
         if c in bad.columns:
-            out[c] = bad[c].map(lambda v: _fmt_num(v, ".0f")) if c in ("shots", "replicate") else bad[c].astype(str)
+            out[c] = bad[c].map(lambda v: fmt_num(v, ".0f")) if c in ("shots", "replicate") else bad[c].astype(str)
     out["status"] = bad["status"].astype(str)
     out["error"] = [e if e else "(no error message; accuracy missing)" for e in bad["error"].astype(str)]
     return out[[c for c in cols if c in out.columns]]
-
-
-def _truthy(values: pd.Series | None) -> pd.Series:
-    """A boolean column as read back from CSV (True/False, "True"/"False"; missing: False)."""
-    if values is None:
-        return pd.Series(dtype=bool)
-    return values.map(lambda v: v is True or str(v).strip().lower() == "true")
 
 
 def budget_missed_table(results: pd.DataFrame) -> pd.DataFrame:
@@ -526,7 +387,7 @@ def budget_missed_table(results: pd.DataFrame) -> pd.DataFrame:
     cols = ["row_id", "method", "requested", "achieved", "gap", "tolerance"]
     if "budget_missed" not in results.columns:
         return pd.DataFrame(columns=cols)
-    df = results[_truthy(results["budget_missed"])]
+    df = results[truthy(results["budget_missed"])]
     if "status" in df.columns:
         df = df[df["status"] == "ok"]
     if df.empty:
@@ -535,7 +396,7 @@ def budget_missed_table(results: pd.DataFrame) -> pd.DataFrame:
     achieved = [row[f"{m}_ratio"] for m, (_, row) in zip(metric, df.iterrows(), strict=True)]
     return pd.DataFrame({
         "row_id": df["row_id"].astype(str), "method": df["method"].astype(str),
-        "requested": df["requested_budget"].map(_fmt_budget), "achieved": [_fmt_num(a, ".3f") for a in achieved],
-        "gap": df["budget_gap"].map(lambda v: _fmt_num(v, "+.3f")),
+        "requested": df["requested_budget"].map(fmt_budget), "achieved": [fmt_num(a, ".3f") for a in achieved],
+        "gap": df["budget_gap"].map(lambda v: fmt_num(v, "+.3f")),
         "tolerance": df.get("budget_tolerance", pd.Series("", index=df.index)).astype(str),
     }, columns=cols)

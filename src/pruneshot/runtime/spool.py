@@ -30,21 +30,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pruneshot.io import read_json, write_json
-from pruneshot.runtime.tracking import (
+from pruneshot.runtime import mlflow_client as mc
+from pruneshot.runtime.mlflow_client import (
     PARENT_TAG,
     REPLACES_TAG,
     REPLAY_OF_TAG,
     ROLE_TAG,
-    SPOOL_FORMAT,
     SPOOL_ID_TAG,
     SUPERSEDED_TAG,
     UPSTREAM_RUN_TAG,
     UPSTREAM_SPOOL_TAG,
-    _batches,
-    _client,
-    _ensure_experiment,
-    _log_batch,
+    batches,
+    ensure_experiment,
+    log_batch,
 )
+from pruneshot.runtime.tracking import SPOOL_FORMAT
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -84,7 +84,7 @@ def sync_spool(spool_dir: Path, tracking_uri: str | None = None) -> dict[str, in
         try:
             uri = tracking_uri or record["tracking_uri"]
             if uri not in clients:
-                clients[uri] = _client(uri)
+                clients[uri] = mc.client(uri)
             n_metrics, run_id = _replay(clients[uri], record, runs)
             counts["metrics"] += n_metrics
             runs[record["spool_id"]] = run_id
@@ -138,7 +138,7 @@ def _resolve_experiment(client: MlflowClient, record: dict[str, Any]) -> str:
                 raise
     if not name:
         raise ValueError("record names no experiment")
-    return _ensure_experiment(client, name, None)
+    return ensure_experiment(client, name, None)
 
 
 def _find_runs(client: MlflowClient, experiment_id: str, tag: str, value: str) -> list[Any]:
@@ -193,8 +193,8 @@ def _replay(client: MlflowClient, record: dict[str, Any], runs: dict[str, str]) 
     )
     new_id = run.info.run_id
     metrics = record.get("metrics") or []
-    for batch_metrics, params, batch_tags in _batches(metrics, record.get("params") or {}, {}):
-        _log_batch(client, new_id, batch_metrics, params, batch_tags)
+    for batch_metrics, params, batch_tags in batches(metrics, record.get("params") or {}, {}):
+        log_batch(client, new_id, batch_metrics, params, batch_tags)
     client.set_terminated(new_id, status=record.get("status") or "FINISHED", end_time=record.get("end_time"))
     for old_id in [*stale, *([record["run_id"]] if partial is not None else [])]:
         _supersede(client, old_id, new_id)

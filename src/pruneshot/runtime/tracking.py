@@ -25,16 +25,24 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pruneshot.io import write_json
+from pruneshot.runtime import mlflow_client as mc
+from pruneshot.runtime.mlflow_client import (
+    EXCEPTION_TAG,
+    MAX_TAG_VALUE,
+    PARENT_TAG,
+    ROLE_TAG,
+    SPOOL_ID_TAG,
+    configure_timeouts,
+)
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -42,170 +50,11 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
-#: Bounded HTTP behaviour (set with ``os.environ.setdefault``, so a user's values win).
-#: With 1 retry a refused connection fails in milliseconds; a server that accepts
-#: but never answers costs 2 x 5 s.
-HTTP_ENV_DEFAULTS: dict[str, str] = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
-}
-
-# MLflow 3.x limits (mlflow.utils.validation).
-MAX_PARAM_VALUE = 6000
-MAX_TAG_VALUE = 8000
-MAX_KEY = 250
-MAX_METRICS_PER_BATCH = 1000
-MAX_PARAMS_TAGS_PER_BATCH = 100
-_MAX_BATCH_CHARS = 500_000  # stays well below MLflow's 1 MB request limit
-
-PARENT_TAG = "mlflow.parentRunId"
-ROLE_TAG = "pruneshot.role"
-SPOOL_ID_TAG = "pruneshot.spool_id"
-REPLAY_OF_TAG = "pruneshot.replay_of"
-UPSTREAM_RUN_TAG = "pruneshot.upstream_run_id"
-UPSTREAM_SPOOL_TAG = "pruneshot.upstream_spool_id"
-REPLACES_TAG = "pruneshot.replaces_run_id"
-SUPERSEDED_TAG = "pruneshot.superseded_by"
-EXCEPTION_TAG = "pruneshot.exception"
-
 SPOOL_FORMAT = "pruneshot.mlflow-spool/1"
 _BAD_FILE_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- :]")
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-def resolve_tracking_uri(configured: str | None, project_dir: Path) -> str:
-    """Tracking URI: ``configured`` > ``MLFLOW_TRACKING_URI`` > ``sqlite:///<abs project_dir>/mlflow.db``.
-
-    A relative SQLite path (``sqlite:///mlflow.db``) is made absolute against
-    ``project_dir`` so every job, whatever its working directory, uses one file.
-    """
-    project_dir = Path(project_dir).resolve()
-    for candidate in (configured, os.environ.get("MLFLOW_TRACKING_URI")):
-        if candidate and candidate.strip():
-            uri = candidate.strip()
-            path = _sqlite_path(uri)
-            if path is not None and not path.is_absolute() and str(path) != ":memory:":
-                uri = f"sqlite:///{project_dir / path}"
-            return uri
-    return f"sqlite:///{project_dir}/mlflow.db"
-
-
-def configure_timeouts() -> None:
-    """Bound MLflow's HTTP retries and timeouts to seconds (``os.environ.setdefault``)."""
-    for name, value in HTTP_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """Filesystem path of a ``sqlite:///`` URI (absolute when written ``sqlite:////abs``), else None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
-
-
-def _client(tracking_uri: str) -> MlflowClient:
-    configure_timeouts()
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri)
-
-
-# --------------------------------------------------------------------------- value hygiene
-
-
-def _clean_key(key: object) -> str:
-    """A key MLflow accepts: allowed characters only, no leading slash, at most 250 chars."""
-    text = _BAD_KEY_CHARS.sub("_", str(key)).lstrip("/") or "_"
-    return text[:MAX_KEY]
-
-
-def _stringify(value: object) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, Mapping | list | tuple):
-        try:
-            return json.dumps(value, sort_keys=True, default=str)
-        except (TypeError, ValueError):  # e.g. non-string dict keys
-            pass
-    return str(value)
-
-
-def _clean_params(params: Mapping[str, object]) -> dict[str, str]:
-    out = {}
-    for key, value in params.items():
-        text = _stringify(value)
-        if len(text) > MAX_PARAM_VALUE:
-            _log.warning("MLflow param %r truncated from %d to %d chars", key, len(text), MAX_PARAM_VALUE)
-            text = text[:MAX_PARAM_VALUE]
-        out[_clean_key(key)] = text
-    return out
-
-
-def _clean_tags(tags: Mapping[str, object]) -> dict[str, str]:
-    return {_clean_key(k): _stringify(v)[:MAX_TAG_VALUE] for k, v in tags.items()}
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _chunk_pairs(items: Mapping[str, str]) -> Iterator[list[tuple[str, str]]]:
-    """Key/value pairs in chunks of at most 100 items and about 500 kB."""
-    chunk: list[tuple[str, str]] = []
-    size = 0
-    for item in items.items():
-        item_size = len(item[0]) + len(item[1]) + 16
-        if chunk and (len(chunk) >= MAX_PARAMS_TAGS_PER_BATCH or size + item_size > _MAX_BATCH_CHARS):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(item)
-        size += item_size
-    if chunk:
-        yield chunk
-
-
-def _batches(
-    metrics: Sequence[dict[str, Any]], params: Mapping[str, str], tags: Mapping[str, str]
-) -> Iterator[tuple[list[dict[str, Any]], list[tuple[str, str]], list[tuple[str, str]]]]:
-    """(metrics, params, tags) arguments for log_batch calls within MLflow's limits."""
-    for chunk in _chunk_pairs(params):
-        yield [], chunk, []
-    for chunk in _chunk_pairs(tags):
-        yield [], [], chunk
-    for start in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-        yield list(metrics[start : start + MAX_METRICS_PER_BATCH]), [], []
-
-
-def _log_batch(
-    client: MlflowClient,
-    run_id: str,
-    metrics: Sequence[dict[str, Any]],
-    params: Sequence[tuple[str, str]],
-    tags: Sequence[tuple[str, str]],
-) -> None:
-    from mlflow.entities import Metric, Param, RunTag
-
-    client.log_batch(
-        run_id,
-        metrics=[Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in metrics],
-        params=[Param(k, v) for k, v in params],
-        tags=[RunTag(k, v) for k, v in tags],
-        synchronous=True,
-    )
 
 
 # --------------------------------------------------------------------------- study
-
-
-#: Experiment tag the MLflow 3 UI reads to choose its view: without it an experiment opens on the GenAI
-#: overview (traces, token usage); this kind opens it on its runs, as a model-training experiment.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, object]:
@@ -230,17 +79,17 @@ def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str],
     ``experiment_name``, ``experiment_id`` and ``parent_run_id`` (all strings), the
     ``study`` dict every ``JobRun`` takes.
     """
-    db_path = _sqlite_path(tracking_uri)
+    db_path = mc.sqlite_path(tracking_uri)
     artifact_location = None
     if db_path is not None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         artifact_location = (db_path.parent.resolve() / "mlartifacts").as_uri()
-    client = _client(tracking_uri)
-    experiment_id = _ensure_experiment(client, experiment_name, artifact_location)
-    run_tags = _clean_tags({**tags, ROLE_TAG: "study"})
+    client = mc.client(tracking_uri)
+    experiment_id = mc.ensure_experiment(client, experiment_name, artifact_location)
+    run_tags = mc.clean_tags({**tags, ROLE_TAG: "study"})
     run = client.create_run(experiment_id, tags=run_tags, run_name=experiment_name)
-    for chunk in _chunk_pairs(_clean_params(params or {})):
-        _log_batch(client, run.info.run_id, [], chunk, [])
+    for chunk in mc.chunk_pairs(mc.clean_params(params or {})):
+        mc.log_batch(client, run.info.run_id, [], chunk, [])
     return {
         "tracking_uri": tracking_uri,
         "experiment_name": experiment_name,
@@ -250,37 +99,21 @@ def init_study(tracking_uri: str, experiment_name: str, tags: dict[str, str],
 
 
 def finish_study(study: Mapping[str, str], metrics: Mapping[str, float], artifacts: Sequence[Path],
-                 status: str) -> None:
-    """End the study's parent run: log the study's summary ``metrics`` and ``artifacts`` (files, e.g. the
-    report and the results table) and set its ``status`` (FINISHED, or FAILED when cells failed or a
-    sanity gate did not pass). Errors propagate."""
-    client = _client(study["tracking_uri"])
+                 status: str, tags: Mapping[str, str] | None = None) -> None:
+    """End the study's parent run: set ``tags`` (e.g. the final commit), log the study's summary ``metrics``
+    and ``artifacts`` (files, e.g. the report and the results table) and set its ``status`` (FINISHED, or
+    FAILED when cells failed or a sanity gate did not pass). Errors propagate."""
+    client = mc.client(study["tracking_uri"])
     run_id = study["parent_run_id"]
-    now = _now_ms()
-    rows = [{"key": _clean_key(k), "value": float(v), "timestamp": now, "step": 0} for k, v in metrics.items()]
+    for chunk in mc.chunk_pairs(mc.clean_tags(tags or {})):
+        mc.log_batch(client, run_id, [], [], chunk)
+    now = mc.now_ms()
+    rows = [{"key": mc.clean_key(k), "value": float(v), "timestamp": now, "step": 0} for k, v in metrics.items()]
     for i in range(0, len(rows), 1000):
-        _log_batch(client, run_id, rows[i : i + 1000], [], [])
+        mc.log_batch(client, run_id, rows[i : i + 1000], [], [])
     for path in artifacts:
         client.log_artifact(run_id, str(path))
     client.set_terminated(run_id, status=status)
-
-
-def _ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        try:
-            return client.create_experiment(name, artifact_location=artifact_location,
-                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
-        except Exception:
-            experiment = client.get_experiment_by_name(name)  # created concurrently?
-            if experiment is None:
-                raise
-    if experiment.lifecycle_stage == "deleted":
-        _log.warning("MLflow experiment %r was deleted; restoring it", name)
-        client.restore_experiment(experiment.experiment_id)
-    if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose in the UI is kept
-        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
-    return experiment.experiment_id
 
 
 # --------------------------------------------------------------------------- job run
@@ -322,9 +155,9 @@ class JobRun:
         self.errors: list[str] = []
         self.mlflow_seconds = 0.0
         self.status: str | None = None
-        self._tags = _clean_tags({**tags, ROLE_TAG: "job"})
+        self._tags = mc.clean_tags({**tags, ROLE_TAG: "job"})
         self._tags.pop(PARENT_TAG, None)  # the parent comes from the study
-        self._params = _clean_params(params)
+        self._params = mc.clean_params(params)
         self._metrics: list[dict[str, Any]] = []
         self._n_sent = 0  # metrics[:_n_sent] are in MLflow
         self._unsent_tags: dict[str, str] = {}
@@ -333,7 +166,7 @@ class JobRun:
         self._offline = False
         self._over_budget = False
         self._complete = False
-        self._start_ms = _now_ms()
+        self._start_ms = mc.now_ms()
         self._last_flush = time.monotonic()
 
     @property
@@ -354,13 +187,13 @@ class JobRun:
     # ------------------------------------------------------------------ context manager
 
     def __enter__(self) -> JobRun:
-        self._start_ms = _now_ms()
+        self._start_ms = mc.now_ms()
         self._last_flush = time.monotonic()
         if not self.live:  # recorded only: no MLflow import, no call; the record is written at exit
             return self
         experiment_id = self.study.get("experiment_id") or ""
         tracking_uri = self.study.get("tracking_uri") or ""
-        db_path = _sqlite_path(tracking_uri)
+        db_path = mc.sqlite_path(tracking_uri)
         if not experiment_id or not tracking_uri:
             self._fail("study has no tracking_uri/experiment_id (init_study did not run?)")
             return self
@@ -389,7 +222,7 @@ class JobRun:
         if run is None:
             return self
         self._run_id = run.info.run_id
-        for metrics, params, tags in _batches([], self._params, {}):
+        for metrics, params, tags in mc.batches([], self._params, {}):
             if self._call("log_batch(params)", self._batch_sender(metrics, params, tags)) is None:
                 break
         return self
@@ -411,7 +244,7 @@ class JobRun:
                 self._tags[EXCEPTION_TAG] = f"{exc_type.__name__}: {exc}"[:MAX_TAG_VALUE]
                 self._unsent_tags[EXCEPTION_TAG] = self._tags[EXCEPTION_TAG]
             self._flush()
-            end_ms = _now_ms()
+            end_ms = mc.now_ms()
             if self._can_call():
                 status = self.status
                 done = self._call(
@@ -429,7 +262,7 @@ class JobRun:
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Buffer metric values (one timestamp, ``step`` or 0); flush if ``flush_seconds`` have passed."""
-        timestamp = _now_ms()
+        timestamp = mc.now_ms()
         step_value = 0 if step is None else int(step)
         for key, value in metrics.items():
             try:
@@ -437,13 +270,14 @@ class JobRun:
             except (TypeError, ValueError):
                 _log.warning("MLflow metric %r=%r is not a number; not logged", key, value)
                 continue
-            self._metrics.append({"key": _clean_key(key), "value": number, "timestamp": timestamp, "step": step_value})
+            self._metrics.append({"key": mc.clean_key(key), "value": number, "timestamp": timestamp,
+                                  "step": step_value})
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self._flush()
 
     def set_tags(self, tags: dict[str, str]) -> None:
         """Add or overwrite tags; sent at once together with any buffered metrics."""
-        cleaned = _clean_tags(tags)
+        cleaned = mc.clean_tags(tags)
         cleaned.pop(PARENT_TAG, None)
         self._tags.update(cleaned)
         self._unsent_tags.update(cleaned)
@@ -488,7 +322,7 @@ class JobRun:
         client, run_id = self._client, self._run_id
 
         def send() -> bool:
-            _log_batch(client, run_id, metrics, params, tags)
+            mc.log_batch(client, run_id, metrics, params, tags)
             return True
 
         return send
@@ -499,7 +333,7 @@ class JobRun:
             return
         pending = self._metrics[self._n_sent :]
         tags = dict(self._unsent_tags)
-        for metrics, params, tag_items in _batches(pending, {}, tags):
+        for metrics, params, tag_items in mc.batches(pending, {}, tags):
             if self._call("log_batch", self._batch_sender(metrics, params, tag_items)) is None:
                 return
             self._n_sent += len(metrics)

@@ -107,7 +107,7 @@ class Job:
         output this one reads (its ``mlflow_run_id``/``mlflow_spool_id`` become tags)."""
         import torch
 
-        from pruneshot.runtime import tracking
+        from pruneshot.runtime import mlflow_client, tracking
 
         torch.set_num_threads(max(1, self.threads))
         commit, dirty = git_state()
@@ -117,8 +117,8 @@ class Job:
             "pruneshot.git_commit": commit,
             "pruneshot.git_dirty": str(dirty).lower(),
             "pruneshot.config_sha256": self.config_sha256,
-            tracking.UPSTREAM_RUN_TAG: (upstream or {}).get("mlflow_run_id") or "",
-            tracking.UPSTREAM_SPOOL_TAG: (upstream or {}).get("mlflow_spool_id") or "",
+            mlflow_client.UPSTREAM_RUN_TAG: (upstream or {}).get("mlflow_run_id") or "",
+            mlflow_client.UPSTREAM_SPOOL_TAG: (upstream or {}).get("mlflow_spool_id") or "",
             **{f"pruneshot.wildcard.{k}": str(v) for k, v in self.wildcards.items()},
             **{f"pruneshot.seed.{k}": str(v) for k, v in seeds.items()},
             **{f"pruneshot.input_sha256.{p}": h for p, h in self.input_hashes(inputs).items()},
@@ -127,7 +127,7 @@ class Job:
             yield _NullRun()
             return
         study = read_json(self.study_path)
-        tracking.configure_timeouts()
+        mlflow_client.configure_timeouts()
         live = bool((self.config.get("mlflow") or {}).get("live", False))
         with tracking.JobRun(study, job_key(self.rule, self.wildcards), tags=tags, params=params,
                              spool_dir=spool_dir(self.config), live=live) as run:

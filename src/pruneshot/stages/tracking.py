@@ -17,8 +17,9 @@ def init_tracking(config: dict[str, Any], out_study: Path) -> dict[str, str]:
     """Create the MLflow store/experiment and the study's parent run (RUNNING, the flattened config as its
     params; :func:`finish_tracking` ends it); write study.json."""
     from pruneshot.runtime import tracking
+    from pruneshot.runtime.mlflow_client import resolve_tracking_uri
 
-    uri = tracking.resolve_tracking_uri(config.get("mlflow", {}).get("tracking_uri"), PROJECT_DIR)
+    uri = resolve_tracking_uri(config.get("mlflow", {}).get("tracking_uri"), PROJECT_DIR)
     commit, dirty = git_state()
     study = tracking.init_study(uri, config["study"]["name"], {
         "pruneshot.git_commit": commit, "pruneshot.git_dirty": str(dirty).lower(),
@@ -95,12 +96,9 @@ def finish_tracking(config: dict[str, Any], study_path: Path, results_csv: Path,
     record: dict[str, Any] = {"parent_run_id": study["parent_run_id"], "status": status, "reasons": reasons,
                               "metrics": len(metrics), "artifacts": [Path(a).as_posix() for a in artifacts]}
     try:
-        client = tracking._client(study["tracking_uri"])
-        for key, value in {"pruneshot.final_git_commit": commit, "pruneshot.final_git_dirty": str(dirty).lower(),
-                           "pruneshot.final_config_sha256": config_hash(config),
-                           "pruneshot.study_status": "; ".join(reasons) or "ok"}.items():
-            client.set_tag(study["parent_run_id"], key, value)
-        tracking.finish_study(study, metrics, artifacts, status)
+        tracking.finish_study(study, metrics, artifacts, status, tags={
+            "pruneshot.final_git_commit": commit, "pruneshot.final_git_dirty": str(dirty).lower(),
+            "pruneshot.final_config_sha256": config_hash(config), "pruneshot.study_status": "; ".join(reasons) or "ok"})
         record["logged"] = True
     except Exception as exc:  # the store is down or refuses: the files stand, the run stays open
         logging.getLogger(__name__).warning("could not finish the MLflow parent run: %s", exc)

@@ -187,7 +187,7 @@ def test_mlflow_runs_read_back(project: Path) -> None:
     parent = client.get_run(study["parent_run_id"])
     assert client.get_experiment(study["experiment_id"]).tags["mlflow.experimentKind"] == "custom_model_development"
     assert parent.data.params["study.name"] == "tiny" and parent.data.params["transfer.steps"] == "8"
-    assert finished["logged"] and parent.info.status == finished["status"]
+    assert "logged" not in finished and parent.info.status == finished["status"]  # it was logged
     assert (finished["status"] == "FAILED") == bool(finished["reasons"])
     assert any(k.startswith("acc.dense.b1.") for k in parent.data.metrics) and "rows_ok" in parent.data.metrics
     assert {a.path for a in client.list_artifacts(study["parent_run_id"])} == {"index.html", "results.csv"}
@@ -308,6 +308,12 @@ def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path
     run([str(BIN / "snakemake"), "--cores", "1", "--touch"], clone)
     dry = run([str(BIN / "snakemake"), "-n", "--cores", "1"], clone)
     assert "Nothing to be done" in dry.stdout + dry.stderr
+    # Issue 15.1: a changed setting reruns the same jobs in the pulled checkout as in the original (the
+    # job records travel with the results: pruneshot.runtime.metadata)
+    cfg = tiny_config()
+    steps = {**cfg, "transfer": {**cfg["transfer"], "steps": cfg["transfer"]["steps"] + 1}}
+    in_clone = _dry_run_counts(clone, steps, tmp_path)
+    assert in_clone.get("transfer", 0) > 0 and in_clone == _dry_run_counts(project, steps, tmp_path), in_clone
     original = (study_dir(project) / "tables/results.csv").read_bytes()
     original_html = (study_dir(project) / "report/index.html").read_text()
     regen = run([str(BIN / "snakemake"), "--cores", "1", "--forcerun", "aggregate", "report"], clone)
@@ -325,6 +331,15 @@ def test_fresh_clone_pulls_and_regenerates_report_without_training(project: Path
     regenerated_html = (study_dir(clone) / "report/index.html").read_text()
     assert len(tables_only(regenerated_html)) >= 5
     assert tables_only(regenerated_html) == tables_only(original_html)
+    # Issue 15.2: the colleague's path ends clean: the rebuilt report is the same bytes (it names the
+    # results' commits, not the checkout or time that built it), finished.json too, so DVC and the audit
+    # see nothing changed
+    assert regenerated_html == original_html
+    assert (study_dir(clone) / "mlflow/finished.json").read_bytes() == \
+        (study_dir(project) / "mlflow/finished.json").read_bytes()
+    status = run([str(BIN / "dvc"), "status"], clone).stdout
+    assert "up to date" in status and "modified" not in status, status
+    run([str(BIN / "pruneshot"), "audit", "--verify"], clone)  # exit 0
 
 
 def test_snakemake_lint_and_ruff_clean() -> None:
@@ -385,48 +400,6 @@ def test_a_changed_setting_reruns_exactly_the_rules_that_read_it(project: Path, 
     assert counts.get("make_episodes") == len(cfg["episodes"]["shots"])
 
 
-def test_rerun_failed_reruns_exactly_the_failed_cells_and_their_dependants(tmp_path: Path) -> None:
-    """Issue 14: a method error is a recorded failed cell, so a plain rerun had nothing to do. The micro
-    study with one failed search (random) and one failed transfer (channel_scaling), in a config that is
-    not the default; `pruneshot rerun-failed --config` forces exactly those jobs, the rest is untouched."""
-    import os
-    import shutil
-    import subprocess
-
-    from conftest import _env, copy_worktree
-
-    proj = tmp_path / "proj"
-    copy_worktree(proj)
-    shutil.copy(ROOT / "tests/configs/micro.yaml", proj / "config/micro.yaml")
-    env = dict(_env(), PRUNESHOT_INJECT_FAILURE="search:random,transfer:channel_scaling")
-    first = subprocess.run([str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/micro.yaml"], cwd=proj,
-                           env=env, capture_output=True, text=True)
-    assert first.returncode == 0, first.stderr[-3000:]
-    root = proj / "results/micro"
-    df = pd.read_csv(root / "tables/results.csv")
-    assert set(df.loc[df["status"] == "failed", "method"]) == {"random", "channel_scaling"}
-    summary = run([str(BIN / "pruneshot"), "summary", "--config", "config/micro.yaml"], proj).stdout
-    assert "rerun exactly those cells and what depends on them with: pruneshot rerun-failed --config " \
-           "config/micro.yaml" in summary
-    assert "pruneshot rerun-failed" in (root / "report/index.html").read_text()
-    listed = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--print"], proj).stdout
-    # the failed search (its transfer follows it), the failed transfer; nothing that succeeded
-    assert "results/micro/search/random/b0.5/r0/record.json" in listed
-    assert "results/micro/transfer/digits_5to9/channel_scaling/b0.5/1shot/r0.json" in listed
-    assert "transfer/digits_5to9/random" not in listed and "dense" not in listed
-    assert "--forcerun" in listed
-    ok = {p: p.stat().st_mtime_ns for p in [root / "search/dense/b1/r0/record.json", root / "pretrain/r0/metrics.json",
-                                             root / "transfer/digits_5to9/dense/b1/1shot/r0.json"]}
-    rerun = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--cores", "2"], proj)
-    assert rerun.returncode == 0
-    df = pd.read_csv(root / "tables/results.csv")
-    assert (df["status"] == "ok").all(), df[["method", "status", "error"]]
-    assert {p: p.stat().st_mtime_ns for p in ok} == ok  # what had succeeded was not rerun
-    assert "no failed cells" in run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml"],
-                                    proj).stdout
-    assert not os.environ.get("PRUNESHOT_INJECT_FAILURE")
-
-
 def test_transfer_settings_chosen_on_validation_never_read_target_data(tmp_path: Path) -> None:
     """Issue 13: transfer.select on the micro study (source digits 0-2, validation classes 3-4 held out of
     pretraining, targets 5-9). Every results row carries the chosen settings; the report shows them and
@@ -479,11 +452,15 @@ def test_transfer_settings_chosen_on_validation_never_read_target_data(tmp_path:
     assert {p: read_json(p)["arms"] for p in records} == before
 
 
-def test_a_run_ends_with_the_summary_or_the_failed_jobs_and_how_to_rerun_them(tmp_path: Path) -> None:
-    """Issue 15.1: a plain `snakemake` run ended without a word. One micro study (not the default config)
-    with a recorded failed cell: the successful run prints the summary, the gates, the report's path and
-    `pruneshot rerun-failed --config`; a dry run, a --touch run and a run with nothing to do print no
-    summary; a run whose job fails lists it and the commands that rerun it."""
+def test_a_run_ends_with_its_summary_and_rerun_failed_reruns_exactly_the_failed_cells(tmp_path: Path) -> None:
+    """Issues 14 and 15.1, on one micro study (not the default config) with one failed search (random) and
+    one failed transfer (channel_scaling), recorded as failed cells:
+    - the successful run prints the summary, the gates, the report's path and `pruneshot rerun-failed
+      --config`; a dry run, a --touch run, a run with nothing to do and --lint print no summary;
+    - a run whose job fails lists it, the command that reruns it and the study's failed cells;
+    - `pruneshot rerun-failed --config` forces exactly the failed cells and what depends on them (a plain
+      rerun has nothing to do: a method error is a recorded result); what succeeded is untouched."""
+    import os
     import shutil
     import subprocess
 
@@ -492,7 +469,7 @@ def test_a_run_ends_with_the_summary_or_the_failed_jobs_and_how_to_rerun_them(tm
     proj = tmp_path / "proj"
     copy_worktree(proj)
     shutil.copy(ROOT / "tests/configs/micro.yaml", proj / "config/micro.yaml")
-    env = dict(_env(), PRUNESHOT_INJECT_FAILURE="search:random")
+    env = dict(_env(), PRUNESHOT_INJECT_FAILURE="search:random,transfer:channel_scaling")
     smk = [str(BIN / "snakemake"), "--cores", "2", "--configfile", "config/micro.yaml"]
 
     def snakemake(*args: str) -> subprocess.CompletedProcess:
@@ -500,17 +477,26 @@ def test_a_run_ends_with_the_summary_or_the_failed_jobs_and_how_to_rerun_them(tm
 
     first = snakemake()
     assert first.returncode == 0, first.stderr[-3000:]
+    root = proj / "results/micro"
+    df = pd.read_csv(root / "tables/results.csv")
+    assert set(df.loc[df["status"] == "failed", "method"]) == {"random", "channel_scaling"}
+    n_failed = int((df["status"] == "failed").sum())
+    # the run's ending: what `pruneshot summary` prints, the gates, the report, how to rerun the failed cells
     expected = run([str(BIN / "pruneshot"), "summary", "--config", "config/micro.yaml"], proj).stdout
     assert expected.strip() and expected in first.stdout, first.stdout
+    assert "rerun exactly those cells and what depends on them with: pruneshot rerun-failed --config " \
+           "config/micro.yaml" in expected
     assert "\nsanity " in first.stdout and "pruneshot rerun-failed --config config/micro.yaml" in first.stdout
     assert re.search(r"\nreport: \S*results/micro/report/index\.html\n", first.stdout)
+    assert "pruneshot rerun-failed" in (root / "report/index.html").read_text()
     for args in (["-n"], ["--touch"], [], ["--lint"]):
         quiet = snakemake(*args)
         assert quiet.returncode == 0, quiet.stderr[-3000:]
         assert "\nreport: " not in quiet.stdout + quiet.stderr and "\nsanity " not in quiet.stdout, args
     # A job that fails: the dense network no longer matches the hash its search recorded.
-    weights = proj / "results/micro/search/dense/b1/r0/model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-8] + b"corrupt!")
+    weights = root / "search/dense/b1/r0/model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-8] + b"corrupt!")
     failed = snakemake("--forcerun", "results/micro/transfer/digits_5to9/dense/b1/1shot/r0.json")
     assert failed.returncode != 0
     assert "\nreport: " not in failed.stdout + failed.stderr
@@ -520,5 +506,22 @@ def test_a_run_ends_with_the_summary_or_the_failed_jobs_and_how_to_rerun_them(tm
     assert "logs/micro/" in err.split("pruneshot:")[-1]
     assert "rerun them (what finished is kept) with:\n  snakemake " + " ".join(smk[1:]) + "\n" in err
     assert "--forcerun" not in err.split("rerun them")[-1]
-    assert "the study also has 1 failed cell(s)" in err
+    assert f"the study also has {n_failed} failed cell(s)" in err
     assert "  pruneshot rerun-failed --config config/micro.yaml" in err
+    weights.write_bytes(good)
+    # rerun-failed: the failed search (its transfer follows it), the failed transfer; nothing that succeeded
+    listed = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--print"], proj).stdout
+    assert "results/micro/search/random/b0.5/r0/record.json" in listed
+    assert "results/micro/transfer/digits_5to9/channel_scaling/b0.5/1shot/r0.json" in listed
+    assert "transfer/digits_5to9/random" not in listed and "dense" not in listed
+    assert "--forcerun" in listed
+    ok = {p: p.stat().st_mtime_ns for p in [root / "search/dense/b1/r0/record.json", root / "pretrain/r0/metrics.json",
+                                             root / "episodes/digits_5to9/5way_1shot.json"]}
+    rerun = run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml", "--cores", "2"], proj)
+    assert rerun.returncode == 0
+    df = pd.read_csv(root / "tables/results.csv")
+    assert (df["status"] == "ok").all(), df[["method", "status", "error"]]
+    assert {p: p.stat().st_mtime_ns for p in ok} == ok  # what had succeeded was not rerun
+    assert "no failed cells" in run([str(BIN / "pruneshot"), "rerun-failed", "--config", "config/micro.yaml"],
+                                    proj).stdout
+    assert not os.environ.get("PRUNESHOT_INJECT_FAILURE")

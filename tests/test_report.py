@@ -111,10 +111,9 @@ def make_episodes(results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def make_provenance(generated: str = "2024-01-01T00:00:00Z") -> dict:
+def make_provenance() -> dict:
+    """What :func:`collect_provenance` gives: nothing about the checkout or the time building the report."""
     return {
-        "git_commit": COMMIT,
-        "git_dirty": True,
         "config_sha256": "f" * 64,
         "study": "digits_default",
         "data_sha256": {"digits": "a" * 64},
@@ -126,7 +125,6 @@ def make_provenance(generated: str = "2024-01-01T00:00:00Z") -> dict:
             "experiment_id": "7",
             "parent_run_id": "parentrun123",
         },
-        "generated_utc": generated,
     }
 
 
@@ -208,13 +206,14 @@ def test_summary_table_averages_replicates_and_flags_partial_failures() -> None:
     assert cell.loc[("l1_filter", 0.25), "5-shot"] == "failed"
 
 
-def test_same_csv_gives_identical_tables_and_figures(built: dict, tmp_path: Path) -> None:
+def test_same_csv_gives_identical_html_and_figures(built: dict, tmp_path: Path) -> None:
+    """Issue 15.2: the report is a DVC-versioned output; rebuilt from the same results (later, in another
+    checkout) it is the same bytes, so `dvc status` and `pruneshot audit --verify` stay clean."""
     other_html = tmp_path / "again.html"
-    build_report(built["csv"], make_provenance("2030-12-31T23:59:59Z"), other_html, tmp_path / "figs",
-                 built["episodes"])
+    build_report(built["csv"], make_provenance(), other_html, tmp_path / "figs", built["episodes"])
     again = other_html.read_text(encoding="utf-8")
-    assert _tables_section(again) == _tables_section(built["html"])
-    assert "2030-12-31T23:59:59Z" in again
+    assert again == built["html"]
+    assert "generated" not in again.split('<section id="provenance">')[0] and "built at" not in again
     for name in FIGURE_NAMES:
         png = f"{name}.png"
         assert (tmp_path / "figs" / png).read_bytes() == (built["figures"] / png).read_bytes()
@@ -525,9 +524,15 @@ def test_mixed_commits_or_configs_are_refused_unless_allowed(tmp_path: Path) -> 
     assert "2 commits (mixed)" in text  # the header says so too
 
 
-def test_a_dirty_checkout_is_shown_not_refused(built: dict) -> None:
-    assert 'id="dirty-note"' in built["html"]  # make_provenance() says git_dirty: True
-    assert 'id="mixed-warning"' not in built["html"]
+def test_rows_from_a_dirty_checkout_are_shown_not_refused(built: dict, tmp_path: Path) -> None:
+    assert 'id="dirty-note"' not in built["html"]  # no row is dirty; the building checkout is not asked
+    results = make_results()
+    results.loc[results.index[:3], "git_dirty"] = True
+    results.to_csv(tmp_path / "results.csv", index=False)
+    build_report(tmp_path / "results.csv", make_provenance(), tmp_path / "index.html", tmp_path / "figs")
+    html = (tmp_path / "index.html").read_text()
+    assert 'id="dirty-note"' in html and f"3 of {len(results)} result rows" in html
+    assert 'id="mixed-warning"' not in html
 
 
 def test_paired_reinit_gap_uses_the_shared_episodes() -> None:
@@ -612,11 +617,18 @@ def test_landing_page_names_commit_and_config_hash(tmp_path: Path, monkeypatch) 
     path = Path(landing_page(rst, config, tmp_path, out=out))
     text = path.read_text()
     assert path == out.resolve() and text.startswith("What the workflow does.")
-    assert "``a1b2c3d4e5f60718293a4b5c6d7e8f9012345678`` (uncommitted changes)" in text
-    assert f"``{config_hash(config)}``" in text and "``s1``" in text
+    assert "built at git commit ``a1b2c3d4e5f60718293a4b5c6d7e8f9012345678`` (uncommitted changes)" in text
+    assert f"``{config_hash(config)[:16]}…``" in text and config_hash(config) not in text and "``s1``" in text
+    assert "results: none yet" in text
     before = path.stat().st_mtime_ns
     landing_page(rst, config, tmp_path, out=out)
     assert path.stat().st_mtime_ns == before  # unchanged text is not rewritten
+    # Issue 15.17: the commits that produced the results, not the checkout building the page
+    csv = tmp_path / "results.csv"
+    pd.DataFrame({"git_commit": ["c" * 40] * 3 + ["d" * 40], "git_dirty": [False] * 3 + [True]}).to_csv(csv)
+    text = Path(landing_page(rst, config, tmp_path, out=out, results_csv=csv)).read_text()
+    assert f"results produced at git commit ``{'c' * 40}``: 3 rows; ``{'d' * 40}`` (uncommitted changes): 1 rows" \
+        in text
 
 
 def test_latency_column_names_are_written_and_read_with_one_definition() -> None:

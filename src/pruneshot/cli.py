@@ -229,6 +229,31 @@ def _audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from pruneshot.report.compare import CompareError, compare_results, filter_rows, format_comparison, load_study
+
+    try:
+        a, b = load_study(args.a), load_study(args.b)
+        table = compare_results(filter_rows(a.results, args.method, args.arm),
+                                filter_rows(b.results, args.method, args.arm), a.episodes, b.episodes,
+                                a.episode_ids, b.episode_ids)
+    except CompareError as err:
+        print(f"pruneshot compare: {err}", file=sys.stderr)
+        return 2
+    for study in (a, b):
+        if study.episodes is None:
+            print(f"note: {study.label} has no episodes.csv: its cells are not paired", file=sys.stderr)
+    print(format_comparison(table, a.label, b.label))
+    if args.csv is not None:
+        try:
+            table.to_csv(args.csv, index=False)
+        except OSError as err:
+            print(f"pruneshot compare: cannot write {args.csv}: {err}", file=sys.stderr)
+            return 2
+        print(f"table: {args.csv}")
+    return 0
+
+
 def _study_options(p: argparse.ArgumentParser, config_note: str = "") -> None:
     p.add_argument("--study", default=None, help="the study (its results under results/NAME/); "
                                                  "default: study.name of --config")
@@ -299,6 +324,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the failed jobs' outputs and the command, run nothing")
     p.set_defaults(func=_rerun_failed)
+    p = sub.add_parser("compare", help="two studies' results side by side, with paired tests where they share "
+                                       "episodes",
+                       description="Match the cells (method, budget, target, ways, shots, arm, replicate) of two "
+                                   "studies and print acc A, acc B and B − A (pp). Cells evaluated on the same "
+                                   "episodes (same seed_episode, n_episodes and episodes file content) get a "
+                                   "two-sided Wilcoxon signed-rank test on the per-episode accuracies, "
+                                   "Holm-adjusted over all paired cells; other cells the difference only.")
+    p.add_argument("a", metavar="A", help="a study results directory (results/NAME), a study name, or a results.csv")
+    p.add_argument("b", metavar="B", help="the same for the other study")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="write the full table here (accuracies and B − A as fractions, p-values, notes)")
+    p.add_argument("--method", action="append", default=None, help="only this method (repeatable)")
+    p.add_argument("--arm", action="append", default=None, help="only this arm (repeatable)")
+    p.set_defaults(func=_compare)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,6 +25,9 @@ RESULTS: dict[str, str] = {
     # it merges into, not a rule output: Snakemake would delete it before each rerun)
     "mlflow_runs": "mlflow/runs.json",
     "mlflow_store": "mlflow",
+    # Snakemake's job metadata (params, code, inputs) of this study's outputs, versioned with them so that
+    # a checkout with pulled results reruns what a changed setting touches (pruneshot.runtime.metadata)
+    "snakemake_metadata": "snakemake/metadata",
     "source_dir": "data/source",
     "source_manifest": "data/source/manifest.json",
     "source_train": "data/source/train.safetensors",

@@ -2,6 +2,7 @@
 from pruneshot.config import budget_label, config_hash
 from pruneshot.methods import get_method, options_for
 from pruneshot.paths import for_config
+from pruneshot.runtime.metadata import restore as restore_metadata
 from pruneshot.runtime.provenance import git_state
 
 # The git state travels to every job through the environment, never through params
@@ -15,6 +16,9 @@ CONFIG_SHA256 = config_hash(config)
 # logs/<study.name>/: two configs in one checkout never touch each other's outputs.
 PATHS = for_config(config)
 R, LOG, BENCH = PATHS.result, PATHS.log, PATHS.benchmark
+# Snakemake's job records of pulled results (DVC carries them in results/<study>/): a changed setting
+# reruns what reads it in any checkout. Records this checkout has are kept (pruneshot.runtime.metadata).
+restore_metadata(R("snakemake_metadata"))
 
 METHODS = {name: get_method(name) for name in config["methods"]}
 SOURCE_SIDE = [m for m, method in METHODS.items() if method.side == "source"]

@@ -17,10 +17,11 @@ Meta-Dataset ranks. Failed rows (``status != "ok"``) are listed with their error
 The report refuses results that mix code commits or config hashes (:class:`MixedResultsError`)
 unless ``allow_mixed`` is set; then a warning banner lists the mixed values.
 
-Determinism: everything derived from the CSVs (tables, captions) is byte-identical for the
-same CSVs; PNGs are written without a ``Software`` tag or timestamps. Only ``generated_utc``
-from the provenance dict changes between runs. The tables sit between the HTML comments
-``<!-- tables:begin -->`` and ``<!-- tables:end -->``.
+Determinism: the HTML and the PNGs are byte-identical for the same CSVs, provenance and code
+(PNGs are written without a ``Software`` tag or timestamps; the report names the commits that
+produced its rows, not the checkout or the time that built it), so a colleague's ``make report``
+after ``dvc pull`` leaves ``dvc status`` and ``pruneshot audit --verify`` clean. The tables sit
+between the HTML comments ``<!-- tables:begin -->`` and ``<!-- tables:end -->``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pandas as pd
 
 from pruneshot.io import atomic_path
 from pruneshot.report.figures import make_figures
+from pruneshot.report.headline import headline_html
 from pruneshot.report.html import (
     _CSS,
     _dirty_banner,
@@ -49,8 +51,8 @@ from pruneshot.report.selection import FIGURE as SELECTION_FIGURE
 from pruneshot.report.selection import lr_figure, selection_html
 from pruneshot.report.tables import compute_statistics
 
-_TOC = (("sanity", "Sanity gates"), ("mechanism", "Mechanisms"), ("retention", "Source retention"),
-        ("selection", "Transfer settings"),
+_TOC = (("sanity", "Sanity gates"), ("headline", "Headline"), ("mechanism", "Mechanisms"),
+        ("retention", "Source retention"), ("selection", "Transfer settings"),
         ("how-to-read", "How to read"),
         ("figures", "Figures"), ("methods", "Methods"),
         ("results", "Results per cell"), ("ranks", "Average rank"), ("comparisons", "Paired comparisons"),
@@ -63,8 +65,6 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
                 sanity: dict[str, Any] | None = None, selection: pd.DataFrame | None = None) -> str:
     """The report as an HTML string (see :func:`build_report`)."""
     study = provenance.get("study") or "unnamed study"
-    commit = str(provenance.get("git_commit") or "unknown")
-    dirty = " (dirty)" if provenance.get("git_dirty") else ""
 
     def short(col: str, label: str) -> str:
         values = sorted({str(v) for v in results.get(col, pd.Series(dtype=str)).astype(str) if v and v != "nan"})
@@ -85,13 +85,12 @@ def render_html(results: pd.DataFrame, provenance: dict[str, Any], figures: dict
         "<body>",
         f"<h1>pruneshot report: {_esc(study)}</h1>",
         f'<p class="meta">Pruning methods compared on few-shot transfer · results from commit '
-        f"{short('git_commit', 'commits')}, config {short('config_sha256', 'configs')} · report built at "
-        f"commit <code>{_esc(commit[:12])}</code>{_esc(dirty)} · generated "
-        f"{_esc(provenance.get('generated_utc') or 'unknown')}</p>",
+        f"{short('git_commit', 'commits')}, config {short('config_sha256', 'configs')}</p>",
         _mixed_banner(mixed or {}),
         _dirty_banner(results, provenance),
         f"<nav><ul>{toc}</ul></nav>",
         sanity_html(sanity, results),
+        headline_html(results, statistics),
         mechanism_html(results),
         retention_html(results),
         selection_html(selection, figures.get(SELECTION_FIGURE)),

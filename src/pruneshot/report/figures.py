@@ -41,7 +41,8 @@ from pruneshot.report.styles import (
 )
 
 FIGURE_DPI = 110
-#: Figures always written (a figure without data says so in its panel).
+#: Figures always written (a figure without data says so in its panel; the HTML report shows a line instead of
+#: the reinit gap without a reinit arm and of accuracy vs shots with fewer than two shots values).
 FIGURE_NAMES = (
     "acc_vs_params", "acc_vs_flops", "acc_vs_latency", "acc_vs_shots", "budget_achieved", "search_cost",
     "reinit_gap",
@@ -265,53 +266,82 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
     return fig
 
 
-def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, Any]]) -> Any:
-    if agg.empty:
-        return _empty_figure(title)
-    import seaborn as sns
+def _shots_reason(agg: pd.DataFrame) -> str | None:
+    """Why accuracy vs shots has nothing to say (fewer than 2 shots values with a result), or None."""
+    shots = sorted({int(v) for v in pd.to_numeric(agg["shots"], errors="coerce").dropna()}) \
+        if not agg.empty and "shots" in agg.columns else []
+    if len(shots) >= 2:
+        return None
+    return f"one shots value ({shots[0]})" if shots else "no successful runs"
 
-    arms, quals = _layout(agg)
-    facets = _facet_rows(agg, arms)
-    methods = legend_order(agg["method"])
-    shots_values = sorted(agg["shots"].astype(int).unique())
-    sides = _side_columns(methods)  # with many methods: one row of panels per side
+
+def shots_figure_note(results: pd.DataFrame) -> str | None:
+    """The report's one line instead of the accuracy-vs-shots figure when the study's successful rows have
+    fewer than two shots values (a line through one point says nothing), else None."""
+    reason = _shots_reason(_aggregate_ok(results))
+    if reason is None:
+        return None
+    return f"Accuracy vs shots: no figure, {'the study has ' if reason.startswith('one') else ''}{reason}."
+
+
+def tightest_budget(agg: pd.DataFrame) -> float | None:
+    """The smallest requested budget of the pruning methods (of the controls when no pruning method ran), or
+    None when only budget-free methods ran."""
+    names = agg["method"].astype(str)
+    for pool in (pruning_methods(names), [c for c in BASELINES if c != "dense"]):
+        budgets = pd.to_numeric(agg.loc[names.isin(pool), "requested_budget"], errors="coerce").dropna()
+        if not budgets.empty:
+            return float(budgets.min())
+    return None
+
+
+def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, Any]]) -> Any:
+    """Accuracy against shots at the tightest budget: dense and the references at their own budget, the controls
+    and the pruning methods at the study's smallest budget, one line per method (no per-budget spaghetti). One
+    panel per target and arm (rows) and, with many methods, per side (columns). Fewer than 2 shots values: a
+    panel that says so."""
+    reason = _shots_reason(agg)
+    if reason is not None:
+        return _empty_figure(title, f"{reason}: no accuracy-vs-shots figure")
+    budget = tightest_budget(agg)
+    free = agg["method"].isin(budget_free_methods(agg["method"]))
+    at_budget = np.isclose(pd.to_numeric(agg["requested_budget"], errors="coerce"), budget) \
+        if budget is not None else np.zeros(len(agg), dtype=bool)
+    shown = agg[free | at_budget]
+    arms, quals = _layout(shown)
+    facets = _facet_rows(shown, arms)
+    methods = legend_order(shown["method"])
+    shots_values = sorted(shown["shots"].astype(int).unique())
+    sides = _side_columns(methods)  # with many methods: one column of panels per side
     pruned = set(pruning_methods(methods))
-    fig, axes = _new_figure(len(sides), len(facets))
-    for r, c in np.ndindex(len(sides), len(facets)):
-        (target, arm), side, ax = facets[c], sides[r], axes[r, c]
-        panel = _panel_data(agg, target, arm, arms, quals)
+    fig, axes = _new_figure(len(facets), len(sides))
+    for r, c in np.ndindex(len(facets), len(sides)):
+        (target, arm), side, ax = facets[r], sides[c], axes[r, c]
+        panel = _panel_data(shown, target, arm, arms, quals)
         if side is not None:
             panel = panel[[m not in pruned or method_side(m) == side for m in panel["method"].astype(str)]]
-        series: list[tuple[str, float, str]] = []
-        for m in methods:
-            sub = panel[panel["method"] == m]
-            pairs = sub[["requested_budget", "_label"]].drop_duplicates()
-            pairs = pairs.sort_values(
-                ["requested_budget", "_label"], ascending=[False, True], kind="mergesort"
-            )
-            series += [(m, float(b), lab) for b, lab in pairs.itertuples(index=False)]
-        for k, (m, budget, label) in enumerate(series):
-            s = panel[(panel["_label"] == label) & (panel["requested_budget"] == budget)].sort_values("shots")
-            n_budgets = sum(1 for mm, _, ll in series if mm == m and ll == label)
-            rank = sum(1 for mm, bb, ll in series if mm == m and ll == label and bb > budget)
-            # Larger budgets darker, smaller budgets lighter shades of the method's colour.
-            shades = sns.light_palette(styles[m]["color"], n_colors=n_budgets + 2, reverse=True)
-            variants = sorted({ll for mm, _, ll in series if mm == m})
-            x = s["shots"].to_numpy(dtype=float) * _dodge(k, len(series), span=0.05)
+        labels = [lab for m in methods for lab in sorted(panel.loc[panel["method"] == m, "_label"].unique())]
+        for k, label in enumerate(labels):
+            s = panel[panel["_label"] == label].sort_values("shots", kind="mergesort")
+            method = str(s["method"].iloc[0])
+            style = styles[method]
+            variants = sorted(panel.loc[panel["method"] == method, "_label"].unique())
+            x = s["shots"].to_numpy(dtype=float) * _dodge(k, len(labels), span=0.05)
             ax.errorbar(x, 100 * s["acc_mean"].to_numpy(dtype=float),
-                        yerr=100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float)), color=shades[rank],
-                        marker=styles[m]["marker"], markersize=9 if m == "dense" else 6, capsize=3,
-                        linestyle=_series_style(styles[m], variants.index(label)),
-                        linewidth=1.5, label=f"{label} @ {fmt_budget(budget)}", zorder=3)
+                        yerr=100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float)), color=style["color"],
+                        marker=style["marker"], markersize=9 if method == "dense" else 6, capsize=3,
+                        linestyle=_series_style(style, variants.index(label)), linewidth=1.5, label=label, zorder=3)
         ax.set_xscale("log")
-        ax.set_xticks(shots_values, [str(s) for s in shots_values])
+        ax.set_xticks(shots_values, [str(v) for v in shots_values])
         ax.minorticks_off()
         ax.set_xlabel("shots per class")
         if c == 0:
             ax.set_ylabel("accuracy (%)")
         ax.set_title(_facet_title(target, arm, side=side), fontsize="medium")
+        if panel.empty:
+            ax.text(0.5, 0.5, "no successful runs", ha="center", va="center", transform=ax.transAxes)
     add_legend(fig, axes, methods, styles)
-    fig.suptitle(title)
+    fig.suptitle(f"{title} at budget {fmt_budget(budget)}" if budget is not None else title)
     return fig
 
 
@@ -445,8 +475,9 @@ def make_figures(results: pd.DataFrame, out_dir: Path, episodes: pd.DataFrame | 
     (one panel per shots, and per arm when pruned methods ran under several or per target when
     several, and per side with many methods; dense and the controls in every panel; the Pareto front
     of all methods a grey band; styles from :mod:`pruneshot.report.styles`),
-    accuracy against shots, requested vs achieved budget, search seconds per method and the
-    finetune − reinit gap (paired over ``episodes`` when given). Only ``status == "ok"`` rows
+    accuracy against shots (at the tightest budget, :func:`_plot_vs_shots`; with fewer than two shots
+    values a panel that says so, and the report a line instead), requested vs achieved budget, search
+    seconds per method and the finetune − reinit gap (paired over ``episodes`` when given). Only ``status == "ok"`` rows
     with an accuracy are drawn, averaged over replicates; failed rows and missing (NaN) costs
     are left out of the plots (the tables list them). Points of different series are offset
     horizontally by about 3.5% at most so error bars do not hide each other. Rendering uses the

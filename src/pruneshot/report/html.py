@@ -7,13 +7,13 @@ from __future__ import annotations
 import base64
 import html
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pruneshot.report.figures import CUDA_FIGURE, _facet_title
+from pruneshot.report.figures import CUDA_FIGURE, _facet_title, shots_figure_note
 from pruneshot.report.load import MIXED_KEYS, _device_columns, _prepared, method_order
 from pruneshot.report.reinit_gap import reinit_gap_data, reinit_gap_table
 from pruneshot.report.stats import BASELINES
@@ -147,7 +147,8 @@ def _stats_statement(statistics: Statistics) -> str:
         f"{ALPHA:g}. Ranks follow Meta-Dataset: within a cell (target, shots, arm, budget; dense and linear_probe "
         "join every budget's cell, and linear_probe, which repeats dense's linear_probe arm, is ranked once, as "
         "dense) methods whose mean is within 1.96·√(s₁²/n₁ + s₂²/n₂) of the best remaining one "
-        "share its rank; average ranks are over the cells a method is ranked in."
+        "share its rank; average ranks are over the common cells, those every ranked method is ranked in, so "
+        "every method's average covers the same cells."
     )
 
 
@@ -196,9 +197,12 @@ _FIGURE_TEXT = {
     CUDA_FIGURE: ("accuracy (%) against measured CUDA latency",
                   "Accuracy against measured CUDA latency (median ms per forward pass, synchronised, smallest "
                   "profiled batch size, log scale); panels and lines as above."),
-    "acc_vs_shots": ("accuracy (%) against shots per class",
-                     "Accuracy against shots per class; one line per method and budget (darker = larger budget); "
-                     "with many methods one row of panels per side."),
+    "acc_vs_shots": ("accuracy (%) against shots per class at the tightest budget",
+                     "Accuracy against shots per class at the study's tightest budget (named in the title; the "
+                     "other budgets are in the cost figures and the tables): one line per method, dense and the "
+                     "references at their own budget, the controls (random, scratch: dashed greys) and the pruning "
+                     "methods at the tightest one; one panel per target and arm, and with many methods one column "
+                     "of panels per side."),
     "budget_achieved": ("achieved params and FLOPs ratio against the requested budget",
                         "Requested budget against the achieved params and FLOPs ratios of every network (target-"
                         "side methods: averaged over each cell's episodes); the dashed diagonal is achieved = "
@@ -227,22 +231,25 @@ def _alt_text(name: str, results: pd.DataFrame) -> str:
             f"arms {', '.join(arms)}.")
 
 
-#: Figures with nothing to show for a study: (test on the results and episodes, the line shown instead).
-_FIGURE_NONE = {
-    "reinit_gap": (lambda results, episodes: reinit_gap_data(results, episodes).empty,
-                   "Inherited weights vs fresh initialisation: no figure, no configuration ran under both the "
-                   "finetune and reinit arms."),
+#: Figures that may have nothing to say for a study: (results, episodes) -> the line shown instead, or None.
+_FIGURE_NONE: dict[str, Callable[[pd.DataFrame, pd.DataFrame | None], str | None]] = {
+    "reinit_gap": lambda results, episodes: (
+        "Inherited weights vs fresh initialisation: no figure, no configuration ran under both the finetune and "
+        "reinit arms." if reinit_gap_data(results, episodes).empty else None),
+    "acc_vs_shots": lambda results, _episodes: shots_figure_note(results),
 }
 
 
 def _figures_html(figures: dict[str, Path], results: pd.DataFrame, episodes: pd.DataFrame | None = None) -> str:
-    """The figures as numbered ``<figure>`` elements; one with nothing to show for this study (e.g. the
-    reinit gap without a reinit arm) becomes a one-line ``<p id="fig-NAME-none">`` instead."""
+    """The figures as numbered ``<figure>`` elements; one with nothing to show for this study (the reinit
+    gap without a reinit arm, accuracy vs shots with one shots value) becomes a one-line
+    ``<p id="fig-NAME-none">`` instead."""
     parts = []
     i = 0
     for name, path in figures.items():
-        if name in _FIGURE_NONE and _FIGURE_NONE[name][0](results, episodes):
-            parts.append(f'<p id="fig-{_esc(name)}-none" class="figure-none">{_esc(_FIGURE_NONE[name][1])}</p>')
+        none = _FIGURE_NONE[name](results, episodes) if name in _FIGURE_NONE else None
+        if none is not None:
+            parts.append(f'<p id="fig-{_esc(name)}-none" class="figure-none">{_esc(none)}</p>')
             continue
         i += 1
         data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
@@ -272,8 +279,6 @@ def _mixed_banner(mixed: dict[str, dict[str, int]]) -> str:
 
 def _dirty_banner(results: pd.DataFrame, provenance: dict[str, Any]) -> str:
     notes = []
-    if provenance.get("git_dirty"):
-        notes.append("the report was built from a checkout with uncommitted changes")
     if "git_dirty" in results.columns:
         dirty = results["git_dirty"].astype(str).str.lower().isin(["true", "1", "yes"])
         if dirty.any():
@@ -289,15 +294,12 @@ def _provenance_html(prov: dict[str, Any], results: pd.DataFrame) -> str:
         value = prov.get(key)
         return "unknown" if value is None or value == "" else value
 
-    dirty = prov.get("git_dirty")
-    dirty_txt = "unknown" if dirty is None else ("yes (uncommitted changes)" if dirty else "no")
     mlflow = prov.get("mlflow") or {}
     general = [
         ("study", get("study")),
-        ("report built at git commit", get("git_commit")),
-        ("working tree dirty", dirty_txt),
         ("config sha256 (report)", prov.get("config_sha256") or "not given (built from the tables alone)"),
-        ("generated (UTC)", get("generated_utc")),
+        ("this report's build", "commit and time in the report job's log, not here: the same results rebuild "
+                                "to the same bytes (a DVC-versioned output)"),
         ("MLflow tracking URI", mlflow.get("tracking_uri") or "unknown"),
         ("MLflow experiment",
          f"{mlflow.get('experiment_name') or 'unknown'} (id {mlflow.get('experiment_id') or 'unknown'})"),
@@ -360,6 +362,28 @@ def _panel_tables(table: pd.DataFrame) -> str:
     return "\n".join(parts)
 
 
+def _average_ranks_html(statistics: Statistics) -> str:
+    """The average-rank table over the common cells, the sentence that says what it averages, the methods set
+    aside (sharing no cell with the others) and, when there is no common cell, a line that says so."""
+    a = statistics.average_ranks
+    if a.empty:
+        return '<p id="average-ranks-none">none: no method was ranked</p>'
+    if not a["common"].astype(bool).any():
+        return ('<p id="average-ranks-none">No common cells: no cell (target, shots, arm, budget) has every ranked '
+                "method, so no average rank compares like with like; the per-cell ranks are in the results "
+                "tables.</p>")
+    n = int(a.loc[a["common"].astype(bool), "n_cells"].iloc[0])
+    aside = a.loc[~a["common"].astype(bool), "method"].astype(str).tolist()
+    text = (f"<p>Mean Meta-Dataset rank (lower is better) over the {n} common cell(s): the cells (target, shots, "
+            "arm, budget) every ranked method is ranked in, so each mean averages the same cells. <em>cells</em>: "
+            "the cells the mean averages over; <em>ranked in</em>: every cell the method is ranked in (its other "
+            "ranks are in the results tables).")
+    if aside:
+        text += (f" Set aside, without a mean rank: {_esc(', '.join(aside))}; with them no cell would have "
+                 "every ranked method.")
+    return text + "</p>\n" + _html_table(average_rank_table(statistics), "average-ranks-table")
+
+
 def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.DataFrame | None) -> str:
     """Everything derived from the CSVs alone; byte-identical for identical input."""
     main = results_table(results, statistics)
@@ -382,8 +406,7 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
                   + _html_table(comps, "comparisons-table") + "</details>") if not comps.empty else (
         '<p id="comparisons-none">' + ("no comparison: episodes.csv was not given" if not statistics.have_episodes
                                        else "no method shares episodes with dense or a control") + "</p>")
-    avg = average_rank_table(statistics)
-    avg_html = _html_table(avg, "average-ranks-table") if not avg.empty else '<p id="average-ranks-none">none</p>'
+    avg_html = _average_ranks_html(statistics)
     return "\n".join([
         TABLES_BEGIN,
         '<section id="methods"><h2>Methods</h2>',
@@ -411,7 +434,6 @@ def _tables_html(results: pd.DataFrame, statistics: Statistics, episodes: pd.Dat
         _AUDIT_NOTE,
         "</section>",
         '<section id="ranks"><h2>Average rank</h2>',
-        "<p>Mean Meta-Dataset rank over the cells each method is ranked in (lower is better).</p>",
         avg_html,
         "</section>",
         '<section id="comparisons"><h2>Paired comparisons</h2>',

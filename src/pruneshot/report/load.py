@@ -6,7 +6,6 @@ record (:func:`latency_columns`), the report finds them in a table (:func:`laten
 
 from __future__ import annotations
 
-import datetime
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -239,28 +238,27 @@ def _device_columns(results: pd.DataFrame) -> dict[str, list[str]]:
 def collect_provenance(
     results: pd.DataFrame, *, study: str | None = None, config_sha256: str | None = None,
     study_json: Path | None = None, sync_json: Path | None = None, manifests: dict[str, Path] | None = None,
-    git: tuple[str, bool] | None = None,
 ) -> dict[str, Any]:
-    """The provenance dict :func:`render_html` shows: the report's own git state and config hash,
+    """The provenance dict :func:`render_html` shows: the study's config hash, the commits of its rows,
     dataset hashes (from the manifests), package versions, devices (from results.csv's ``*_device``
-    columns), the MLflow experiment and parent run (``study_json``, results/mlflow/study.json), the
-    replay status (``sync_json``) and the generation time. Missing files are skipped."""
+    columns), the MLflow experiment and parent run (``study_json``, results/mlflow/study.json) and the
+    replay status (``sync_json``). Missing files are skipped. Nothing about the checkout or the time
+    that builds the report: the report is a versioned output (DVC), so rebuilding it from the same
+    results and code gives the same bytes; the build's commit and time are in the report job's log."""
     from pruneshot.io import read_json
-    from pruneshot.runtime.provenance import git_state, package_versions
+    from pruneshot.runtime.provenance import package_versions
 
-    commit, dirty = git if git is not None else git_state()
     mlflow = read_json(study_json) if study_json is not None and Path(study_json).is_file() else {}
     sync = read_json(sync_json) if sync_json is not None and Path(sync_json).is_file() else {}
     devices = _device_columns(results)
     return {
         "study": study or mlflow.get("experiment_name"),
-        "git_commit": commit, "git_dirty": dirty, "config_sha256": config_sha256,
+        "config_sha256": config_sha256,
         "result_commits": sorted({str(v) for v in results.get("git_commit", pd.Series(dtype=str)).astype(str)}),
         "data_sha256": _manifest_hashes(manifests or {}),
         "packages": package_versions(),
         "devices": sorted({d for values in devices.values() for d in values}),
         "device_columns": devices,
         "mlflow": mlflow, "mlflow_sync": sync.get("spool", {}),
-        "generated_utc": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
     }
 

@@ -433,6 +433,55 @@ def average_ranks(rank_df: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values(["mean_rank", "method"], kind="mergesort").reset_index(drop=True)
 
 
+_RANK_VALUE_COLUMNS = ("method", "method_budget", "mean", "std", "n", "n_replicates", "rank")
+
+
+def _cell_key(row: Any, keys: Sequence[str]) -> tuple:
+    return tuple(budget_value(getattr(row, k)) if k == "requested_budget" else str(getattr(row, k)) for k in keys)
+
+
+def common_cell_ranks(rank_df: pd.DataFrame) -> pd.DataFrame:
+    """Mean rank per method over the *common cells*: the cells of :func:`rank_table` every ranked method
+    is ranked in, so every mean averages the same cells (like with like).
+
+    When the ranked methods share no cell, methods are set aside one at a time until the rest share one:
+    each time the method whose removal leaves the most common cells (ties: the method ranked in fewer
+    cells, then by name). A set-aside method gets no mean rank. When no two methods share a cell there is
+    no common cell: every method is set aside.
+
+    Columns: ``method``, ``mean_rank`` (over the common cells; NaN when set aside), ``n_cells`` (the
+    common cells it averages over; 0 when set aside), ``n_ranked`` (every cell it is ranked in),
+    ``common`` (whether it is in the comparison). Sorted by mean_rank (set-aside methods last), then method.
+    """
+    columns = ["method", "mean_rank", "n_cells", "n_ranked", "common"]
+    if rank_df.empty:
+        return pd.DataFrame(columns=columns)
+    df = rank_df[pd.to_numeric(rank_df["rank"], errors="coerce").notna()]
+    keys = [c for c in df.columns if c not in _RANK_VALUE_COLUMNS]
+    cells: dict[str, dict[tuple, float]] = {}
+    for row in df.itertuples(index=False):
+        cells.setdefault(str(row.method), {})[_cell_key(row, keys)] = float(row.rank)
+    if not cells:
+        return pd.DataFrame(columns=columns)
+
+    def shared(names: Iterable[str]) -> set[tuple]:
+        return set.intersection(*(set(cells[m]) for m in names))
+
+    kept = sorted(cells)
+    while len(kept) > 1 and not shared(kept):
+        kept.remove(min(kept, key=lambda m: (-len(shared([k for k in kept if k != m])), len(cells[m]), m)))
+    common = shared(kept) if len(cells) == 1 or len(kept) > 1 else set()
+    records = []
+    for method, ranks in sorted(cells.items()):
+        inside = method in kept and bool(common)
+        mean = float(np.mean([ranks[c] for c in common])) if inside else math.nan
+        records.append({"method": method, "mean_rank": mean, "n_cells": len(common) if inside else 0,
+                        "n_ranked": len(ranks), "common": inside})
+    out = pd.DataFrame.from_records(records, columns=columns)
+    out = out.assign(_set_aside=~out["common"]).sort_values(["_set_aside", "mean_rank", "method"], kind="mergesort")
+    return out.drop(columns="_set_aside").reset_index(drop=True)
+
+
 def mean_ci(values: list[float]) -> dict[str, float]:
     """Mean, sample std, 95% CI half-width 1.96*std/sqrt(n), and n of per-episode accuracies."""
     n = len(values)

@@ -40,7 +40,7 @@ class Statistics:
 
     comparisons: pd.DataFrame  #: stats.paired_comparisons (empty without episodes)
     ranks: pd.DataFrame  #: stats.rank_table
-    average_ranks: pd.DataFrame  #: stats.average_ranks
+    average_ranks: pd.DataFrame  #: stats.common_cell_ranks (over the cells every ranked method is ranked in)
     spread: pd.DataFrame  #: stats.replicate_spread
     have_episodes: bool
 
@@ -56,7 +56,7 @@ def compute_statistics(results: pd.DataFrame, episodes: pd.DataFrame | None) -> 
                                             "baseline", "n", "mean_diff", "effect_size", "statistic", "p_value",
                                             "p_holm", "significant", "test_method", "row_id", "baseline_row_id"])
     ranks = stats.rank_table(ok)
-    return Statistics(comparisons=comparisons, ranks=ranks, average_ranks=stats.average_ranks(ranks),
+    return Statistics(comparisons=comparisons, ranks=ranks, average_ranks=stats.common_cell_ranks(ranks),
                       spread=stats.replicate_spread(ok), have_episodes=episodes is not None)
 
 
@@ -273,12 +273,20 @@ def comparisons_table(statistics: Statistics) -> pd.DataFrame:
 
 
 def average_rank_table(statistics: Statistics) -> pd.DataFrame:
-    """Mean Meta-Dataset rank per method over the cells it is ranked in, best first."""
+    """Mean Meta-Dataset rank per method over the common cells (the cells every ranked method is ranked in,
+    :func:`stats.common_cell_ranks`), best first. ``cells``: the common cells the mean averages over;
+    ``ranked in``: every cell the method is ranked in. A method set aside (it shares no cell with the
+    others) reads "—" with 0 cells; the table is empty when there is no common cell at all."""
     a = statistics.average_ranks
-    if a.empty:
-        return pd.DataFrame(columns=["method", "mean rank", "cells"])
-    return pd.DataFrame({"method": a["method"].astype(str), "mean rank": a["mean_rank"].map(lambda v: f"{v:.2f}"),
-                         "cells": a["n_cells"].astype(int).astype(str)})
+    cols = ["method", "mean rank", "cells", "ranked in"]
+    if a.empty or not a["common"].astype(bool).any():
+        return pd.DataFrame(columns=cols)
+    return pd.DataFrame({
+        "method": a["method"].astype(str),
+        "mean rank": a["mean_rank"].map(lambda v: fmt_num(v, ".2f")),
+        "cells": a["n_cells"].astype(int).astype(str),
+        "ranked in": a["n_ranked"].astype(int).astype(str),
+    }, columns=cols).reset_index(drop=True)
 
 
 def detail_table(results: pd.DataFrame) -> pd.DataFrame:

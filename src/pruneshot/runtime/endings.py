@@ -104,8 +104,23 @@ def _built(workflow: Any, target: str) -> bool:
     return any(os.path.normpath(str(f)) == target for job in workflow.dag.finished_jobs for f in job.output)
 
 
+def save_metadata(workflow: Any, paths: StudyPaths) -> None:
+    """Carry the run's Snakemake job records into the study's results (:mod:`pruneshot.runtime.metadata`);
+    a problem is reported, never a failed run."""
+    from pruneshot.runtime.metadata import save
+
+    if workflow.dryrun:
+        return
+    try:
+        save(paths.results_root, paths.result("snakemake_metadata"))
+    except OSError as err:
+        print(f"pruneshot: Snakemake's job records not copied into the results ({err})", file=sys.stderr)
+
+
 def on_success(workflow: Any, paths: StudyPaths) -> None:
-    """The ``onsuccess:`` handler: print the summary when this run built the study's results table."""
+    """The ``onsuccess:`` handler: carry the job records into the results; print the summary when this run
+    built the study's results table."""
+    save_metadata(workflow, paths)
     if workflow.touch or workflow.dryrun or os.environ.get(QUIET_ENV, "") not in ("", "0"):
         return
     results_csv = paths.result("results_csv")
@@ -119,8 +134,11 @@ def on_success(workflow: Any, paths: StudyPaths) -> None:
 
 
 def on_error(workflow: Any, paths: StudyPaths) -> None:
-    """The ``onerror:`` handler: list the failed jobs and the commands that rerun them (on stderr)."""
+    """The ``onerror:`` handler: carry the finished jobs' records into the results; list the failed jobs
+    and the commands that rerun them (on stderr)."""
     from pruneshot.runtime.rerun import failed_outputs
+
+    save_metadata(workflow, paths)
 
     jobs = []
     for job in getattr(workflow.scheduler, "failed", ()):

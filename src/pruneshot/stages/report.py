@@ -27,8 +27,10 @@ def report(config: dict[str, Any], results_csv: Path, study_path: Path, sync_pat
 
     prov = collect_provenance(
         load_results(results_csv), study=config["study"]["name"], config_sha256=config_hash(config),
-        study_json=study_path, sync_json=sync_path, manifests={"source": source_manifest, **target_manifests},
-        git=git_state())
+        study_json=study_path, sync_json=sync_path, manifests={"source": source_manifest, **target_manifests})
+    commit, dirty = git_state()
+    job.log(f"report built at commit {commit}{' (uncommitted changes)' if dirty else ''} (not in the HTML: "
+            "rebuilding from the same results gives the same bytes)")
     allow_mixed = bool(config.get("report", {}).get("allow_mixed", False))
     gates = read_json(sanity_json) if sanity_json is not None else None
     build_report(results_csv, prov, out_html, figures_dir, episodes_csv, allow_mixed=allow_mixed, sanity=gates,

@@ -84,24 +84,34 @@ def finish_tracking(config: dict[str, Any], study_path: Path, results_csv: Path,
                     artifacts: list[Path], out: Path) -> dict[str, Any]:
     """End the study's parent run with the study's summary metrics, the report and results table as
     artifacts, the final commit and config hash as tags, and a status that reflects the study. Best
-    effort: the study's files are its results, so an unreachable store is recorded in ``out`` (and the
-    log), not a failed workflow."""
+    effort: the study's files are its results, so an unreachable store is logged, not a failed workflow.
+
+    ``out`` (a DVC-versioned output) holds only what the study's files determine (parent run, status,
+    reasons, metric count, artifacts), so a colleague who pulled the results and rebuilds the report
+    rewrites the same bytes; whether MLflow took it (``logged``, ``error``) is returned for the job's
+    log. A SQLite store that is not on this machine (results pulled from another checkout) is left
+    alone rather than created."""
     import logging
 
     from pruneshot.runtime import tracking
+    from pruneshot.runtime.mlflow_client import sqlite_path
 
     study = read_json(study_path)
     metrics, status, reasons = study_metrics(results_csv, sanity_json)
     commit, dirty = git_state()
     record: dict[str, Any] = {"parent_run_id": study["parent_run_id"], "status": status, "reasons": reasons,
                               "metrics": len(metrics), "artifacts": [Path(a).as_posix() for a in artifacts]}
+    db = sqlite_path(study["tracking_uri"])
     try:
+        if db is not None and not db.is_file():
+            raise FileNotFoundError(f"the study's MLflow store {db} is not on this machine (results pulled from "
+                                    "another checkout?); its parent run is left as it was")
         tracking.finish_study(study, metrics, artifacts, status, tags={
             "pruneshot.final_git_commit": commit, "pruneshot.final_git_dirty": str(dirty).lower(),
             "pruneshot.final_config_sha256": config_hash(config), "pruneshot.study_status": "; ".join(reasons) or "ok"})
-        record["logged"] = True
+        outcome: dict[str, Any] = {"logged": True}
     except Exception as exc:  # the store is down or refuses: the files stand, the run stays open
         logging.getLogger(__name__).warning("could not finish the MLflow parent run: %s", exc)
-        record.update(logged=False, error=f"{type(exc).__name__}: {exc}")
+        outcome = {"logged": False, "error": f"{type(exc).__name__}: {exc}"}
     write_json(out, record)
-    return record
+    return {**record, **outcome}

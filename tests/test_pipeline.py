@@ -237,6 +237,12 @@ def test_immediate_rerun_does_nothing(project: Path) -> None:
     assert "Nothing to be done" in out.stdout + out.stderr
 
 
+def test_progress_of_a_finished_study_says_nothing_is_left(project: Path) -> None:
+    out = run([str(BIN / "pruneshot"), "progress", "--cores", "2", "--by-rule"], project).stdout
+    first = out.splitlines()[0]
+    assert re.fullmatch(r"tiny: (\d+) of \1 jobs done, 0 running, 0 left; nothing left", first), out
+
+
 def test_transfer_is_deterministic(project: Path) -> None:
     rel = "results/tiny/transfer/digits_5to9/random/b0.5/5shot/r0.json"
     before = json.loads((project / rel).read_text())

@@ -45,6 +45,27 @@ def _rerun_failed(args: argparse.Namespace) -> int:
     return subprocess.run(cmd).returncode
 
 
+def _progress(args: argparse.Namespace) -> int:
+    import os
+
+    from pruneshot.config import ConfigError
+    from pruneshot.runtime.progress import study_progress
+
+    config = args.config or Path(DEFAULT_CONFIG)
+    cores = args.cores or os.cpu_count() or 1
+    try:
+        progress = study_progress(config, cores)
+    except (ConfigError, RuntimeError, OSError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    print(progress.line())
+    if args.by_rule:
+        for rule, n in sorted(progress.left_by_rule.items()):
+            median = progress.median_s.get(rule)
+            print(f"  {rule:<16} {n:>5} left" + (f", median {median:.1f} s per job" if median is not None else ""))
+    return 0
+
+
 def _summary(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -324,6 +345,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--print", dest="print_only", action="store_true",
                    help="print the failed jobs' outputs and the command, run nothing")
     p.set_defaults(func=_rerun_failed)
+    p = sub.add_parser("progress", help="a study's progress: jobs done / running / left, elapsed, time left",
+                       description="One line for the study of --config: jobs done, running and left (Snakemake "
+                                   "dry runs, which work beside a running workflow), the time since the newest run "
+                                   "started, and the time left estimated from the benchmark files of the study's "
+                                   "finished jobs of each rule (median per rule, --cores jobs at once). Run it from "
+                                   "the project root, e.g. in a second terminal or with `watch`.")
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"the study's config file (default: {DEFAULT_CONFIG})")
+    p.add_argument("--cores", type=int, default=None, help="jobs that run at once (default: this machine's cores)")
+    p.add_argument("--by-rule", action="store_true", help="also the jobs left and median time per rule")
+    p.set_defaults(func=_progress)
     p = sub.add_parser("compare", help="two studies' results side by side, with paired tests where they share "
                                        "episodes",
                        description="Match the cells (method, budget, target, ways, shots, arm, replicate) of two "

@@ -406,3 +406,13 @@ def test_study_status_reflects_failed_rows_and_gates(tmp_path: Path) -> None:
     metrics, status, reasons = study_metrics(csv, gates)
     assert status == "FAILED" and reasons == ["1 failed row(s)", "sanity gate pretraining_helps did not pass"]
     assert metrics["gate.pretraining_helps"] == 0.0 and metrics["rows_failed"] == 1.0
+
+
+def test_ui_hint_points_at_the_runs_page_of_the_study_s_experiment():
+    from pruneshot.runtime.mlflow_client import ui_hint
+
+    local = ui_hint({"tracking_uri": "sqlite:////p/mlflow.db", "experiment_name": "s", "experiment_id": "7"})
+    assert local == ("mlflow: experiment 's': mlflow ui --backend-store-uri sqlite:////p/mlflow.db --port 5000, "
+                     "then http://127.0.0.1:5000/#/experiments/7/runs")
+    server = ui_hint({"tracking_uri": "http://127.0.0.1:5001/", "experiment_name": "s", "experiment_id": "7"})
+    assert server == "mlflow: experiment 's': http://127.0.0.1:5001/#/experiments/7/runs"

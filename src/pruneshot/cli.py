@@ -109,6 +109,12 @@ def _summary(args: argparse.Namespace) -> int:
     report = root / RESULTS["report_html"]
     if report.is_file():
         print(f"report: {report}")
+    study_json = root / RESULTS["study_json"]
+    if study_json.is_file():
+        from pruneshot.io import read_json
+        from pruneshot.runtime.mlflow_client import ui_hint
+
+        print(ui_hint(read_json(study_json)))
     if n_failed:
         from pruneshot.runtime.rerun import COMMAND
 

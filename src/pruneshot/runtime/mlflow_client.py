@@ -196,3 +196,18 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind someone chose in the UI is kept
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def ui_hint(study: Mapping[str, str]) -> str:
+    """Where a person sees the study's runs: the MLflow UI's runs page of its experiment (``study``: the
+    ``study.json`` that :func:`pruneshot.runtime.tracking.init_study` wrote). The experiment carries
+    :data:`EXPERIMENT_KIND`, yet MLflow 3.17's UI opens an experiment on the GenAI overview whatever its
+    kind (its sidebar toggle lives in the browser's storage, mlflow/mlflow#24498): the runs page URL
+    goes straight to the study's parent run and its nested job runs."""
+    uri, exp = str(study.get("tracking_uri", "")), study.get("experiment_id", "?")
+    page = f"#/experiments/{exp}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"mlflow: experiment {study.get('experiment_name')!r}: {uri.rstrip('/')}/{page}"
+    return (f"mlflow: experiment {study.get('experiment_name')!r}: mlflow ui --backend-store-uri {uri} --port 5000, "
+            f"then http://127.0.0.1:5000/{page}")
+

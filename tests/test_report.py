@@ -827,14 +827,14 @@ def test_no_figure_legend_overlaps_its_panels_or_title(study: str, tmp_path: Pat
     from pruneshot.report import figures as figures_module
 
     results = make_results() if study == "small" else make_many_methods_results()
-    saved = figures_module._save
+    saved = figures_module.save_png
     overlaps: dict[str, list[str]] = {}
 
     def checked_save(fig, path: Path) -> None:
         saved(fig, path)
         overlaps[path.stem] = _legend_overlaps(fig)
 
-    monkeypatch.setattr(figures_module, "_save", checked_save)
+    monkeypatch.setattr(figures_module, "save_png", checked_save)
     make_figures(results, tmp_path / "figs", make_episodes(results) if study == "small" else None)
     assert sorted(overlaps) == sorted(FIGURE_NAMES)
     assert {name: hits for name, hits in overlaps.items() if hits} == {}

@@ -234,10 +234,10 @@ def test_browser_check_catches_broken_images_and_console_errors(tmp_path: Path) 
 
 
 def test_browser_check_passes_a_clean_page(tmp_path: Path) -> None:
-    from pruneshot.report.figures import _empty_figure, _save
+    from pruneshot.report.plotting import empty_figure, save_png
 
     png = tmp_path / "fig.png"
-    _save(_empty_figure("ok"), png)
+    save_png(empty_figure("ok"), png)
     data = base64.b64encode(png.read_bytes()).decode()
     page = tmp_path / "clean.html"
     page.write_text(f'<!DOCTYPE html><html><head><title>clean</title></head><body><figure id="f"><img alt="x" '

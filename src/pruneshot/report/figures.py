@@ -6,8 +6,6 @@ budget, search cost and the finetune − reinit gap; see :func:`make_figures`.
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,17 +13,24 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pruneshot.io import atomic_path
 from pruneshot.report.formatting import fmt_budget
 from pruneshot.report.load import (
     CPU_LATENCY_PREFIX,
     CUDA_LATENCY_RE,
-    FILE_MODE,
     _aggregate_ok,
     _prepared,
     latency_batch,
     latency_table_columns,
     timed_latency_columns,
+)
+from pruneshot.report.plotting import (
+    dodge,
+    empty_figure,
+    log_tick_formatter,
+    new_figure,
+    pareto_front,
+    plain,
+    save_png,
 )
 from pruneshot.report.reinit_gap import reinit_gap_data
 from pruneshot.report.stats import BASELINES, budget_free_methods
@@ -37,10 +42,8 @@ from pruneshot.report.styles import (
     method_side,
     method_styles,
     pruning_methods,
-    tidy_legend,
 )
 
-FIGURE_DPI = 110
 #: Figures always written (a figure without data says so in its panel; the HTML report shows a line instead of
 #: the reinit gap without a reinit arm and of accuracy vs shots with fewer than two shots values).
 FIGURE_NAMES = (
@@ -108,13 +111,6 @@ def _panel_data(
     return sel
 
 
-def _dodge(k: int, n: int, span: float = 0.03) -> float:
-    """Multiplicative horizontal offset on a log axis so overlapping error bars stay apart; the
-    ``n`` series together span at most ``span`` decades (about ±3.5%)."""
-    step = min(0.012, span / max(n - 1, 1))
-    return float(10 ** (step * (k - (n - 1) / 2)))
-
-
 def _facet_title(target: str | None, arm: str | None, shots: int | None = None, side: str | None = None) -> str:
     """E.g. ``5-shot · mnist_5to9 · finetune``; with a side, ``5-shot · source-side`` then the rest below."""
     head = [f"{shots}-shot"] if shots is not None else []
@@ -122,70 +118,6 @@ def _facet_title(target: str | None, arm: str | None, shots: int | None = None, 
     if side is None:
         return " · ".join(head + rest)
     return "\n".join(p for p in (" · ".join([*head, f"{side}-side"]), " · ".join(rest)) if p)
-
-
-def _new_figure(nrows: int, ncols: int, sharey: bool = True, width: float = 4.0,
-                height: float = 3.1) -> tuple[Any, np.ndarray]:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(1.0 + width * ncols, 0.6 + height * nrows), dpi=FIGURE_DPI, layout="constrained")
-    axes = fig.subplots(nrows, ncols, sharey=sharey, squeeze=False)
-    return fig, axes
-
-
-def _save(fig: Any, path: Path) -> None:
-    tidy_legend(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=FIGURE_DPI, metadata={"Software": None})
-        os.chmod(tmp, FILE_MODE)
-
-
-def _empty_figure(title: str, message: str = "no successful runs to plot") -> Any:
-    fig, axes = _new_figure(1, 1, height=1.2)
-    ax = axes[0, 0]
-    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
-    ax.set_axis_off()
-    fig.suptitle(title)
-    return fig
-
-
-def _eng(x: float) -> str:
-    from matplotlib.ticker import EngFormatter
-
-    return EngFormatter(sep="").format_eng(x)
-
-
-def _plain(x: float) -> str:
-    return f"{x:.3g}"
-
-
-def _log_tick_formatter(ax: Any, minor: bool, fmt: Callable[[float], str] = _eng) -> Any:
-    """Tick labels via ``fmt``; minor ticks labelled at 2x, 3x, 5x only on narrow ranges."""
-    from matplotlib.ticker import FuncFormatter
-
-    def label(x: float, _pos: Any) -> str:
-        if x <= 0:
-            return ""
-        if minor:
-            lo, hi = ax.get_xlim()
-            mantissa = round(x / 10 ** math.floor(math.log10(x)), 6)
-            if lo <= 0 or math.log10(hi / lo) > 1.5 or mantissa not in (2.0, 3.0, 5.0):
-                return ""
-        return fmt(x)
-
-    return FuncFormatter(label)
-
-
-def _pareto_front(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The non-dominated points (lower cost, higher accuracy), by increasing cost."""
-    order = np.lexsort((-y, x))
-    fx, fy, best = [], [], -math.inf
-    for i in order:
-        if y[i] > best:
-            fx.append(x[i])
-            fy.append(y[i])
-            best = y[i]
-    return np.asarray(fx), np.asarray(fy)
 
 
 def _side_columns(methods: Sequence[str]) -> list[str | None]:
@@ -204,13 +136,13 @@ def _series_style(style: dict[str, Any], variant: int) -> str:
 
 
 def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles: dict[str, dict[str, Any]],
-                  fmt: Callable[[float], str] = _plain) -> Any:
+                  fmt: Callable[[float], str] = plain) -> Any:
     """Accuracy against ``cost`` (log x): one panel per shots (columns) and target x arm (rows), and with
     many methods one panel per side of the pruning methods (each with dense, the references and the
     controls); each method a line through its budgets, dense a star with a dashed reference line,
     the Pareto front of all methods (of every side) a wide grey band."""
     if agg.empty or cost not in agg.columns or not np.isfinite(pd.to_numeric(agg[cost], errors="coerce")).any():
-        return _empty_figure(title, f"no successful run with a {cost} value to plot")
+        return empty_figure(title, f"no successful run with a {cost} value to plot")
     agg = agg.assign(**{cost: pd.to_numeric(agg[cost], errors="coerce")})
     arms, quals = _layout(agg)
     facets = _facet_rows(agg, arms)
@@ -219,7 +151,7 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
     sides = _side_columns(methods)
     pruned = set(pruning_methods(methods))
     columns = [(shots, side) for shots in shots_values for side in sides]
-    fig, axes = _new_figure(len(facets), len(columns), width=4.0 if len(columns) <= 2 else 3.4)
+    fig, axes = new_figure(len(facets), len(columns), width=4.0 if len(columns) <= 2 else 3.4)
     for r, (target, arm) in enumerate(facets):
         for c, (shots, side) in enumerate(columns):
             ax = axes[r, c]
@@ -235,7 +167,7 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
                 s = panel[panel["_label"] == label].sort_values("requested_budget", kind="mergesort")
                 method = str(s["method"].iloc[0])
                 style = styles[method]
-                x = s[cost].to_numpy(dtype=float) * _dodge(k, len(labels))
+                x = s[cost].to_numpy(dtype=float) * dodge(k, len(labels))
                 y = 100 * s["acc_mean"].to_numpy(dtype=float)
                 yerr = 100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float))
                 ls = _series_style(style, sorted(panel.loc[panel["method"] == method, "_label"].unique()).index(label))
@@ -247,14 +179,14 @@ def _plot_vs_cost(agg: pd.DataFrame, cost: str, xlabel: str, title: str, styles:
                         ax.axhline(yy, color=style["color"], linestyle="--", linewidth=1, alpha=0.6, zorder=1)
             if len(every) > 1:
                 px = every[cost].to_numpy(dtype=float)
-                fx, fy = _pareto_front(px, 100 * every["acc_mean"].to_numpy(dtype=float))
+                fx, fy = pareto_front(px, 100 * every["acc_mean"].to_numpy(dtype=float))
                 fx, fy = np.append(fx, px.max()), np.append(fy, fy[-1])  # the best level holds up to the max cost
                 ax.step(fx, fy, where="post", color="0.55", linewidth=6, alpha=0.3, zorder=1,
                         solid_capstyle="round", label="Pareto front (all methods)")
             if not panel.empty:
                 ax.set_xscale("log")
-                ax.xaxis.set_major_formatter(_log_tick_formatter(ax, minor=False, fmt=fmt))
-                ax.xaxis.set_minor_formatter(_log_tick_formatter(ax, minor=True, fmt=fmt))
+                ax.xaxis.set_major_formatter(log_tick_formatter(ax, minor=False, fmt=fmt))
+                ax.xaxis.set_minor_formatter(log_tick_formatter(ax, minor=True, fmt=fmt))
             ax.set_title(_facet_title(target, arm, shots, side), fontsize="medium")
             if c == 0:
                 ax.set_ylabel("accuracy (%)")
@@ -302,7 +234,7 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
     panel that says so."""
     reason = _shots_reason(agg)
     if reason is not None:
-        return _empty_figure(title, f"{reason}: no accuracy-vs-shots figure")
+        return empty_figure(title, f"{reason}: no accuracy-vs-shots figure")
     budget = tightest_budget(agg)
     free = agg["method"].isin(budget_free_methods(agg["method"]))
     at_budget = np.isclose(pd.to_numeric(agg["requested_budget"], errors="coerce"), budget) \
@@ -314,7 +246,7 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
     shots_values = sorted(shown["shots"].astype(int).unique())
     sides = _side_columns(methods)  # with many methods: one column of panels per side
     pruned = set(pruning_methods(methods))
-    fig, axes = _new_figure(len(facets), len(sides))
+    fig, axes = new_figure(len(facets), len(sides))
     for r, c in np.ndindex(len(facets), len(sides)):
         (target, arm), side, ax = facets[r], sides[c], axes[r, c]
         panel = _panel_data(shown, target, arm, arms, quals)
@@ -326,7 +258,7 @@ def _plot_vs_shots(agg: pd.DataFrame, title: str, styles: dict[str, dict[str, An
             method = str(s["method"].iloc[0])
             style = styles[method]
             variants = sorted(panel.loc[panel["method"] == method, "_label"].unique())
-            x = s["shots"].to_numpy(dtype=float) * _dodge(k, len(labels), span=0.05)
+            x = s["shots"].to_numpy(dtype=float) * dodge(k, len(labels), span=0.05)
             ax.errorbar(x, 100 * s["acc_mean"].to_numpy(dtype=float),
                         yerr=100 * np.nan_to_num(s["acc_ci95"].to_numpy(dtype=float)), color=style["color"],
                         marker=style["marker"], markersize=9 if method == "dense" else 6, capsize=3,
@@ -353,10 +285,10 @@ def _plot_budget(results: pd.DataFrame, title: str, styles: dict[str, dict[str, 
                         _y=pd.to_numeric(df[f"{m}_ratio"], errors="coerce")) for m in metrics}
     pts = {m: p[np.isfinite(p["_x"]) & np.isfinite(p["_y"])] for m, p in pts.items()}
     if not metrics or all(p.empty for p in pts.values()):
-        return _empty_figure(title, "no achieved params or FLOPs recorded")
+        return empty_figure(title, "no achieved params or FLOPs recorded")
     methods = legend_order(df["method"])
     budget_metrics = set(df["budget_metric"].astype(str)) if "budget_metric" in df.columns else set()
-    fig, axes = _new_figure(1, len(metrics), sharey=False, width=4.4, height=3.6)
+    fig, axes = new_figure(1, len(metrics), sharey=False, width=4.4, height=3.6)
     for c, metric in enumerate(metrics):
         ax = axes[0, c]
         p = pts[metric]
@@ -388,7 +320,7 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
 
     df = _prepared(results)
     if "search_seconds" not in df.columns:
-        return _empty_figure(title, "no search time recorded")
+        return empty_figure(title, "no search time recorded")
     df = df.assign(_sec=pd.to_numeric(df["search_seconds"], errors="coerce"),
                    _b=pd.to_numeric(df["requested_budget"], errors="coerce"))
     if "search_scope" not in df.columns:
@@ -396,11 +328,11 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
     keep = [c for c in ("method", "_b", "replicate", "search_scope", "_sec") if c in df.columns]
     df = df[np.isfinite(df["_sec"])][keep].drop_duplicates()
     if df.empty:
-        return _empty_figure(title, "no search time recorded")
+        return empty_figure(title, "no search time recorded")
     methods = legend_order(df["method"])
     budgets = sorted(df["_b"].dropna().unique(), reverse=True)
     palette = dict(zip(budgets, sns.color_palette("crest", max(len(budgets), 1)), strict=False))
-    fig, axes = _new_figure(1, 1, width=7.0, height=0.28 * len(methods) + 0.9)
+    fig, axes = new_figure(1, 1, width=7.0, height=0.28 * len(methods) + 0.9)
     ax = axes[0, 0]
     positive = df[df["_sec"] > 0]
     labels = []
@@ -439,14 +371,14 @@ def _plot_search_cost(results: pd.DataFrame, title: str) -> Any:
 def _plot_reinit_gap(gaps: pd.DataFrame, title: str, styles: dict[str, dict[str, Any]]) -> Any:
     """finetune − reinit gap (pp) with its 95% CI, one panel per (target, shots), one row per method@budget."""
     if gaps.empty:
-        return _empty_figure(title, "no configuration ran under both the finetune and reinit arms")
+        return empty_figure(title, "no configuration ran under both the finetune and reinit arms")
     facets = sorted({(str(t), int(s)) for t, s in zip(gaps["target"], gaps["shots"], strict=True)})
     multi_target = len({t for t, _ in facets}) > 1
     rows = []
     for m in legend_order(gaps["method"]):
         for b in sorted(gaps.loc[gaps["method"] == m, "requested_budget"].unique(), reverse=True):
             rows.append((m, float(b)))
-    fig, axes = _new_figure(1, len(facets), width=3.6, height=0.3 * len(rows) + 0.9)
+    fig, axes = new_figure(1, len(facets), width=3.6, height=0.3 * len(rows) + 0.9)
     for c, (target, shots) in enumerate(facets):
         ax = axes[0, c]
         ax.axvline(0, color="0.4", linewidth=1, linestyle="--", zorder=1)
@@ -523,7 +455,7 @@ def make_figures(results: pd.DataFrame, out_dir: Path, episodes: pd.DataFrame | 
         for name, build in builders.items():
             fig = build()
             path = out_dir / f"{name}.png"
-            _save(fig, path)
+            save_png(fig, path)
             paths[name] = path
     return paths
 

@@ -56,7 +56,7 @@ def lr_figure(selection: pd.DataFrame, path: Path) -> Path | None:
     from matplotlib.figure import Figure
 
     from pruneshot.io import atomic_path
-    from pruneshot.report.figures import FIGURE_DPI
+    from pruneshot.report.plotting import FIGURE_DPI
     from pruneshot.report.styles import method_styles
 
     data = sensitivity(selection)

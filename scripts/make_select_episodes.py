@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from pruneshot.config import select_ways
 from pruneshot.stages.data import make_episodes
 from pruneshot.stages.job import job_from_snakemake
-from pruneshot.stages.select import SELECT_AXIS, select_ways
+from pruneshot.stages.select import SELECT_AXIS
 
 cfg = snakemake.config
 make_episodes(cfg, SELECT_AXIS, select_ways(cfg), int(snakemake.wildcards.shots), Path(snakemake.input.manifest),

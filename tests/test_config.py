@@ -709,7 +709,7 @@ def test_transfer_select_defaults_and_a_held_out_source_split_are_accepted(cfg, 
                           schema)
     sel = out["transfer"]["select"]
     assert (sel["lr"], sel["steps"], sel["episodes"], sel["ways"]) == ([0.003, 0.01, 0.03], [30, 60, 100], 20, None)
-    from pruneshot.stages.select import select_ways
+    from pruneshot.config import select_ways
 
     assert select_ways(out) == 2  # episodes.ways (5) capped at the two validation classes
 

@@ -789,8 +789,9 @@ def _select_cfg(world: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def validation(world: dict) -> dict:
+    from pruneshot.config import select_ways
     from pruneshot.stages.data import make_episodes, prepare_select
-    from pruneshot.stages.select import SELECT_AXIS, select_ways
+    from pruneshot.stages.select import SELECT_AXIS
 
     cfg = _select_cfg(world)
     out = world["tmp"] / "select"

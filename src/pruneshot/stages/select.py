@@ -28,58 +28,6 @@ SELECT_AXIS = "select:validation"
 TRAINED_ARMS = ("finetune", "linear_probe", "reinit")
 
 
-def select_ways(config: dict[str, Any]) -> int:
-    """Ways of the validation episodes: ``transfer.select.ways``, else ``episodes.ways`` capped at the
-    number of validation classes."""
-    sel = config["transfer"]["select"]
-    return int(sel["ways"]) if sel.get("ways") else min(int(config["episodes"]["ways"]), len(sel["data"]["classes"]))
-
-
-def selection_problems(config: dict[str, Any]) -> list[str]:
-    """What is wrong with ``transfer.select`` beyond the schema (empty when it is null or sound):
-    validation classes that are a target's (or the same digits in another digit dataset) or the
-    source's; more ways than classes; a grid with no step count a target-side method could use."""
-    sel = (config.get("transfer") or {}).get("select")
-    if not sel:
-        return []
-    from pruneshot.methods import get_method, options_for
-
-    problems = []
-    data = sel["data"]
-    digits = {"digits", "mnist", "mnist10k"}  # one label space: digit k is the same class in each
-
-    def same_labels(a: dict[str, Any], b: dict[str, Any]) -> bool:
-        if a["dataset"] == "imagefolder" or b["dataset"] == "imagefolder":
-            return a["dataset"] == b["dataset"] and a.get("root") == b.get("root")
-        return a["dataset"] == b["dataset"] or {a["dataset"], b["dataset"]} <= digits
-
-    for name, tgt in config["data"]["targets"].items():
-        shared = sorted(set(data["classes"]) & set(tgt["classes"])) if same_labels(data, tgt) else []
-        if shared:
-            problems.append(f"config key 'transfer.select.data.classes': classes {shared} are target "
-                            f"'{name}'s classes ({tgt['dataset']}): transfer settings must never be chosen on "
-                            "target classes; allowed: classes no target uses")
-    src = config["data"]["source"]
-    shared = sorted(set(data["classes"]) & set(src["classes"])) if same_labels(data, src) else []
-    if shared:
-        problems.append(f"config key 'transfer.select.data.classes': classes {shared} are source classes "
-                        f"({src['dataset']}), which pretraining saw; allowed: source classes held out of "
-                        "data.source.classes, or another dataset")
-    ways = select_ways(config)
-    if ways > len(data["classes"]):
-        problems.append(f"config key 'transfer.select.ways': {ways}-way validation episodes need at least {ways} "
-                        f"classes, transfer.select.data has {len(data['classes'])}")
-    for name in config.get("methods", []):
-        method = get_method(name)
-        if method.side != "target":
-            continue
-        need = method.support_steps(options_for(config, method))
-        if all(s < need for s in sel["steps"]):
-            problems.append(f"config key 'transfer.select.steps': {name} adapts for {need} support steps, more "
-                            f"than every step count of the grid {sel['steps']}; allowed: at least one >= {need}")
-    return problems
-
-
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -232,16 +180,6 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
     }
     write_json(out, record)
     return record
-
-
-def fixed_or_selected(config: dict[str, Any], arm: str, selection: dict[str, Any] | None) -> dict[str, Any]:
-    """The (lr, steps) ``arm`` transfers with: the selection record's choice, else transfer.lr and
-    transfer.steps; with ``settings`` 'selected' or 'fixed'."""
-    tc = config["transfer"]
-    if selection is None or arm not in selection.get("arms", {}):
-        return {"lr": float(tc["lr"]), "steps": int(tc["steps"]), "settings": "fixed"}
-    chosen = selection["arms"][arm]["chosen"]
-    return {"lr": float(chosen["lr"]), "steps": int(chosen["steps"]), "settings": "selected"}
 
 
 def selection_table(records: list[Path], out: Path) -> int:

@@ -103,6 +103,16 @@ def adapt_steps(config: dict[str, Any], method: Any, budget: float) -> int:
     return steps
 
 
+def fixed_or_selected(config: dict[str, Any], arm: str, selection: dict[str, Any] | None) -> dict[str, Any]:
+    """The (lr, steps) ``arm`` transfers with: the selection record's choice, else transfer.lr and
+    transfer.steps; with ``settings`` 'selected' or 'fixed'."""
+    tc = config["transfer"]
+    if selection is None or arm not in selection.get("arms", {}):
+        return {"lr": float(tc["lr"]), "steps": int(tc["steps"]), "settings": "fixed"}
+    chosen = selection["arms"][arm]["chosen"]
+    return {"lr": float(chosen["lr"]), "steps": int(chosen["steps"]), "settings": "selected"}
+
+
 def _check_arms(method: Any, arms: list[str]) -> None:
     from pruneshot.methods import ARMS
 
@@ -337,8 +347,6 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     norm = read_json(source_manifest)["normalization"]
     pool = splits.load_split(target_manifest, "pool", norm)
     augment_mode, augment = _augment(tc)
-    from pruneshot.stages.select import fixed_or_selected
-
     chosen = read_json(selection) if selection is not None else None
     s = _Setting(method=method, arms=list(arms), ways=eps["ways"], shots=shots, target=target, replicate=replicate,
                  budget=float(budget), metric=config["budget"]["metric"], options=options_for(config, method), tc=tc,

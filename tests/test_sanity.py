@@ -91,6 +91,15 @@ def test_gate_c_fails_on_a_network_check_or_on_a_budget_one_cell_that_differs_fr
     assert row["detail"] == "7/8 episodes equal"
 
 
+def test_gate_c_s_checks_are_folded_when_all_exact_and_open_when_one_differs():
+    passed = sanity_html(evaluate([_dense(1, GOOD, BAD, GOOD, BAD)], CHECKS))
+    assert "<details><summary>the 1 checks, all exact (show them)</summary><table" in passed
+    bad = copy.deepcopy(CHECKS)
+    bad[0]["methods"][0] |= {"equal": False, "detail": "max |difference| 0.001"}
+    failed = sanity_html(evaluate([_dense(1, GOOD, BAD, GOOD, BAD)], bad))
+    assert "all exact" not in failed and "DIFFERS" in failed
+
+
 def test_failed_cells_are_not_read_as_evidence():
     rec = _dense(1, GOOD, BAD, GOOD, BAD) | {"status": "failed"}
     assert evaluate([rec], CHECKS)["gates"]["pretraining_helps"]["status"] == "not evaluated"

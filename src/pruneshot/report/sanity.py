@@ -231,8 +231,11 @@ def sanity_html(result: Mapping[str, Any] | None, results: Any = None) -> str:
             body = "".join(f"<tr><td>{_esc(r['method'])}</td><td>{r['replicate']}</td><td>{_esc(r['check'])}</td>"
                            f"<td>{'equal' if r['equal'] else 'DIFFERS'}</td><td>{_esc(r['detail'])}</td></tr>"
                            for r in rows)
-            parts.append('<table class="sanity"><thead><tr><th>method</th><th>replicate</th><th>check</th>'
-                         f"<th>result</th><th>detail</th></tr></thead><tbody>{body}</tbody></table>")
+            table = ('<table class="sanity"><thead><tr><th>method</th><th>replicate</th><th>check</th>'
+                     f"<th>result</th><th>detail</th></tr></thead><tbody>{body}</tbody></table>")
+            # every check exact: folded, so the other gates stay in view; a difference is shown open
+            parts.append(table if not all(r["equal"] for r in rows) else
+                         f"<details><summary>the {len(rows)} checks, all exact (show them)</summary>{table}</details>")
     if results is not None:
         equal = equal_by_construction(results)
         if equal:

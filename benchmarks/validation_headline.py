@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from pruneshot.report.stats import holm, wilcoxon_signed_rank
+from pruneshot.report.sanity import paired  # the gates' paired statistics: mean diff, CI, Wilcoxon p
+from pruneshot.report.stats import holm
 
 CONTROLS = ("scratch", "random")
 ARMS = ("finetune", "prototype")
@@ -57,18 +57,12 @@ def headline(results: pd.DataFrame, episodes: pd.DataFrame) -> pd.DataFrame:
             if not other:
                 continue
             keep = set(reps) & set(other)
-            a, b = _mean_over_replicates(reps, keep), _mean_over_replicates(other, keep)
-            shared = sorted(set(a) & set(b))
-            x, y = [a[e] for e in shared], [b[e] for e in shared]
-            test = wilcoxon_signed_rank(x, y)
-            d = [p - q for p, q in zip(x, y, strict=True)]
-            mean = sum(d) / len(d)
-            sd = math.sqrt(sum((v - mean) ** 2 for v in d) / (len(d) - 1)) if len(d) > 1 else 0.0
+            test = paired(_mean_over_replicates(reps, keep), _mean_over_replicates(other, keep))
             rep_means = [sum(reps[r].values()) / len(reps[r]) - sum(other[r].values()) / len(other[r])
                          for r in sorted(keep)]
             rows.append({"method": method, "budget": budget, "target": target, "shots": shots, "arm": arm,
-                         "control": control, "acc": 100 * sum(x) / len(x), "control_acc": 100 * sum(y) / len(y),
-                         "diff_pp": 100 * mean, "ci95_pp": 100 * 1.96 * sd / math.sqrt(len(d)), "n": len(d),
+                         "control": control, "acc": 100 * test["mean_a"], "control_acc": 100 * test["mean_b"],
+                         "diff_pp": 100 * test["mean_diff"], "ci95_pp": 100 * test["ci95"], "n": test["n"],
                          "replicates": len(keep), "replicates_up": sum(v > 0 for v in rep_means),
                          "p": test["p_value"]})
     table = pd.DataFrame(rows)

@@ -27,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from pruneshot.report.stats import BASELINES, trains_from_scratch
+from pruneshot.report.stats import BASELINES, budget_free_methods, trains_from_scratch
 
 #: Gate id -> (title, what it compares, what a failure means), in report order.
 GATES: dict[str, tuple[str, str, str]] = {
@@ -52,8 +52,9 @@ GATES: dict[str, tuple[str, str, str]] = {
 ALPHA = 0.05
 
 
-def _paired(a: Mapping[tuple[int, int], float], b: Mapping[tuple[int, int], float]) -> dict[str, Any]:
-    """Paired statistics of a - b on their shared (replicate, episode) keys."""
+def paired(a: Mapping[Any, float], b: Mapping[Any, float]) -> dict[str, Any]:
+    """Paired statistics of a - b on their shared keys (e.g. (replicate, episode)): n, mean_a, mean_b,
+    mean_diff, ci95 (1.96 sd / sqrt(n)), the two-sided Wilcoxon p and significant (p < ALPHA)."""
     from pruneshot.report.stats import wilcoxon_signed_rank
 
     keys = sorted(set(a) & set(b))
@@ -79,7 +80,7 @@ def _paired_gate(gate: str, panels: dict[tuple[str, int], dict[str, Any]], a_nam
     for (target, shots), sides in sorted(panels.items()):
         if sides.get("a") and sides.get("b"):
             rows.append({"target": target, "shots": shots, "a": sides["a_name"], "b": b_name,
-                         **_paired(sides["a"], sides["b"])})
+                         **paired(sides["a"], sides["b"])})
     if not rows:
         return {"gate": gate, "status": "not evaluated", "reason": missing, "panels": []}
     failed = [r for r in rows if r["n"] == 0 or r["mean_diff"] <= 0]
@@ -244,14 +245,6 @@ def sanity_html(result: Mapping[str, Any] | None, results: Any = None) -> str:
     return '<section id="sanity"><h2>Sanity gates</h2>' + "\n".join(parts) + "</section>"
 
 
-def _dense_methods(names: Iterable[str]) -> set[str]:
-    """Those of ``names`` that evaluate the dense network (budget-free methods: dense, linear_probe)."""
-    from pruneshot.methods import available, get_method
-
-    known = set(available())
-    return {n for n in names if n in known and get_method(n).budget_free}
-
-
 def equal_by_construction(results: Any) -> list[str]:
     """Sentences stating what every compared row shared, read from results.csv (``results``: its
     DataFrame), so a reader can check the comparison was fair: episodes, support steps per arm, the
@@ -292,7 +285,7 @@ def equal_by_construction(results: Any) -> list[str]:
         out.append("BatchNorm statistics: " + "; ".join(f"{k}: {', '.join(sorted(v))}" for k, v in kinds.items())
                    + " (searched networks re-estimated on the same source images; reinit arm: support images).")
     panels = ok.groupby(["target", "shots", "arm"])["method"].apply(set)
-    dense_only = sorted({a for (_, _, a), m in panels.items() if m <= _dense_methods(m)})
+    dense_only = sorted({a for (_, _, a), m in panels.items() if m <= set(budget_free_methods(m))})
     if dense_only:  # no comparison between methods there: the gates' controls (transfer.dense_only_arms)
         out.append(f"Arms run for the dense network only (the sanity gates' controls, no comparison between "
                    f"methods): {', '.join(dense_only)}.")

@@ -36,7 +36,8 @@ def output_path(record: Path, root: Path) -> str:
     return base64.urlsafe_b64decode("".join(p.removeprefix("@") for p in parts)).decode()
 
 
-def _records(root: Path) -> Iterator[tuple[Path, str]]:
+def records(root: Path) -> Iterator[tuple[Path, str]]:
+    """(file, output path) of every record below ``root`` (Snakemake's metadata or incomplete folder)."""
     if not root.is_dir():
         return
     for path in sorted(root.rglob("*")):
@@ -62,7 +63,7 @@ def save(results_root: Path | str, mirror: Path | str, metadata: Path | str = SN
     prefix = results_root.as_posix().rstrip("/") + "/"
     wanted: set[Path] = set()
     written = 0
-    for path, output in _records(metadata):
+    for path, output in records(metadata):
         if not output.startswith(prefix) or not Path(output).exists():
             continue
         try:
@@ -77,7 +78,7 @@ def save(results_root: Path | str, mirror: Path | str, metadata: Path | str = SN
         if not target.is_file() or target.read_text() != text:
             _write(target, json.loads(text))
             written += 1
-    for path, output in list(_records(mirror)):
+    for path, output in list(records(mirror)):
         if path not in wanted and not Path(output).exists():
             path.unlink()
     return written
@@ -88,7 +89,7 @@ def restore(mirror: Path | str, metadata: Path | str = SNAKEMAKE_METADATA) -> in
     (start and end time: the output's modification time). Returns the number restored."""
     mirror, metadata = Path(mirror), Path(metadata)
     restored = 0
-    for path, output in _records(mirror):
+    for path, output in records(mirror):
         target = metadata / path.relative_to(mirror)
         if target.exists() or not Path(output).exists():
             continue

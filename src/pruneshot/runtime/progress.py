@@ -11,7 +11,6 @@ job are named, not guessed.
 
 from __future__ import annotations
 
-import base64
 import re
 import statistics
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pruneshot.paths import LOGS, StudyPaths
+from pruneshot.runtime.metadata import records
 
 _JOB_LINE = re.compile(r"^(\w+)\s+(\d+)$", flags=re.M)
 
@@ -112,19 +112,10 @@ def benchmark_seconds(paths: StudyPaths) -> dict[str, list[float]]:
 
 
 def running_jobs(paths: StudyPaths, incomplete: Path = Path(".snakemake/incomplete")) -> int:
-    """Outputs of the study that Snakemake has marked incomplete (jobs running, or killed mid-run)."""
+    """Outputs of the study that Snakemake has marked incomplete (jobs running, or killed mid-run); the
+    markers are named like its metadata records (:func:`pruneshot.runtime.metadata.records`)."""
     prefix = paths.results_root.rstrip("/") + "/"
-    n = 0
-    for path in incomplete.rglob("*") if incomplete.is_dir() else []:
-        if not path.is_file():
-            continue
-        parts = path.relative_to(incomplete).parts
-        try:
-            name = base64.urlsafe_b64decode("".join(p.removeprefix("@") for p in parts)).decode()
-        except (ValueError, UnicodeDecodeError):
-            continue
-        n += name.startswith(prefix)
-    return n
+    return sum(output.startswith(prefix) for _, output in records(incomplete))
 
 
 def _run_started(logdir: Path = Path(".snakemake/log")) -> float | None:

@@ -3,8 +3,10 @@
 Read top to bottom: :func:`transfer` prepares what every episode shares, then per episode
 :func:`_head` gives the network a new seeded head, :func:`_adapt` lets a target-side method prune
 it on the support set (once, shared by the arms), :func:`_arm_start` picks each arm's starting
-network and :func:`_score` trains it and scores the query set. :func:`_record` writes the result,
-each accuracy keyed by its episode index."""
+network and :func:`_score` trains it and scores the query set. Episodes run in chunks of ``transfer.episode_batch``
+(:mod:`pruneshot.batching` trains a chunk's networks of one architecture at once); the job checkpoints
+after every chunk and a killed job resumes at the next one. :func:`_record` writes the result, each
+accuracy keyed by its episode index."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 from pruneshot.io import read_json, sha256_file, write_json
 from pruneshot.runtime.provenance import process_age_s
 from pruneshot.seeds import derive_seed
-from pruneshot.stages.job import Job, error_text, inject_failure, run_ids, seeds_for
+from pruneshot.stages.job import Job, checkpointer, error_text, inject_failure, run_ids, seeds_for
 
 
 def episode_seeds(config: dict[str, Any], replicate: int, target: str, ways: int, shots: int, episode: int,
@@ -54,6 +56,7 @@ class _Setting:
     fill: float  # crop padding value of a level-0 pixel after normalisation
     spec: dict[str, Any]  # the loaded network's architecture
     adapt_steps: int  # support-set steps of a target-side method's adapt (0: none, or budget >= 1)
+    episode_batch: int = 1  # networks fine-tuned at once (transfer.episode_batch resolved; 1: the reference engine)
     #: Per trained arm, its {lr, steps, settings}: chosen on validation (transfer.select) or fixed
     #: (transfer.lr, transfer.steps); an arm not listed uses the fixed ones.
     arm_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -213,69 +216,133 @@ def _score(s: _Setting, arm: str, model: Any, on_device: tuple[Any, Any, Any, An
     sx, sy, qx, qy = on_device
     if arm == "prototype":
         return prototype_accuracy(model, sx, sy, qx, qy)
-    tc = s.tc
-    finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=s.arm_steps(arm), lr=s.lr(arm),
-                     momentum=tc["momentum"], weight_decay=tc["weight_decay"], batch_size=tc["batch_size"],
-                     seed=seed, augment=s.augment, fill=s.fill, batch_norm="batch" if arm == "reinit" else "frozen")
+    finetune_episode(model, sx, sy, seed=seed, **_finetune_kwargs(s, arm))
     if arm == "reinit":
         support_bn_statistics(model, sx, seed)
     return accuracy(model, qx, qy)
 
 
+def _finetune_kwargs(s: _Setting, arm: str) -> dict[str, Any]:
+    tc = s.tc
+    return {"arm": "finetune" if arm == "reinit" else arm, "steps": s.arm_steps(arm), "lr": s.lr(arm),
+            "momentum": tc["momentum"], "weight_decay": tc["weight_decay"], "batch_size": tc["batch_size"],
+            "augment": s.augment, "fill": s.fill, "batch_norm": "batch" if arm == "reinit" else "frozen"}
+
+
+def _score_chunk(s: _Setting, arm: str, networks: list[Any], chunk: list[_Episode], starts: list[Any],
+                 seeds: list[dict[str, Any]], tensors: list[tuple[Any, Any, Any, Any]]) -> list[list[float]]:
+    """Every network's query accuracy under ``arm`` on every episode of ``chunk`` (per episode, per
+    network): the networks of one architecture train at once (:func:`pruneshot.batching.finetune_batched`,
+    each from the start, seed and support set :func:`_score` would give it), then each is scored on its
+    own query set. 'prototype' (no training), a lone network, or one that cannot be channel-stacked
+    goes through :func:`_score`."""
+    from pruneshot.batching import finetune_batched, groups_by_architecture, stackable
+    from pruneshot.training import accuracy
+
+    pairs = [(e, net) for e in range(len(chunk)) for net in (networks[:1] if arm == "reinit" else networks)]
+    accs: list[float] = [0.0] * len(pairs)
+    if arm == "prototype" or s.episode_batch == 1:  # the reference engine: one network at a time
+        for j, (e, net) in enumerate(pairs):
+            model = _arm_start(s, arm, net, starts[e], seeds[e])
+            accs[j] = _score(s, arm, model, tensors[e], seeds[e]["finetune"][arm])
+    else:
+        models = [_arm_start(s, arm, net, starts[e], seeds[e]) for e, net in pairs]
+        for group in groups_by_architecture(models):
+            if len(group) == 1 or not stackable(models[group[0]]):
+                for j in group:
+                    e = pairs[j][0]
+                    accs[j] = _score(s, arm, models[j], tensors[e], seeds[e]["finetune"][arm])
+                continue
+            es = [pairs[j][0] for j in group]
+            finetune_batched([models[j] for j in group], [tensors[e][0] for e in es], [tensors[e][1] for e in es],
+                             seeds=[seeds[e]["finetune"][arm] for e in es], **_finetune_kwargs(s, arm))
+            for j, e in zip(group, es, strict=True):
+                sx, _sy, qx, qy = tensors[e]
+                if arm == "reinit":
+                    support_bn_statistics(models[j], sx, seeds[e]["finetune"][arm])
+                accs[j] = accuracy(models[j], qx, qy)
+    per_episode: list[list[float]] = [[] for _ in chunk]
+    for (e, _net), acc in zip(pairs, accs, strict=True):
+        per_episode[e].append(acc)
+    return per_episode
+
+
 def _run_episodes(s: _Setting, networks: list[Any], episodes: list[_Episode], config: dict[str, Any], run: Any,
-                  job: Job) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]],
-                                     dict[str, dict[str, Any]]]:
+                  job: Job, checkpoint: Any = None) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]],
+                                                         list[dict[str, Any]], dict[str, dict[str, Any]],
+                                                         dict[str, Any] | None]:
     """Every episode under every arm: (per-arm results, per-episode seeds, target-side ``adapted`` entries,
-    the method's network-free ``controls`` per episode).
+    the method's network-free ``controls`` per episode, and when a checkpoint was resumed
+    ``{after_episode, seconds_before}``, else None).
 
     ``networks``: the loaded network and its variants (same architecture, e.g. random's masks); each
     arm runs every one of them on the episode (same head, same seeds) and the episode's accuracy is
-    their mean, each kept in ``network_accuracies`` (reinit: one run, the architecture is shared)."""
+    their mean, each kept in ``network_accuracies`` (reinit: one run, the architecture is shared).
+    Episodes run in chunks of ``s.episode_batch``; after each chunk everything so far is saved to
+    ``checkpoint`` (a :class:`pruneshot.runtime.checkpoint.Checkpointer`, or None), and a checkpoint
+    found at the start is resumed after its last chunk, its episodes' metrics logged again. Every
+    episode draws only from its own seeds, so a resumed CPU run is bit-identical to an uninterrupted one."""
     network = networks[0]
     from pruneshot.models.cost import cost
 
-    per_arm: dict[str, dict[str, Any]] = {a: {"episodes": [], "seconds": 0.0, "support_steps": s.support_steps(a),
-                                              **_settings_entry(s, a)} for a in s.arms}
-    controls: dict[str, dict[str, Any]] = {}
-    seeds_rows: list[dict[str, Any]] = []
-    adapted: list[dict[str, Any]] = []
+    state: dict[str, Any] = {
+        "done": 0, "seconds": 0.0, "seeds_rows": [], "adapted": [], "controls": {},
+        "per_arm": {a: {"episodes": [], "seconds": 0.0, "support_steps": s.support_steps(a), **_settings_entry(s, a)}
+                    for a in s.arms}}
+    resumed = None
+    if checkpoint is not None and (ck := checkpoint.load()) is not None:
+        state, resumed = ck.state, {"after_episode": ck.state["done"], "seconds_before": ck.state["seconds"]}
+        job.log(f"resumed from checkpoint after episode {state['done']}/{len(episodes)} ({checkpoint.directory})")
+        for row in state["adapted"]:
+            run.log_metrics({"achieved_ratio": row["achieved_ratio"], "adapt_seconds": row["adapt_seconds"]},
+                            row["episode"])
+        for arm, r in state["per_arm"].items():
+            for e in r["episodes"]:
+                run.log_metrics({f"{arm}/episode_acc": e["accuracy"]}, e["episode"])
+    per_arm, controls = state["per_arm"], state["controls"]
+    seeds_rows, adapted = state["seeds_rows"], state["adapted"]
     dense_cost = None
     if s.method.side == "target":  # the budget's reference: the dense network with a ways-way head
         probe = copy.deepcopy(network)
         probe.reset_classifier(s.ways)
         dense_cost = cost(probe, s.metric)
     t0 = time.perf_counter()
-    for ep in episodes:
-        es = episode_seeds(config, s.replicate, s.target, s.ways, s.shots, ep.index, s.arms)
-        seeds_rows.append({"episode": ep.index, "head": es["head"]})
-        start = None
-        tensors = ep.on(s.device)  # one episode on the arms' device at a time
-        if dense_cost is not None:
-            start, entry = _adapt(s, network, ep, es, dense_cost, job.log)
-            adapted.append(entry)
-            run.log_metrics({"achieved_ratio": entry["achieved_ratio"], "adapt_seconds": entry["adapt_seconds"]},
-                            ep.index)
-        for name in s.method.controls:
-            controls.setdefault(name, {"episodes": []})["episodes"].append(
-                {"episode": ep.index, "accuracy": _control(name, tensors)})
+    k = max(1, s.episode_batch)
+    for c0 in range(state["done"], len(episodes), k):
+        chunk = episodes[c0:c0 + k]
+        es = [episode_seeds(config, s.replicate, s.target, s.ways, s.shots, ep.index, s.arms) for ep in chunk]
+        tensors = [ep.on(s.device) for ep in chunk]  # one chunk on the arms' device at a time
+        starts: list[Any] = [None] * len(chunk)
+        for i, ep in enumerate(chunk):
+            seeds_rows.append({"episode": ep.index, "head": es[i]["head"]})
+            if dense_cost is not None:
+                starts[i], entry = _adapt(s, network, ep, es[i], dense_cost, job.log)
+                adapted.append(entry)
+                run.log_metrics({"achieved_ratio": entry["achieved_ratio"], "adapt_seconds": entry["adapt_seconds"]},
+                                ep.index)
+            for name in s.method.controls:
+                controls.setdefault(name, {"episodes": []})["episodes"].append(
+                    {"episode": ep.index, "accuracy": _control(name, tensors[i])})
         for arm in s.arms:
             ta = time.perf_counter()
-            seed = es["finetune"][arm]
-            nets = networks[:1] if arm == "reinit" else networks
-            accs = [_score(s, arm, _arm_start(s, arm, net, start, es), tensors, seed) for net in nets]
-            acc = accs[0] if len(accs) == 1 else sum(accs) / len(accs)
-            per_arm[arm]["episodes"].append({"episode": ep.index, "accuracy": acc, "finetune_seed": seed,
-                                             **({"network_accuracies": accs} if len(accs) > 1 else {})})
+            accs_per_episode = _score_chunk(s, arm, networks, chunk, starts, es, tensors)
+            for ep, e_seeds, accs in zip(chunk, es, accs_per_episode, strict=True):
+                acc = accs[0] if len(accs) == 1 else sum(accs) / len(accs)
+                per_arm[arm]["episodes"].append({"episode": ep.index, "accuracy": acc,
+                                                 "finetune_seed": e_seeds["finetune"][arm],
+                                                 **({"network_accuracies": accs} if len(accs) > 1 else {})})
+                run.log_metrics({f"{arm}/episode_acc": acc}, ep.index)
             per_arm[arm]["seconds"] += time.perf_counter() - ta
-            run.log_metrics({f"{arm}/episode_acc": acc}, ep.index)
-        done = len(seeds_rows)
-        if done % 10 == 0 or done == len(episodes):
+        done = state["done"] = c0 + len(chunk)
+        if checkpoint is not None and done < len(episodes):
+            checkpoint.save({}, {**state, "seconds": state["seconds"] + time.perf_counter() - t0})
+        if done // 10 != c0 // 10 or done == len(episodes):
             el = time.perf_counter() - t0
             means = ", ".join(f"{a} {sum(e['accuracy'] for e in r['episodes']) / len(r['episodes']):.4f}"
                               for a, r in per_arm.items())
             job.log(f"episode {done}/{len(episodes)} mean acc {means} elapsed {el:.1f}s "
-                    f"left~{el / done * (len(episodes) - done):.1f}s")
-    return per_arm, seeds_rows, adapted, controls
+                    f"left~{el / (done - (resumed or {}).get('after_episode', 0)) * (len(episodes) - done):.1f}s")
+    return per_arm, seeds_rows, adapted, controls, resumed
 
 
 def _settings_entry(s: _Setting, arm: str) -> dict[str, Any]:
@@ -331,6 +398,7 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     The arms train and score on ``transfer.device`` (model and episode tensors are moved there;
     every random draw stays on the CPU, so the seeds mean the same on any device). Target-side
     pruning and all cost counting stay on the CPU."""
+    from pruneshot.batching import resolve_episode_batch
     from pruneshot.data import splits
     from pruneshot.data.pipeline import resolve_device, zero_level
     from pruneshot.methods import get_method, options_for
@@ -365,12 +433,19 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     adapted: list[dict[str, Any]] = []
     controls: dict[str, dict[str, Any]] = {}
     dense: dict[str, int] = {}
+    resumed = None
     t0 = time.perf_counter()
     failure = f"search failed: {rec['error']}" if rec.get("status") == "failed" else None
     if failure is None and chosen is not None and chosen.get("status") != "ok":
         failure = f"transfer selection failed: {chosen.get('error')}"
     if selection is not None:
         inputs.append(selection)
+    # A killed job resumes after its last finished chunk; a checkpoint written under other settings,
+    # inputs or code is removed, never resumed.
+    ckpt = checkpointer(job, out.with_suffix(""), method_name, arms, shots, target, replicate, s.budget, tc,
+                        s.options, s.arm_settings, str(device), job.input_hashes(inputs),
+                        modules=("stages.transfer", "training", "batching", "data.pipeline", "models.base",
+                                 method.__module__.removeprefix("pruneshot.")))
     with job.tracked(inputs, seeds, params, upstream=rec) as run:
         overhead = process_age_s()
         if failure is None:
@@ -380,9 +455,13 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                 dense = {"dense_params": count_params(network),
                          "dense_flops": count_flops(network, input_shape(s.spec))} if method.side == "target" else {}
                 inject_failure("transfer", method_name)
-                job.log(f"process start to first training step: {overhead}s; arms {arms}")
-                per_arm, seeds_rows, adapted, controls = _run_episodes(s, networks, _episodes(eps, pool), config,
-                                                                       run, job)
+                episodes = _episodes(eps, pool)
+                s.episode_batch = resolve_episode_batch(tc["episode_batch"], _head(network, s.ways, 0),
+                                                        episodes[0].support[0], device, len(episodes))
+                job.log(f"process start to first training step: {overhead}s; arms {arms}; "
+                        f"episodes in chunks of {s.episode_batch}")
+                per_arm, seeds_rows, adapted, controls, resumed = _run_episodes(s, networks, episodes, config, run,
+                                                                                job, ckpt.scoped(s.episode_batch))
             except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
                 failure = error_text(exc)
                 job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
@@ -405,7 +484,9 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                      time.perf_counter() - t0, overhead, network_record, weights, ids, rec, job, inputs, seeds)
     if failure is None and controls:
         record["controls"] = controls
+    record["resumed"] = resumed
     write_json(out, record)
+    ckpt.clear()  # the record is written: the checkpoint is no longer needed
     if failure is not None:
         job.log(f"{method_name} {shots}-shot: FAILED ({failure}); recorded as a failed cell")
     for arm, r in per_arm.items():
@@ -431,7 +512,7 @@ def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: d
         "status": "ok" if failure is None else "failed", "error": failure or "",
         "arms": per_arm, "episode_seeds": seeds_rows,
         "device": {"device": str(device), "name": device_name(str(device)), "dtype": "float32",
-                   "augment": augment_mode},
+                   "augment": augment_mode, "episode_batch": s.episode_batch},
         "seconds": seconds, "overhead_s": overhead,
         "network_record": Path(network_record).as_posix(), "network_record_sha256": sha256_file(network_record),
         "weights_sha256": sha256_file(weights), **ids,

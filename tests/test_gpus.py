@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +18,10 @@ from types import SimpleNamespace
 import pytest
 
 from pruneshot.runtime import gpus
-from pruneshot.runtime.gpus import GpuLeaseTimeoutError, device_pool, lease_for_job, lease_gpu
+from pruneshot.runtime.gpus import GpuLeaseTimeoutError, device_pool, lease_for_job, lease_gpu, uses_gpu
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
 
 # One worker process: lease `count` devices, record (devices, CUDA_VISIBLE_DEVICES, t_start, t_end).
 WORKER = """
@@ -184,3 +189,67 @@ def test_lock_dir_is_per_user_and_per_slurm_job(no_gpu_env: None, monkeypatch: p
     assert gpus.default_lock_dir().name.endswith("-slurm42")
     monkeypatch.setenv(gpus.LOCK_DIR_ENV, "/shared/locks")
     assert gpus.default_lock_dir() == Path("/shared/locks")
+
+
+def test_uses_gpu_decides_from_the_node_s_pool_without_torch(no_gpu_env: None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_torch() -> int:
+        raise AssertionError("uses_gpu must not ask torch")
+
+    monkeypatch.setattr(gpus, "_torch_count", no_torch)
+    monkeypatch.setenv(gpus.FAKE_COUNT_ENV, "2")
+    assert uses_gpu("auto") and uses_gpu("cuda") and not uses_gpu("cpu")
+    monkeypatch.setenv(gpus.FAKE_COUNT_ENV, "0")
+    assert not uses_gpu("auto") and uses_gpu("cuda")  # cuda always asks for one (and fails without)
+    monkeypatch.delenv(gpus.FAKE_COUNT_ENV)
+    monkeypatch.setenv(gpus.VISIBLE, "")  # nothing visible
+    assert not uses_gpu("auto")
+    monkeypatch.setenv(gpus.VISIBLE, "3")  # e.g. a Slurm allocation's GPU
+    assert uses_gpu("auto")
+    monkeypatch.delenv(gpus.VISIBLE)
+    monkeypatch.setattr(gpus, "_nvml_count", lambda: 2)
+    assert uses_gpu("auto")
+    monkeypatch.setattr(gpus, "_nvml_count", lambda: None)  # no libnvidia-ml: no driver, so no GPU
+    assert not uses_gpu("auto") and not gpus.node_has_gpu()
+    with pytest.raises(ValueError, match="unknown device setting 'gpu'"):
+        uses_gpu("gpu")
+
+
+def _gpu_requests(text: str) -> dict[str, set[int]]:
+    """rule (search: search[method]) -> the gpu values of its jobs in `snakemake -n` output."""
+    out: dict[str, set[int]] = {}
+    for block in re.split(r"\n(?=(?:local)?rule \w+:)", text):
+        rule = re.match(r"(?:local)?rule (\w+):", block)
+        resources = re.search(r"^\s+resources: (.*)$", block, flags=re.M)
+        if not rule or not resources:
+            continue
+        gpu = re.search(r"\bgpu=(\d+)", resources.group(1))
+        method = re.search(r"\bmethod=(\w+)", block)
+        name = f"search[{method.group(1)}]" if rule.group(1) == "search" else rule.group(1)
+        out.setdefault(name, set()).add(int(gpu.group(1)) if gpu else 0)
+    return out
+
+
+@pytest.mark.parametrize("fake", [2, 0], ids=["gpu_node", "cpu_node"])
+def test_dry_run_requests_a_gpu_for_every_job_that_uses_cuda(fake: int, tmp_path: Path) -> None:
+    """With `device: auto` (the study's pretrain and transfer devices, profile.devices with cuda), every job
+    that will use CUDA on a node with GPUs declares gpu=1; on a node without, none does."""
+    from pruneshot.config import load_config
+    from pruneshot.methods import get_method
+
+    study = ROOT / "config/studies/mnist_to_fashion.yaml"
+    cfg = load_config(study)
+    assert cfg["pretrain"]["device"] == cfg["transfer"]["device"] == "auto" and "cuda" in cfg["profile"]["devices"]
+    for part in ("workflow", "config", "scripts", "envs"):
+        shutil.copytree(ROOT / part, tmp_path / part)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRUNESHOT_")}
+    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", gpus.FAKE_COUNT_ENV: str(fake), gpus.VISIBLE: ""})
+    proc = subprocess.run([str(BIN / "snakemake"), "-n", "--cores", "4", "--configfile", str(study)], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    requests = _gpu_requests(proc.stdout)
+    on_gpu = {"pretrain", "transfer", "select_transfer", "profile", "profile_adapted"}
+    on_gpu |= {f"search[{m}]" for m in cfg["methods"] if get_method(m).side == "source" and get_method(m).uses_device}
+    assert on_gpu <= set(requests) and any(name.startswith("search[") for name in on_gpu)
+    for name, values in requests.items():
+        assert values == ({1} if fake and name in on_gpu else {0}), (name, values)

@@ -1,7 +1,10 @@
 # Config look-ups and target lists; rules stay declarative.
+import functools
+
 from pruneshot.config import budget_label, config_hash
 from pruneshot.methods import get_method, options_for
 from pruneshot.paths import for_config
+from pruneshot.runtime.gpus import uses_gpu
 from pruneshot.runtime.metadata import restore as restore_metadata
 from pruneshot.runtime.provenance import git_state
 
@@ -96,6 +99,25 @@ def search_threads(wildcards):
     """A search trains on one thread, but a method that trains its network anew on the source (scratch)
     gets the pretraining recipe's threads: float sums depend on the thread count."""
     return config["pretrain"]["threads"] if METHODS[wildcards.method].trains_from_scratch else 1
+
+
+@functools.cache
+def gpu_request(setting):
+    """The ``gpu`` resource of a job whose device setting is ``setting`` (auto|cpu|cuda): 1 when the job will
+    use CUDA on this node ('cuda', or 'auto' on a node with a GPU: pruneshot.runtime.gpus.uses_gpu, decided
+    without torch), else 0. A job requesting one leases its own free device (scripts: lease_for_job), so
+    `--cores N --resources gpu=K` runs at most K GPU jobs at once, each on its own device."""
+    return 1 if uses_gpu(setting) else 0
+
+
+def search_gpu(wildcards):
+    """A search computes on pretrain.device, unless the method's search is data-free (``uses_device``
+    False: weights only, on the CPU)."""
+    return gpu_request(config["pretrain"]["device"]) if METHODS[wildcards.method].uses_device else 0
+
+
+# profile.devices' cuda is timed where the node has one (else recorded as absent): as device 'auto'.
+PROFILE_DEVICE = "auto" if "cuda" in config["profile"]["devices"] else "cpu"
 
 
 def network_paths(w):

@@ -16,7 +16,7 @@ rule pretrain:
         settings=PRETRAIN_SETTINGS,
     threads: config["pretrain"]["threads"]
     resources:
-        gpu=1 if config["pretrain"]["device"] == "cuda" else 0,
+        gpu=gpu_request(config["pretrain"]["device"]),
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -15,6 +15,8 @@ rule profile:
     params:
         settings=PROFILE_SETTINGS,
     threads: all_cores()
+    resources:
+        gpu=gpu_request(PROFILE_DEVICE),
     conda:
         "../../envs/pruneshot.yaml"
     script:
@@ -38,6 +40,8 @@ rule profile_adapted:
     params:
         settings=PROFILE_SETTINGS,
     threads: all_cores()
+    resources:
+        gpu=gpu_request(PROFILE_DEVICE),
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -21,6 +21,8 @@ rule search:
     params:
         settings=search_settings,
     threads: search_threads
+    resources:
+        gpu=search_gpu,
     conda:
         "../../envs/pruneshot.yaml"
     script:

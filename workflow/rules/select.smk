@@ -51,7 +51,7 @@ rule select_transfer:
         settings=select_settings,
     threads: 1
     resources:
-        gpu=1 if config["transfer"]["device"] == "cuda" else 0,
+        gpu=gpu_request(config["transfer"]["device"]),
     conda:
         "../../envs/pruneshot.yaml"
     script:

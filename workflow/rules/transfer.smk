@@ -19,7 +19,7 @@ rule transfer:
         settings=transfer_settings,
     threads: 1
     resources:
-        gpu=1 if config["transfer"]["device"] == "cuda" else 0,
+        gpu=gpu_request(config["transfer"]["device"]),
     conda:
         "../../envs/pruneshot.yaml"
     script:

@@ -12,7 +12,8 @@ initialises CUDA: take the lease at the start of a job, before any ``torch.cuda`
 
 The pool of devices is, in order of precedence: ``n_devices``; ``PRUNESHOT_FAKE_GPU_COUNT`` (a
 testing hook: that many fake devices); the entries of an existing ``CUDA_VISIBLE_DEVICES`` (e.g.
-the GPUs of a Slurm allocation); else every GPU NVML reports.
+the GPUs of a Slurm allocation); else every GPU NVML reports. :func:`uses_gpu` decides, from the same
+pool and without torch, which jobs request a GPU (every job whose device setting will use CUDA here).
 """
 
 from __future__ import annotations
@@ -86,8 +87,11 @@ def _torch_count() -> int:
         return 0
 
 
-def device_pool(n_devices: int | None = None) -> list[str]:
-    """The device ids jobs on this node share (see the module docstring for the precedence)."""
+def device_pool(n_devices: int | None = None, *, torch_fallback: bool = True) -> list[str]:
+    """The device ids jobs on this node share (see the module docstring for the precedence).
+
+    Without NVML the count comes from torch in a child process, unless ``torch_fallback`` is False
+    (then none: a node without libnvidia-ml has no NVIDIA driver, so no usable GPU)."""
     if n_devices is not None:
         return [str(i) for i in range(n_devices)]
     fake = os.environ.get(FAKE_COUNT_ENV, "").strip()
@@ -102,7 +106,28 @@ def device_pool(n_devices: int | None = None) -> list[str]:
             pool.append(entry)
         return pool
     count = _nvml_count()
-    return [str(i) for i in range(count if count is not None else _torch_count())]
+    if count is None:
+        count = _torch_count() if torch_fallback else 0
+    return [str(i) for i in range(count)]
+
+
+#: Device settings of pretrain.device / transfer.device (config/schema.yaml).
+DEVICE_SETTINGS = ("auto", "cpu", "cuda")
+
+
+def node_has_gpu() -> bool:
+    """Whether this node has a GPU for jobs, decided without torch and without initialising CUDA:
+    :func:`device_pool` without its torch fallback is not empty."""
+    return bool(device_pool(torch_fallback=False))
+
+
+def uses_gpu(setting: str) -> bool:
+    """Whether a job whose device setting is ``setting`` will use CUDA on this node: 'cuda' always,
+    'auto' when the node has a GPU (:func:`node_has_gpu`), 'cpu' never. Cheap and torch-free, so the
+    workflow decides every rule's ``gpu`` request with it while Snakemake parses (rules/common.smk)."""
+    if setting not in DEVICE_SETTINGS:
+        raise ValueError(f"unknown device setting {setting!r}; allowed: {', '.join(DEVICE_SETTINGS)}")
+    return setting == "cuda" or (setting == "auto" and node_has_gpu())
 
 
 def _cuda_initialised() -> bool:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-from torch import nn
-
-from pruneshot.data.splits import Split
-
+# torch only where a method computes: the registry's metadata (names, sides, arms, options) must be
+# readable without it, e.g. by Snakemake parsing a study (tests/test_parse_without_torch.py).
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pruneshot.data.splits import Split
     from pruneshot.runtime.checkpoint import Checkpointer
 
 
@@ -29,6 +31,9 @@ class SearchContext:
     saves its loop state there and resumes from it (see :mod:`pruneshot.runtime.checkpoint`), scoping
     its key with its options; others ignore it. ``recipe``: the study's pretraining recipe (config
     ``pretrain``, defaults filled), for a method that trains a network anew on the source (``scratch``).
+    ``device``: where a method with a source loop (``PruningMethod.uses_device``) trains or scores (a torch
+    device name; the stage passes the resolved ``pretrain.device``): model and batches go there, every
+    random draw stays on the CPU, and the returned networks are on the CPU in float32.
     """
 
     model: nn.Module
@@ -75,7 +80,10 @@ class AdaptContext:
     (N, C, H, W) normalised images, ``support_y`` (N,) labels in [0, ways). ``budget`` is the
     fraction of ``dense_cost`` (the ``metric`` of ``model`` as given, head included) to keep.
     ``seed`` is the episode's derived seed. The method returns a physically pruned network
-    with its trained head; the transfer arm (finetune / linear_probe) then runs on it.
+    with its trained head, on the CPU in float32 (its ``masked`` form too); the transfer arm
+    (finetune / linear_probe) then runs on it. ``device``: where the method computes (a torch device
+    name, 'auto' = CUDA when available): the model and support tensors are moved there, every random
+    draw stays on the CPU, so on the CPU the result does not depend on it.
     """
 
     model: nn.Module
@@ -87,6 +95,21 @@ class AdaptContext:
     dense_cost: float
     options: dict[str, Any] = field(default_factory=dict)
     log: Callable[[str], None] = print
+    device: str = "cpu"
+
+
+def no_grad(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``@torch.no_grad()`` for a method module's functions without importing torch at definition time:
+    the call runs under ``torch.no_grad()``, exactly as the torch decorator does."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 # --- method options: one typed dataclass per method, the single definition of its config section ---------------
@@ -265,6 +288,11 @@ class PruningMethod(ABC):
     #: The method trains its network anew on the source (``scratch``): at budget 1.0 it is another dense
     #: replicate, not the dense network, so the budget-1.0 sanity gate does not apply to it.
     trains_from_scratch: ClassVar[bool] = False
+    #: The source-side search computes on ``SearchContext.device`` (it has a training or scoring loop over
+    #: source batches). False: a data-free search (weights only, milliseconds), run on the CPU whatever the
+    #: device; the search record's ``search_device`` is then 'cpu'. Target-side ``adapt`` always uses
+    #: ``AdaptContext.device``.
+    uses_device: ClassVar[bool] = False
 
     def resolve_options(self, options: Mapping[str, Any]) -> dict[str, Any]:
         """``options`` (as the pipeline passes them, see ``options_for``) validated and completed with defaults.
@@ -396,6 +424,8 @@ def uniform_widths(model: nn.Module, budget: float, metric: str, iters: int = 24
 
 def keep_top(scores: dict[str, torch.Tensor], widths: dict[str, int]) -> dict[str, list[int]]:
     """Per group, the indices of the ``widths[g]`` largest scores, sorted ascending (stable ties)."""
+    import torch
+
     keep = {}
     for g, s in scores.items():
         order = torch.argsort(-s, stable=True)[: widths[g]]
@@ -409,6 +439,8 @@ def global_keep(
     """Keep the top-1 score of every group plus the ``n`` globally largest scores, with ``n`` the
     largest count whose cost ratio is <= ``budget`` (0 when even one channel per group exceeds it).
     Cost only grows with ``n``, so ``n`` is found by bisection. Returns (keep, n)."""
+    import torch
+
     from pruneshot.models.cost import cost
 
     groups = list(scores)
@@ -436,3 +468,50 @@ def global_keep(
         else:
             hi = mid - 1
     return keep_for(lo), lo
+
+
+# --- devices: where a search or adapt computes ------------------------------------------------------------------
+
+
+def compute_device(name: Any) -> torch.device:
+    """The torch device a method computes on: ``name`` a device or its name ('cpu', 'cuda', 'cuda:1';
+    'auto' = CUDA when available, else the CPU, as ``pretrain.device`` resolves)."""
+    import torch
+
+    if isinstance(name, str) and name == "auto":
+        from pruneshot.data.pipeline import resolve_device
+
+        return resolve_device("auto")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of ``model``'s first parameter (or buffer); the CPU for a module holding neither."""
+    import torch
+
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def device_source(data: Any, device: Any) -> Any:
+    """Source data as a :class:`pruneshot.data.pipeline.BatchSource` held on ``device`` (what pretraining
+    uses): a ``Split`` (x (N, C, H, W) normalised float32, y (N,) int64) is moved there (not copied when
+    already there); a BatchSource must already be there. ``source.batch(idx)`` with CPU-drawn indices
+    then gives ``(x[idx], y[idx])`` on ``device``, bit for bit the rows of the split."""
+    from pruneshot.data.pipeline import BatchSource
+
+    device = compute_device(device)
+    if isinstance(data, BatchSource):
+        if data.device != device:
+            raise ValueError(f"source data are on {data.device}, the computation on {device}")
+        return data
+    return BatchSource.from_split(data, device=device)
+
+
+def to_cpu(model: Any) -> Any:
+    """``model`` (an nn.Module, or None) moved in place to the CPU in float32: what a search or adapt
+    returns, whatever device it computed on. A no-op for a float32 CPU model."""
+    import torch
+
+    return None if model is None else model.to("cpu", torch.float32)

@@ -27,15 +27,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
-import torch.nn.functional as F
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from pruneshot.methods import register
 from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
-from pruneshot.training import require_finite
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -84,13 +84,18 @@ def fit_steps(
     after_backward: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
 ) -> list[float]:
     """``steps`` SGD steps on CE (+ ``penalty()``); full batch when len(y) <= BATCH_SIZE, else a random
-    batch of BATCH_SIZE per step drawn from ``gen``. ``after_backward`` sees the gradients before the
-    step (importance accumulation), ``after_step`` runs after it (re-zeroing pruned units).
-    Returns the CE of every step."""
+    batch of BATCH_SIZE per step drawn from ``gen`` (on the CPU; the indices are moved to ``x``'s device).
+    ``after_backward`` sees the gradients before the step (importance accumulation), ``after_step`` runs
+    after it (re-zeroing pruned units). Returns the CE of every step."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.training import require_finite
+
     losses = []
     for _ in range(steps):
         if len(y) > BATCH_SIZE:
-            idx = torch.randperm(len(y), generator=gen)[:BATCH_SIZE]
+            idx = torch.randperm(len(y), generator=gen)[:BATCH_SIZE].to(x.device)
             xb, yb = x[idx], y[idx]
         else:
             xb, yb = x, y
@@ -116,6 +121,8 @@ def greedy_prune(
     while the cost exceeds ``target``, never a group's last unit; then re-add the removed units, most
     important first, wherever one fits with the cost still <= ``target`` (budget fill). ``alive``
     (group -> bool tensor) is updated in place. Returns (removed, re-added, final cost)."""
+    import torch
+
     groups = list(scores)
     counts = {g: int(alive[g].sum()) for g in groups}
     flat = torch.cat([scores[g].detach().to(torch.float64) for g in groups])
@@ -153,6 +160,8 @@ def per_layer_prune(
     """Per-layer ranking: every group keeps the same fraction f of its ``sizes[g]`` units (at least one,
     never more than are alive), f the largest with cost <= ``target`` (bisection; 0 when even one unit
     per group exceeds it); each group drops its lowest-score alive units. Returns (removed, cost)."""
+    import torch
+
     current = {g: int(alive[g].sum()) for g in scores}
 
     def counts(f: float) -> dict[str, int]:
@@ -187,10 +196,13 @@ def basis_scaling_stage(
 ) -> dict[str, Any]:
     """Basis-scale a copy of ``model`` (any backbone without low-rank layers, BN in eval mode) on (x, y)
     until its physical cost is <= ``target_cost``. Returns {"physical", "masked", "info", "cost"};
-    ``model`` is untouched."""
+    ``model`` is untouched. The SVD is taken on ``model``'s device, the training runs on ``x``'s (the
+    decomposed copy is moved there); "physical" is on the CPU, "masked" on ``x``'s device."""
+    import torch
+
     from pruneshot.models.basis import BasisCost, basis_layers, decompose, fold_network, physical_ranks
 
-    masked = decompose(model)
+    masked = decompose(model).to(x.device)
     layers = basis_layers(masked)
     cost_of = BasisCost(masked, metric, opts["revert_when_larger"])
     full = {g: m.rank for g, m in layers.items()}
@@ -263,6 +275,15 @@ def basis_scaling_stage(
     return {"physical": physical, "masked": masked, "info": info, "cost": final_cost}
 
 
+def support_on_device(ctx: AdaptContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The episode's support set, images (N, C, H, W) and labels (N,), on ``ctx.device`` (where the
+    scaling methods train; not copied when already there)."""
+    from pruneshot.methods.base import compute_device
+
+    device = compute_device(ctx.device)
+    return ctx.support_x.to(device), ctx.support_y.to(device)
+
+
 def budget_one_result(ctx: AdaptContext, info: dict[str, Any]) -> SearchResult:
     """``ctx.model`` unchanged (no training), every channel kept: what budget >= 1 returns."""
     keep = {g: list(range(n)) for g, n in ctx.model.channel_groups().items()}
@@ -280,6 +301,9 @@ class BasisScaling(TargetMethod):
                  "importance and schedule reconstructed")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import to_cpu
         from pruneshot.models.cost import cost
 
         opts = self.resolve_options(ctx.options)
@@ -289,7 +313,8 @@ class BasisScaling(TargetMethod):
         if ctx.budget >= 1.0:
             return budget_one_result(ctx, base_info)
         gen = torch.Generator().manual_seed(ctx.seed)
-        out = basis_scaling_stage(ctx.model, ctx.support_x, ctx.support_y,
+        x, y = support_on_device(ctx)
+        out = basis_scaling_stage(ctx.model, x, y,
                                   target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric, opts=opts, gen=gen,
                                   log=ctx.log)
         achieved = cost(out["physical"], ctx.metric) / ctx.dense_cost
@@ -297,4 +322,4 @@ class BasisScaling(TargetMethod):
         ctx.log(f"basis_scaling: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); kept ranks {list(info['kept_ranks'].values())}, "
                 f"reverted {info['reverted_layers']}")
-        return SearchResult(model=out["physical"], keep=None, info=info, masked=out["masked"])
+        return SearchResult(model=to_cpu(out["physical"]), keep=None, info=info, masked=to_cpu(out["masked"]))

@@ -23,14 +23,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from pruneshot.methods import register
 from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
 from pruneshot.methods.basis_scaling import budget_one_result, fit_steps, greedy_prune, per_layer_prune, round_targets
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -64,93 +66,6 @@ class ChannelScalingOptions(MethodOptions):
     momentum: float = option(0.9, "SGD momentum (one optimiser across all rounds).", minimum=0, maximum=1)
 
 
-class ChannelScaled(nn.Module):
-    """``net`` with a per-channel scale on every channel group, applied to the input of the group's
-    consumer (``net.group_consumers()``). The effective scale is ``scales[g] * mask_g``; a removed
-    channel has mask 0 and scale 0. The hooks exist only during ``forward``, so the wrapped network
-    and copies of this module stay plain."""
-
-    def __init__(self, net: nn.Module, scales: dict[str, torch.Tensor] | None = None,
-                 masks: dict[str, torch.Tensor] | None = None) -> None:
-        super().__init__()
-        self.net = net
-        sizes = net.channel_groups()
-        dev = next(net.parameters()).device
-        self.scales = nn.ParameterDict({
-            g: nn.Parameter(torch.ones(n, device=dev) if scales is None else scales[g].detach().clone().float())
-            for g, n in sizes.items()})
-        for g, n in sizes.items():
-            self.register_buffer(f"mask_{g}", torch.ones(n, device=dev) if masks is None
-                                 else masks[g].detach().clone().float())
-
-    @property
-    def spec(self) -> dict[str, Any]:
-        return self.net.spec
-
-    @property
-    def classifier(self) -> nn.Module:
-        return self.net.classifier
-
-    def channel_groups(self) -> dict[str, int]:
-        return self.net.channel_groups()
-
-    def mask_points(self) -> dict[str, list[nn.Module]]:
-        """The wrapped network's mask points (channel masks there are redundant with zero scales)."""
-        return self.net.mask_points()
-
-    def mask(self, group: str) -> torch.Tensor:
-        return getattr(self, f"mask_{group}")
-
-    def effective(self, group: str) -> torch.Tensor:
-        return self.scales[group] * self.mask(group)
-
-    @torch.no_grad()
-    def remove(self, group: str, idx: list[int]) -> None:
-        """Remove channels ``idx`` of ``group``: mask 0 and scale 0."""
-        t = torch.as_tensor(idx, dtype=torch.long)
-        self.mask(group)[t] = 0.0
-        self.scales[group][t] = 0.0
-
-    @torch.no_grad()
-    def rezero(self) -> None:
-        for g in self.scales:
-            self.scales[g].mul_(self.mask(g))
-
-    def _hook(self, group: str) -> Callable:
-        def hook(_m: nn.Module, args: tuple) -> tuple:
-            x = args[0]
-            scale = self.effective(group).to(x.dtype)
-            return (x * scale.view((1, -1) + (1,) * (x.dim() - 2)), *args[1:])
-
-        return hook
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        consumers = self.net.group_consumers()
-        handles = [m.register_forward_pre_hook(self._hook(g)) for g in self.scales for m in consumers[g]]
-        try:
-            return self.net(x)
-        finally:
-            for h in handles:
-                h.remove()
-
-    def keep(self) -> dict[str, list[int]]:
-        return {g: torch.nonzero(self.mask(g) > 0).flatten().tolist() for g in self.scales}
-
-    @torch.no_grad()
-    def fold(self) -> tuple[nn.Module, dict[str, list[int]]]:
-        """The physically pruned network (``net.pruned(keep)``, each kept channel's scale multiplied
-        into its consumer's input weights) and the kept channel indices."""
-        keep = self.keep()
-        physical = self.net.pruned({g: torch.tensor(i, dtype=torch.long) for g, i in keep.items()})
-        consumers = physical.group_consumers()
-        for g, idx in keep.items():
-            for consumer in consumers[g]:
-                w = consumer.weight
-                scale = self.effective(g).detach()[torch.tensor(idx, dtype=torch.long)].to(w.device, w.dtype)
-                w.mul_(scale.view((1, -1) + (1,) * (w.dim() - 2)))
-        return physical.eval(), keep
-
-
 def threshold_prune(
     mags: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], threshold: float,
     cost_of: Callable[[dict[str, int]], float], floor: float, min_widths: dict[str, int] | None = None,
@@ -162,6 +77,8 @@ def threshold_prune(
     channels (per-layer ranking: the widths its same-fraction cut gives at ``floor``; default 1).
     ``alive`` is updated in place. Returns (removed, how many below-threshold channels stay alive
     because the floor was reached or a group is at its minimum, cost)."""
+    import torch
+
     counts = {g: int(a.sum()) for g, a in alive.items()}
     below = sorted((float(mags[g][i]), k, g, i) for k, g in enumerate(mags)
                    for i in torch.nonzero(alive[g] & (mags[g] < threshold)).flatten().tolist())
@@ -196,11 +113,15 @@ def channel_scaling_stage(
     """Channel-scale a copy of ``model`` (any backbone, plain or with low-rank layers) on (x, y) until its
     physical cost is <= ``target_cost``. With ``revert_larger`` a low-rank block whose channels shrink
     so far that it is no longer smaller than a dense conv is counted, and built, as that dense conv.
-    Returns {"physical", "masked", "keep", "info", "cost"}; ``model`` is untouched."""
+    Returns {"physical", "masked", "keep", "info", "cost"}; ``model`` is untouched. The training runs on
+    ``x``'s device (a copy of ``model`` is moved there); "physical" is on the CPU, "masked" on ``x``'s device."""
+    import torch
+
     from pruneshot.models.base import spec_cost
     from pruneshot.models.basis import revert_larger_blocks, reverted_spec
+    from pruneshot.models.scaled import ChannelScaled
 
-    net = copy.deepcopy(model).eval()
+    net = copy.deepcopy(model).eval().to(x.device)
     scaled = ChannelScaled(net)
     sizes = net.channel_groups()
 
@@ -298,6 +219,10 @@ class ChannelScaling(TargetMethod):
                  "scale_kept_median", "scale_kept_max")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import to_cpu
+        from pruneshot.methods.basis_scaling import support_on_device
         from pruneshot.models.cost import cost
 
         opts = self.resolve_options(ctx.options)
@@ -307,11 +232,12 @@ class ChannelScaling(TargetMethod):
         if ctx.budget >= 1.0:
             return budget_one_result(ctx, base_info)
         gen = torch.Generator().manual_seed(ctx.seed)
-        out = channel_scaling_stage(ctx.model, ctx.support_x, ctx.support_y, target_cost=ctx.dense_cost * ctx.budget,
-                                    metric=ctx.metric, opts=opts, gen=gen, log=ctx.log)
+        x, y = support_on_device(ctx)
+        out = channel_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
+                                    opts=opts, gen=gen, log=ctx.log)
         achieved = cost(out["physical"], ctx.metric) / ctx.dense_cost
         info = {**base_info, **out["info"], "achieved_ratio": achieved, "gap": ctx.budget - achieved}
         ctx.log(f"channel_scaling: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; removed "
                 f"{info['removed_by_threshold']} by threshold, {info['removed_by_ranking']} by ranking")
-        return SearchResult(model=out["physical"], keep=out["keep"], info=info, masked=out["masked"])
+        return SearchResult(model=to_cpu(out["physical"]), keep=out["keep"], info=info, masked=to_cpu(out["masked"]))

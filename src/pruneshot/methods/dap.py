@@ -28,13 +28,8 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     MethodOptions,
@@ -42,11 +37,18 @@ from pruneshot.methods.base import (
     SearchContext,
     SearchResult,
     dense_result,
+    no_grad,
     option,
     width_ratio,
 )
-from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.training import require_finite
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pruneshot.data.splits import Split
+    from pruneshot.runtime.checkpoint import Checkpointer
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,8 @@ def cost_shares(model: nn.Module, metric: str) -> dict[str, float]:
 
 def logistic_noise(n: int, generator: torch.Generator) -> torch.Tensor:
     """(n,) samples of log(u) - log(1 - u), u ~ U(0, 1) (clamped away from 0 and 1)."""
+    import torch
+
     u = torch.rand(n, generator=generator).clamp_(1e-6, 1.0 - 1e-6)
     return torch.log(u) - torch.log1p(-u)
 
@@ -120,20 +124,28 @@ def logistic_noise(n: int, generator: torch.Generator) -> torch.Tensor:
 class ArchitectureGates:
     """Gates ``x_c * sigmoid((theta_c + noise_c) / tau_gate)`` attached by forward hooks on the model's
     mask points (each layer's BatchNorm or activation output); gates below ``GATE_FLOOR`` are exactly 0. theta lives
-    here, not in the model, so the model's state dict is untouched; ``remove()`` detaches the hooks
-    and leaves the model as it was."""
+    here (on the model's device; the noise is drawn on the CPU and moved there), not in the model, so the
+    model's state dict is untouched; ``remove()`` detaches the hooks and leaves the model as it was."""
 
     def __init__(self, model: nn.Module, theta_init: float = 0.0) -> None:
+        import torch
+        from torch import nn
+
         points = model.mask_points()
         sizes = model.channel_groups()
         if set(points) != set(sizes):
             raise ValueError(f"dap: mask points {sorted(points)} do not match channel groups {sorted(sizes)}")
-        self.theta = {g: nn.Parameter(torch.full((n,), float(theta_init))) for g, n in sizes.items()}
-        self.noise: dict[str, torch.Tensor] = {g: torch.zeros(n) for g, n in sizes.items()}
+        from pruneshot.methods.base import model_device
+
+        device = model_device(model)
+        self.theta = {g: nn.Parameter(torch.full((n,), float(theta_init), device=device)) for g, n in sizes.items()}
+        self.noise: dict[str, torch.Tensor] = {g: torch.zeros(n, device=device) for g, n in sizes.items()}
         self.tau_gate = 1.0
         self._handles = [m.register_forward_hook(self._hook(g)) for g in sizes for m in points[g]]
 
     def _hook(self, group: str) -> Callable:
+        import torch
+
         def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
             gate = torch.sigmoid((self.theta[group] + self.noise[group]) / self.tau_gate)
             gate = gate.masked_fill(gate < GATE_FLOOR, 0.0)  # no denormal floats (5x slower on CPU)
@@ -146,11 +158,16 @@ class ArchitectureGates:
 
     def resample_noise(self, generator: torch.Generator | None) -> None:
         """New logistic noise per channel (shared by the mini-batch); ``None`` switches the noise off."""
+        import torch
+
         for g, t in self.theta.items():
-            self.noise[g] = torch.zeros(len(t)) if generator is None else logistic_noise(len(t), generator)
+            noise = torch.zeros(len(t)) if generator is None else logistic_noise(len(t), generator)
+            self.noise[g] = noise.to(t.device)
 
     def penalty(self, costs: dict[str, float], tau_penalty: float) -> torch.Tensor:
         """sum_c cost_c * sigmoid(theta_c / tau_penalty) (no noise)."""
+        import torch
+
         return sum(costs[g] * torch.sigmoid(t / tau_penalty).sum() for g, t in self.theta.items())
 
     def remove(self) -> None:
@@ -159,10 +176,20 @@ class ArchitectureGates:
         self._handles = []
 
 
-@torch.no_grad()
+@no_grad
 def reinitialise(model: nn.Module, seed: int) -> None:
     """Fresh initialisation of every module with ``reset_parameters`` (BN statistics too), seeded by
-    ``seed`` without touching the global CPU RNG."""
+    ``seed`` without touching the global CPU RNG. The draws are made on the CPU whatever the model's
+    device (a model elsewhere is re-initialised as a CPU copy whose values are then copied in)."""
+    import torch
+
+    from pruneshot.methods.base import model_device
+
+    if model_device(model).type != "cpu":
+        fresh = copy.deepcopy(model).to("cpu")
+        reinitialise(fresh, seed)
+        model.load_state_dict(fresh.state_dict())
+        return
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for m in model.modules():
@@ -188,7 +215,16 @@ def architecture_search(
     steps: the model, theta, both optimisers, the batch and noise generators, the current
     permutation and position, history); a matching one is resumed, ending bit-identical to an
     uninterrupted run. Returns (per-step history, steps at which weights were re-initialised).
+    Runs on the model's device (``train`` held there); every random draw is made on the CPU.
     """
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.methods.base import device_source, model_device
+    from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
+    from pruneshot.training import require_finite
+
+    source = device_source(train, model_device(model))
     mode = opts["weights"]
     gen = torch.Generator().manual_seed(seed)
     batch_seed, noise_seed, reinit_seed = (int(s) for s in torch.randint(0, 2**62, (3,), generator=gen))
@@ -257,7 +293,7 @@ def architecture_search(
             if mode == "resample" and step > 0 and step % opts["resample_every"] == 0:
                 reinitialise(model, reinit_seed + step)
                 resampled.append(step)
-            x, y = train.x[idx], train.y[idx]
+            x, y = source.batch(idx)
             gates.tau_gate = taus_g[step]
             gates.resample_noise(noise_gen)
 
@@ -307,6 +343,8 @@ def topk_keep(
     (descending, stable ties), ``n`` the largest count whose cost ratio is <= ``budget`` (0 when the
     forced channels alone exceed it). The ratio never decreases with ``n``: bisection.
     Returns (keep, n, ratio)."""
+    import torch
+
     from pruneshot.models.cost import cost
 
     groups = list(theta)
@@ -335,6 +373,8 @@ def topk_keep(
 def threshold_keep(theta: dict[str, torch.Tensor], tau: float) -> tuple[dict[str, list[int]], dict[str, int]]:
     """Channels with sigmoid(theta / tau) > 0.5 per group; a group with none keeps its top-theta
     channel (second dict: group -> forced index)."""
+    import torch
+
     keep, forced = {}, {}
     for g, t in theta.items():
         idx = torch.nonzero(torch.sigmoid(t / tau) > 0.5).flatten().tolist()
@@ -353,10 +393,13 @@ class DAP(PruningMethod):
     provenance = "reconstruction"
     reference = "Colombo & Gao 2021, Differentiable architecture pruning for transfer learning (abstract only; " \
                 "reconstruction)"
+    uses_device = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import compute_device, device_source, to_cpu
         from pruneshot.models.cost import cost
-        from pruneshot.training import accuracy
 
         opts = self.resolve_options(ctx.options)
         base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts, "reconstruction": True}
@@ -364,17 +407,19 @@ class DAP(PruningMethod):
             return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no theta training")
 
         # ctx.model is the working copy (its weights move unless frozen); the pruned net is cut from `pretrained`.
+        device = compute_device(ctx.device)  # the theta search and the evaluation run there
         pretrained = copy.deepcopy(ctx.model)
-        work = ctx.model
+        work = ctx.model.to(device)
         costs = cost_shares(pretrained, ctx.metric)
         gates = ArchitectureGates(work, opts["theta_init"])
         try:
-            history, resampled = architecture_search(work, gates, ctx.source_train, costs, opts, seed=ctx.seed,
+            history, resampled = architecture_search(work, gates, device_source(ctx.source_train, device), costs,
+                                                     opts, seed=ctx.seed,
                                                      log_metrics=ctx.log_metrics, checkpoint=ctx.checkpoint,
                                                      log=ctx.log)
         finally:
             gates.remove()
-        theta = {g: t.detach().clone() for g, t in gates.theta.items()}
+        theta = {g: t.detach().to("cpu", copy=True) for g, t in gates.theta.items()}
 
         forced: dict[str, int] = {}
         n_global = None
@@ -413,10 +458,22 @@ class DAP(PruningMethod):
             "weights_mode": opts["weights"],
             "weights_resampled_at": resampled,
             "weights_note": "the pruned network holds the pretrained weights and BN statistics of its kept channels",
-            "source_val_acc_pruned": accuracy(pruned, ctx.source_val.x, ctx.source_val.y)
-            if has_val else float("nan"),
+            "source_val_acc_pruned": _val_accuracy(pruned, ctx.source_val, device) if has_val else float("nan"),
         }
         ctx.log(f"dap ({opts['weights']} weights, {opts['extraction']}): {ctx.metric} ratio {achieved:.4f} for "
                 f"requested {ctx.budget:g} (gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; "
                 f"source val acc of the pruned net {info['source_val_acc_pruned']:.4f}")
-        return SearchResult(model=pruned, keep=keep, info=info)
+        return SearchResult(model=to_cpu(pruned), keep=keep, info=info)
+
+
+def _val_accuracy(model: nn.Module, val: Split, device: torch.device) -> float:
+    """Source validation accuracy (fraction) of ``model`` evaluated on ``device`` (the model is moved
+    there and back to the CPU)."""
+    from pruneshot.methods.base import device_source, to_cpu
+    from pruneshot.training import accuracy
+
+    source = device_source(val, device)
+    try:
+        return accuracy(model.to(device), source.x, source.y)
+    finally:
+        to_cpu(model)

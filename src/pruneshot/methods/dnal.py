@@ -17,13 +17,8 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     MethodOptions,
@@ -31,11 +26,17 @@ from pruneshot.methods.base import (
     SearchContext,
     SearchResult,
     dense_result,
+    no_grad,
     option,
     width_ratio,
 )
-from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.training import require_finite
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pruneshot.data.splits import Split
 
 
 @dataclass(frozen=True)
@@ -91,20 +92,28 @@ def gate_points(model: nn.Module) -> dict[str, list[nn.Module]]:
 class ChannelGates:
     """Soft gates ``x_c * sigmoid(delta * alpha_c)`` attached by forward hooks on the gate points.
 
-    The alphas live here, not in the model, so the model's state dict is untouched; ``remove()``
-    detaches the hooks and leaves the model exactly as it was.
+    The alphas live here (on the model's device), not in the model, so the model's state dict is
+    untouched; ``remove()`` detaches the hooks and leaves the model exactly as it was.
     """
 
     def __init__(self, model: nn.Module) -> None:
+        import torch
+        from torch import nn
+
         points = gate_points(model)
         sizes = model.channel_groups()
         if set(points) != set(sizes):
             raise ValueError(f"dnal: gate points {sorted(points)} do not match channel groups {sorted(sizes)}")
-        self.alpha = {g: nn.Parameter(torch.zeros(sizes[g])) for g in sizes}
+        from pruneshot.methods.base import model_device
+
+        device = model_device(model)
+        self.alpha = {g: nn.Parameter(torch.zeros(sizes[g], device=device)) for g in sizes}
         self.delta = 1.0
         self._handles = [m.register_forward_hook(self._hook(g)) for g in sizes for m in points[g]]
 
     def _hook(self, group: str) -> Callable:
+        import torch
+
         def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
             gate = torch.sigmoid(self.delta * self.alpha[group])
             return out * gate.view((1, -1) + (1,) * (out.dim() - 2))
@@ -114,7 +123,7 @@ class ChannelGates:
     def parameters(self) -> list[nn.Parameter]:
         return list(self.alpha.values())
 
-    @torch.no_grad()
+    @no_grad
     def reset(self) -> None:
         """alpha = 0, delta = 1 (the start of stage A)."""
         for a in self.alpha.values():
@@ -123,12 +132,16 @@ class ChannelGates:
 
     def penalty(self) -> torch.Tensor:
         """sum_c sigmoid(alpha_c) over every gate (no delta: counts channels uniformly)."""
+        import torch
+
         return sum(torch.sigmoid(a).sum() for a in self.alpha.values())
 
-    @torch.no_grad()
+    @no_grad
     def keep(self, threshold: float) -> tuple[dict[str, list[int]], dict[str, int]]:
         """Channels with sigmoid(delta * alpha) > threshold, per group; a group with none keeps its
         top-alpha channel (returned in the second dict, group -> forced index)."""
+        import torch
+
         keep, forced = {}, {}
         for g, a in self.alpha.items():
             idx = torch.nonzero(torch.sigmoid(self.delta * a) > threshold).flatten().tolist()
@@ -164,7 +177,16 @@ def arch_stage(
     ``resume`` ({'epochs_done', 'history', 'optimizer': (tensors, meta) of
     :func:`pruneshot.runtime.checkpoint.optimizer_state` under 'opt'}): continue after ``epochs_done``
     epochs; the caller has restored alpha, the model's state and ``generator`` (gates are not
-    reset). ``on_epoch_end(epoch, optimizer, history)`` runs after every epoch (to checkpoint)."""
+    reset). ``on_epoch_end(epoch, optimizer, history)`` runs after every epoch (to checkpoint).
+    Runs on the model's device (``train`` held there; the permutations are drawn on the CPU)."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.methods.base import device_source, model_device
+    from pruneshot.runtime.checkpoint import load_optimizer
+    from pruneshot.training import require_finite
+
+    source = device_source(train, model_device(model))
     was_requires = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
@@ -195,7 +217,8 @@ def arch_stage(
                 idx = perm[i : i + batch_size]
                 if len(idx) < 2:  # BatchNorm in train mode needs more than one sample
                     continue
-                ce = F.cross_entropy(model(train.x[idx]), train.y[idx])
+                xb, yb = source.batch(idx)
+                ce = F.cross_entropy(model(xb), yb)
                 pen = gates.penalty()
                 loss = ce + lam * pen
                 opt.zero_grad(set_to_none=True)
@@ -237,9 +260,14 @@ class DNAL(PruningMethod):
     side = "source"
     provenance = "official code"
     reference = "Guo et al. 2021, DNAL; QingbeiGuo/DNAL"
+    uses_device = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import compute_device, device_source, to_cpu
         from pruneshot.models.cost import cost
+        from pruneshot.runtime.checkpoint import optimizer_state, prefixed, sub
         from pruneshot.training import accuracy
 
         opts = self.resolve_options(ctx.options)
@@ -249,6 +277,9 @@ class DNAL(PruningMethod):
         if ctx.budget >= 1.0:
             return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no architecture stage")
 
+        device = compute_device(ctx.device)  # every trial's stage A and the evaluation run there
+        dense = dense.to(device)
+        train, val = device_source(ctx.source_train, device), device_source(ctx.source_val, device)
         dense_cost = cost(dense, ctx.metric)
         pretrained_buffers = {k: v.detach().clone() for k, v in dense.named_buffers()}
         ckpt = ctx.checkpoint.scoped("dnal", opts, ctx.seed, ctx.budget, ctx.metric) if ctx.checkpoint else None
@@ -299,7 +330,7 @@ class DNAL(PruningMethod):
                       "generator": gen.get_state()})
 
             history = arch_stage(
-                work, gates, ctx.source_train, lam=lam, epochs=opts["arch_epochs"], lr=opts["lr"],
+                work, gates, train, lam=lam, epochs=opts["arch_epochs"], lr=opts["lr"],
                 momentum=opts["momentum"], batch_size=opts["batch_size"], generator=gen,
                 train_fc=opts["train_fc_in_arch_stage"], log_metrics=ctx.log_metrics,
                 step_offset=t * opts["arch_epochs"], resume=resume, on_epoch_end=on_epoch_end)
@@ -328,8 +359,8 @@ class DNAL(PruningMethod):
             save(None, {})
         best = trials[best_trial(trials, ctx.budget)]
         keep = best["keep"]
-        pruned = best["model"].pruned(keep)
-        val_acc = accuracy(pruned, ctx.source_val.x, ctx.source_val.y) if len(ctx.source_val) else float("nan")
+        pruned = best["model"].pruned(keep).to(device)
+        val_acc = accuracy(pruned, val.x, val.y) if len(val) else float("nan")
         info = {
             **base_info,
             "achieved_ratio": best["ratio"],
@@ -351,4 +382,4 @@ class DNAL(PruningMethod):
         }
         ctx.log(f"dnal: lambda_a {best['lambda_a']:.3g}, {ctx.metric} ratio {best['ratio']:.4f} for requested "
                 f"{ctx.budget:g} (gap {info['gap']:+.4f}); source val acc of the pruned net {val_acc:.4f}")
-        return SearchResult(model=pruned, keep=keep, info=info, masked=best["model"])
+        return SearchResult(model=to_cpu(pruned), keep=keep, info=info, masked=to_cpu(best["model"]))

@@ -33,15 +33,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from pruneshot.methods import basis_scaling as bs
 from pruneshot.methods import channel_scaling as cs
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, no_grad, option
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 
 @dataclass(frozen=True)
@@ -60,20 +62,27 @@ class DoublePruningOptions(MethodOptions):
 STAGE_KEYS = ("channel_scaling", "basis_scaling")
 
 
-@torch.no_grad()
+@no_grad
 def _max_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    return float((a.eval()(x) - b.eval()(x)).abs().max().item())
+    """max |a(x) - b(x)| in eval mode, both networks moved (in place) to ``x``'s device."""
+    return float((a.to(x.device).eval()(x) - b.to(x.device).eval()(x)).abs().max().item())
 
 
-@torch.no_grad()
+@no_grad
 def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int]]) -> nn.Module:
     """A decomposed network at ``dense``'s widths computing, on the kept channels, what ``narrow`` (a
     decomposed network of the channel-pruned widths) computes: each BasisScalingConv embedded with
     zero weights on removed input channels and zero outputs on removed channels, BatchNorm of the kept
-    channels from ``narrow``, the head's removed columns zero."""
+    channels from ``narrow``, the head's removed columns zero. Built on ``narrow``'s device (the new head
+    is initialised on the CPU, as always, then moved there)."""
+    import torch
+    from torch import nn
+
+    from pruneshot.methods.base import model_device
     from pruneshot.models.basis import BasisScalingConv
 
-    net = copy.deepcopy(dense).eval()
+    device = model_device(narrow)
+    net = copy.deepcopy(dense).eval().to(device)
     sizes = dense.channel_groups()
     full = {g: torch.as_tensor(keep.get(g, list(range(n))), dtype=torch.long) for g, n in sizes.items()}
     for ly in dense.layers():
@@ -86,7 +95,7 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
         if isinstance(small, BasisScalingConv):
             wide = small.embedded(in_idx, c_in, out, ly.c_out)
         else:  # a depthwise conv (not decomposed): its kept channels' filters, zero elsewhere
-            wide = copy.deepcopy(dense.get_conv(ly.name))
+            wide = copy.deepcopy(dense.get_conv(ly.name)).to(device)
             wide.weight.zero_()
             wide.weight[out] = small.weight
             wide.weight.requires_grad_(False)
@@ -96,7 +105,7 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(bn_w, name)[out] = getattr(bn_n, name)
     prev, prev_n = full[dense.head_group(dense.spec)], sizes[dense.head_group(dense.spec)]
-    head = nn.Linear(prev_n, narrow.classifier.out_features, bias=narrow.classifier.bias is not None)
+    head = nn.Linear(prev_n, narrow.classifier.out_features, bias=narrow.classifier.bias is not None).to(device)
     head.weight.zero_()
     head.weight[:, prev] = narrow.classifier.weight
     if head.bias is not None:
@@ -109,11 +118,15 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
 def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any], b_opts: dict[str, Any],
                  ) -> dict[str, Any]:
     """Both stages on a copy of ``ctx.model``: {"first", "second" (stage results), "masked", "keep"}."""
+    import torch
+
+    from pruneshot.models.scaled import ChannelScaled
+
     gen = torch.Generator().manual_seed(ctx.seed)
     first_target = ctx.dense_cost * ctx.budget ** opts["first_stage_exponent"]
     final_target = ctx.dense_cost * ctx.budget
     common = {"metric": ctx.metric, "gen": gen, "log": ctx.log}
-    x, y = ctx.support_x, ctx.support_y
+    x, y = bs.support_on_device(ctx)
     if opts["order"] == "channel_first":
         first = cs.channel_scaling_stage(ctx.model, x, y, target_cost=first_target, opts=c_opts, **common)
         second = bs.basis_scaling_stage(first["physical"], x, y, target_cost=final_target, opts=b_opts, **common)
@@ -127,8 +140,8 @@ def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any]
     net = copy.deepcopy(first["masked"])
     net.classifier.load_state_dict(second["masked"].net.classifier.state_dict(), strict=True)
     chan = second["masked"]
-    masked = cs.ChannelScaled(net, scales={g: chan.scales[g] for g in chan.scales},
-                              masks={g: chan.mask(g) for g in chan.scales}).eval()
+    masked = ChannelScaled(net, scales={g: chan.scales[g] for g in chan.scales},
+                           masks={g: chan.mask(g) for g in chan.scales}).eval()
     return {"first": first, "second": second, "masked": masked, "keep": second["keep"],
             "masked_form": "composed: basis-scaled dense network with zeroed bases and channel scales"}
 
@@ -145,6 +158,7 @@ class DoublePruning(TargetMethod):
                  "budget split between the stages reconstructed")
 
     def adapt(self, ctx: AdaptContext) -> SearchResult:
+        from pruneshot.methods.base import to_cpu
         from pruneshot.models.cost import cost
 
         resolved = self.resolve_options(ctx.options)
@@ -160,7 +174,7 @@ class DoublePruning(TargetMethod):
         first, second = out["first"], out["second"]
         physical = second["physical"]
         achieved = cost(physical, ctx.metric) / ctx.dense_cost
-        x = ctx.support_x[:8]
+        x = bs.support_on_device(ctx)[0][:8]
         stage_equality = {"first_stage_physical_vs_masked": _max_diff(first["physical"], first["masked"], x),
                           "second_stage_physical_vs_masked": _max_diff(physical, second["masked"], x)}
         info = {
@@ -178,5 +192,5 @@ class DoublePruning(TargetMethod):
         }
         ctx.log(f"double_pruning ({opts['order']}): {ctx.metric} ratio {achieved:.4f} for requested "
                 f"{ctx.budget:g} (gap {info['gap']:+.4f}); first stage ratio {info['first_stage_ratio']:.4f}")
-        return SearchResult(model=physical, keep={g: list(i) for g, i in out["keep"].items()}, info=info,
-                            masked=out["masked"])
+        return SearchResult(model=to_cpu(physical), keep={g: list(i) for g, i in out["keep"].items()}, info=info,
+                            masked=to_cpu(out["masked"]))

@@ -12,21 +12,29 @@ pretrained weights only, no source batch.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from pruneshot.methods import register
 from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult, keep_top, uniform_widths
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
 
 
 def distance_sums(weight: torch.Tensor) -> torch.Tensor:
     """For a conv weight (out, in, kh, kw), float64 per filter: the sum of its Euclidean distances to
     every filter of the layer, shape (out,). The smallest sums are nearest the geometric median."""
+    import torch
+
     flat = weight.detach().flatten(1).double()
     return torch.cdist(flat, flat).sum(1)
 
 
 def fpgm_scores(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Per channel group, the summed ``distance_sums`` of the convs writing it (depthwise excepted)."""
+    import torch
+
     return {g: torch.stack([distance_sums(c.weight) for c in convs]).sum(0)
             for g, convs in model.group_convs().items()}
 

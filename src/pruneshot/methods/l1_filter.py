@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from pruneshot.methods import register
 from pruneshot.methods.base import PruningMethod, SearchContext, SearchResult, keep_top, uniform_widths
 
@@ -15,6 +13,8 @@ class L1Filter(PruningMethod):
     reference = "Li et al. 2017, Pruning Filters for Efficient ConvNets"
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
         widths = uniform_widths(ctx.model, ctx.budget, ctx.metric)
         scores = {
             g: torch.stack([c.weight.detach().abs().flatten(1).sum(1) for c in convs]).sum(0)

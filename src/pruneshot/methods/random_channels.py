@@ -9,11 +9,14 @@ every episode, a cell's episode accuracy is their mean, and the report shows the
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from pruneshot.methods import register
 from pruneshot.methods.base import MethodOptions, PruningMethod, SearchContext, SearchResult, option, uniform_widths
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,8 @@ class RandomOptions(MethodOptions):
 
 def random_keep(model: torch.nn.Module, widths: dict[str, int], gen: torch.Generator) -> dict[str, list[int]]:
     """Per channel group, ``widths[g]`` channel indices drawn uniformly without replacement, sorted."""
+    import torch
+
     return {g: sorted(torch.randperm(n, generator=gen)[: widths[g]].tolist())
             for g, n in model.channel_groups().items()}
 
@@ -40,6 +45,8 @@ class RandomChannels(PruningMethod):
     control = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
         opts = self.resolve_options(ctx.options)
         widths = uniform_widths(ctx.model, ctx.budget, ctx.metric)
         gen = torch.Generator().manual_seed(ctx.seed)  # mask 0 is the single mask of earlier versions

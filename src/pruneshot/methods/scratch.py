@@ -32,9 +32,11 @@ class Scratch(PruningMethod):
     control = True
     trains_from_scratch = True
     mechanism = ("best_val_acc", "epochs_run")
+    uses_device = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
         from pruneshot.data.pipeline import Augment
+        from pruneshot.methods.base import compute_device
         from pruneshot.models.base import build_seeded
         from pruneshot.training import pretrain
 
@@ -51,7 +53,9 @@ class Scratch(PruningMethod):
             model, ctx.source_train, ctx.source_val, epochs=recipe["epochs"], batch_size=recipe["batch_size"],
             lr=recipe["lr"], momentum=recipe["momentum"], weight_decay=recipe["weight_decay"],
             patience=recipe["patience"], seed=seed, augment=Augment.from_config(recipe.get("augment")),
-            device=ctx.device, log=ctx.log, log_metrics=ctx.log_metrics, checkpoint=ctx.checkpoint)
+            device=compute_device(ctx.device), amp=recipe.get("amp", "none"),
+            channels_last=bool(recipe.get("channels_last", True)), log=ctx.log, log_metrics=ctx.log_metrics,
+            checkpoint=ctx.checkpoint)
         # Built at its size: nothing is masked, so the masked form is the network itself.
         return SearchResult(model=model.eval(), keep=None, masked=model, info={
             "widths": widths, "init_seed": seed, "best_epoch": info["best_epoch"],

@@ -14,13 +14,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     MethodOptions,
@@ -29,10 +24,17 @@ from pruneshot.methods.base import (
     SearchResult,
     dense_result,
     global_keep,
+    no_grad,
     option,
 )
-from pruneshot.runtime.checkpoint import Checkpointer, load_optimizer, optimizer_state, prefixed, sub
-from pruneshot.training import require_finite
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pruneshot.data.splits import Split
+    from pruneshot.runtime.checkpoint import Checkpointer
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,13 @@ def bn_gammas(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 
 def gamma_scores(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Per group, the channel score |gamma|, averaged over the group's BatchNorms (a group written
-    by one layer: that layer's |gamma|; averaging keeps tied groups on the same scale in the global
-    ranking; an extension: the paper prunes single-BN channels only)."""
-    return {g: torch.stack([w.detach().abs() for w in ws]).mean(0).clone() for g, ws in bn_gammas(model).items()}
+    """Per group, the channel score |gamma| (CPU, shape (channels,)), averaged over the group's BatchNorms
+    (a group written by one layer: that layer's |gamma|; averaging keeps tied groups on the same scale in
+    the global ranking; an extension: the paper prunes single-BN channels only)."""
+    import torch
+
+    return {g: torch.stack([w.detach().abs() for w in ws]).mean(0).to("cpu", copy=True)
+            for g, ws in bn_gammas(model).items()}
 
 
 def sparsity_finetune(
@@ -95,10 +100,19 @@ def sparsity_finetune(
     checkpoint: Checkpointer | None = None, log: Callable[[str], None] | None = None,
 ) -> list[dict[str, float]]:
     """Fine-tune every weight of ``model`` in place (BN in train mode) on ``CE + l1 * sum |gamma|``
-    with SGD (no weight decay); mini-batch order from a generator seeded with ``seed``.
+    with SGD (no weight decay); mini-batch order from a generator seeded with ``seed`` (CPU). Runs on the
+    model's device: ``train`` (a ``Split``, or a BatchSource there) is held there, batches gathered there.
 
     ``checkpoint``: saved after every epoch (weights and BN buffers, momentum, generator, history);
     a matching one is resumed after its last epoch, ending bit-identical to an uninterrupted run."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.methods.base import device_source, model_device
+    from pruneshot.runtime.checkpoint import load_optimizer, optimizer_state, prefixed, sub
+    from pruneshot.training import require_finite
+
+    source = device_source(train, model_device(model))
     gammas = [w for ws in bn_gammas(model).values() for w in ws]
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=0.0)
@@ -124,7 +138,8 @@ def sparsity_finetune(
             idx = perm[i : i + batch_size]
             if len(idx) < 2:  # BatchNorm in train mode needs more than one sample
                 continue
-            ce = F.cross_entropy(model(train.x[idx]), train.y[idx])
+            xb, yb = source.batch(idx)
+            ce = F.cross_entropy(model(xb), yb)
             sparsity = sum(g.abs().sum() for g in gammas)
             loss = ce + l1 * sparsity
             opt.zero_grad(set_to_none=True)
@@ -163,13 +178,15 @@ def finetune_epochs(n_train: int, batch_size: int, epochs: int, min_steps: int) 
 def gamma_summary(scores: dict[str, torch.Tensor]) -> dict[str, Any]:
     """The |gamma| distribution of per-channel ``scores`` (``gamma_scores``): the share below
     ``SPARSE_GAMMA`` of the largest, that absolute cut, and the ``GAMMA_QUANTILES``."""
+    import torch
+
     flat = torch.cat([v.detach().float() for v in scores.values()])
     cut = SPARSE_GAMMA * float(flat.max())
     return {"sparsity": float((flat < cut).float().mean()), "cut": cut,
             "quantiles": [float(v) for v in torch.quantile(flat, torch.tensor(GAMMA_QUANTILES))]}
 
 
-@torch.no_grad()
+@no_grad
 def rescale_gammas(net: nn.Module, factors: dict[str, float] | None = None) -> dict[str, float]:
     """Undo the L1's shrinkage of the kept BatchNorm scales without changing what the network computes
     (up to BatchNorm's eps): per channel group, every BN writing it has its (gamma, beta) divided by
@@ -182,6 +199,8 @@ def rescale_gammas(net: nn.Module, factors: dict[str, float] | None = None) -> d
     none after rescaling). A group read by a layer without BatchNorm is left as it is. ``factors``: the
     c of each group to apply (e.g. those of the pruned network, applied to its masked dense form) instead of
     computing them. Returns c per rescaled group."""
+    import torch
+
     from pruneshot.models.base import Backbone
 
     if not isinstance(net, Backbone):
@@ -223,8 +242,12 @@ class Slimming(PruningMethod):
     provenance = "baseline"
     reference = "Liu et al. 2017, Network Slimming"
     mechanism = ("gamma_sparsity_before", "gamma_sparsity_after", "gamma_moved_max", "overlap_with_plain_ranking")
+    uses_device = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import compute_device, device_source, to_cpu
         from pruneshot.models.cost import cost
         from pruneshot.training import accuracy
 
@@ -235,6 +258,9 @@ class Slimming(PruningMethod):
         if ctx.budget >= 1.0:
             return dense_result(ctx, base_info, "budget >= 1: dense network returned unchanged, no fine-tune")
 
+        device = compute_device(ctx.device)  # the fine-tune, scoring and evaluation run there
+        model = model.to(device)
+        val = device_source(ctx.source_val, device)
         # what a plain |gamma| ranking of the input network would keep: the fine-tune must change it
         before = gamma_scores(model)
         raw_before = [w.detach().clone() for ws in bn_gammas(model).values() for w in ws]
@@ -252,8 +278,8 @@ class Slimming(PruningMethod):
                     for w, w0 in zip((w for ws in bn_gammas(model).values() for w in ws), raw_before, strict=True))
         n_kept = sum(len(i) for i in keep.values())
         overlap = sum(len(set(keep[g]) & set(plain_keep[g])) for g in keep) / n_kept
-        pruned = model.pruned(keep)
-        acc_unscaled = accuracy(pruned, ctx.source_val.x, ctx.source_val.y) if len(ctx.source_val) else float("nan")
+        pruned = model.pruned(keep).to(device)
+        acc_unscaled = accuracy(pruned, val.x, val.y) if len(val) else float("nan")
         rescaled = rescale_gammas(pruned) if opts["rescale"] else {}
         rescale_gammas(model, rescaled)  # the masked form (the fine-tuned dense network) gets the same factors
         achieved = cost(pruned, ctx.metric) / cost(model, ctx.metric)
@@ -282,15 +308,13 @@ class Slimming(PruningMethod):
             "gamma_moved_max": moved,
             "overlap_with_plain_ranking": overlap,
             "finetune_history": history,
-            "source_val_acc_finetuned_dense": accuracy(model, ctx.source_val.x, ctx.source_val.y)
-            if has_val else float("nan"),
+            "source_val_acc_finetuned_dense": accuracy(model, val.x, val.y) if has_val else float("nan"),
             "source_val_acc_pruned_before_rescale": acc_unscaled,
-            "source_val_acc_pruned": accuracy(pruned, ctx.source_val.x, ctx.source_val.y)
-            if has_val else float("nan"),
+            "source_val_acc_pruned": accuracy(pruned, val.x, val.y) if has_val else float("nan"),
             "gamma_rescale": rescaled,
         }
         ctx.log(f"slimming: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; "
                 f"global |gamma| cut after {n_global} channels; sparse gammas {dist_before['sparsity']:.2f} -> "
                 f"{dist_after['sparsity']:.2f}, overlap with the plain ranking {overlap:.2f}")
-        return SearchResult(model=pruned, keep=keep, info=info, masked=model)
+        return SearchResult(model=to_cpu(pruned), keep=keep, info=info, masked=to_cpu(model))

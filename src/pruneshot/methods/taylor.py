@@ -14,13 +14,8 @@ uses its running statistics, so scoring changes no buffer) and no weight is upda
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from pruneshot.data.splits import Split
 from pruneshot.methods import register
 from pruneshot.methods.base import (
     MethodOptions,
@@ -31,6 +26,13 @@ from pruneshot.methods.base import (
     global_keep,
     option,
 )
+
+# Imported where the method computes: its metadata is read without torch (see methods/base.py).
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from pruneshot.data.splits import Split
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,21 @@ def taylor_importance(model: nn.Module, train: Split, *, batches: int, batch_siz
     ``sum over batches of (sum_{n,h,w} a * dL/da)^2`` with a the (N, C, H, W) output of every
     BatchNorm writing the group (summed over them) and L the mean cross-entropy of the batch on the
     source classifier. Batches: a permutation of the split from a generator seeded with ``seed``.
-    The model is scored in eval mode; its parameters' ``.grad`` are left as they were."""
+    The model is scored in eval mode; its parameters' ``.grad`` are left as they were. Runs on the
+    model's device (``train`` held there, sums in float64 there); the scores are returned on the CPU."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.methods.base import device_source, model_device
     from pruneshot.models.base import Backbone
 
     if not isinstance(model, Backbone):
         name = getattr(model, "spec", {}).get("name", type(model).__name__)
         raise NotImplementedError(f"taylor: no channel groups defined for {name!r} (not a pruneshot Backbone)")
+    device = model_device(model)
+    source = device_source(train, device)
     owners = [(g, bn) for g, bns in model.group_bns().items() for bn in bns]
-    scores = {g: torch.zeros(n, dtype=torch.float64) for g, n in model.channel_groups().items()}
+    scores = {g: torch.zeros(n, dtype=torch.float64, device=device) for g, n in model.channel_groups().items()}
     outputs: dict[int, torch.Tensor] = {}
 
     def keep_output(index: int):
@@ -75,7 +84,8 @@ def taylor_importance(model: nn.Module, train: Split, *, batches: int, batch_siz
             idx = perm[b * batch_size:(b + 1) * batch_size]
             outputs.clear()
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(train.x[idx]), train.y[idx]).backward()
+            xb, yb = source.batch(idx)
+            F.cross_entropy(model(xb), yb).backward()
             for i, (g, _) in enumerate(owners):
                 out = outputs[i]
                 per_channel = (out.detach() * out.grad).sum(dim=(0, 2, 3)).double()
@@ -86,7 +96,7 @@ def taylor_importance(model: nn.Module, train: Split, *, batches: int, batch_siz
         for p, grad in zip(model.parameters(), saved, strict=True):
             p.grad = grad
         model.train(was_training)
-    return scores
+    return {g: s.cpu() for g, s in scores.items()}
 
 
 @register
@@ -96,13 +106,22 @@ class Taylor(PruningMethod):
     side = "source"
     provenance = "baseline"
     reference = "Molchanov et al. 2019, Importance Estimation for Neural Network Pruning"
+    uses_device = True
 
     def search(self, ctx: SearchContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.base import compute_device, to_cpu
+
         opts = self.resolve_options(ctx.options)
         if ctx.budget >= 1.0:
             return dense_result(ctx, {"batches": opts["batches"]}, "budget >= 1: nothing pruned")
-        scores = taylor_importance(ctx.model, ctx.source_train, batches=opts["batches"],
-                                   batch_size=opts["batch_size"], seed=ctx.seed)
+        device = compute_device(ctx.device)
+        try:  # scored on the device; the ranking, cut and surgery on the CPU
+            scores = taylor_importance(ctx.model.to(device), ctx.source_train, batches=opts["batches"],
+                                       batch_size=opts["batch_size"], seed=ctx.seed)
+        finally:
+            to_cpu(ctx.model)
         keep, n_global = global_keep(ctx.model, scores, ctx.budget, ctx.metric)
         widths = {g: len(k) for g, k in keep.items()}
         flat = torch.cat(list(scores.values()))

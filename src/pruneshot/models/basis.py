@@ -102,7 +102,7 @@ class BasisScalingConv(nn.Module):
     @torch.no_grad()
     def prune(self, idx: torch.Tensor | list[int]) -> None:
         """Remove bases ``idx``: s_i = 0 and mask_i = 0 (the masked form)."""
-        idx = torch.as_tensor(idx, dtype=torch.long)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.mask.device)
         self.mask[idx] = 0.0
         self.s[idx] = 0.0
 
@@ -156,7 +156,8 @@ class BasisScalingConv(nn.Module):
         inputs and ``c_out`` outputs: its input channels become ``in_idx``, its outputs ``out_idx``,
         every other input is ignored (zero basis weights) and every other output is zero (zero V rows,
         zero bias). Same bases, S, s and mask: on the kept channels it computes what this layer does."""
-        in_idx, out_idx = torch.as_tensor(in_idx, dtype=torch.long), torch.as_tensor(out_idx, dtype=torch.long)
+        in_idx = torch.as_tensor(in_idx, dtype=torch.long, device=self.v.device)
+        out_idx = torch.as_tensor(out_idx, dtype=torch.long, device=self.v.device)
         if len(in_idx) != self.in_channels or len(out_idx) != self.out_channels:
             raise ValueError("embedded: index lists must match this layer's input/output channels")
         new = copy.deepcopy(self)

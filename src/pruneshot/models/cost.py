@@ -15,12 +15,14 @@ def count_params(model: nn.Module) -> int:
 
 def count_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
     """FLOPs of one forward pass at batch 1 (torch.utils.flop_counter: 2 per multiply-add
-    in convs and matmuls; BN, ReLU and pooling are not counted). ``input_shape`` is (C, H, W)."""
+    in convs and matmuls; BN, ReLU and pooling are not counted). ``input_shape`` is (C, H, W). The
+    pass runs on the model's device (its first parameter's; the CPU for a model without any)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     modes = {m: m.training for m in model.modules()}
     model.eval()
-    x = torch.zeros((1, *input_shape))
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    x = torch.zeros((1, *input_shape), device=device)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         model(x)

@@ -23,13 +23,14 @@ def _row_id(*parts: object) -> str:
 def _network(method: Any, rec: dict[str, Any], transfer: dict[str, Any], metric: str) -> dict[str, Any]:
     """The network columns of a cell: a source-side method's search record as it is; for a target-side
     method (no search) the same fields from the transfer record (dense cost counted on the loaded
-    pretrained network, its weights hash) and the budget it was asked for."""
+    pretrained network, its weights hash, the device its ``adapt`` ran on as ``search_device``: the record's
+    ``adapt_device``, 'cpu' for records without one) and the budget it was asked for."""
     if method.side == "source":
         return rec
     nan = float("nan")
     return {"status": "ok", "budget_metric": metric, "requested_budget": transfer["requested_budget"],
             "dense_params": transfer.get("dense_params", nan), "dense_flops": transfer.get("dense_flops", nan),
-            "search_device": "cpu", "weights_sha256": transfer["weights_sha256"]}
+            "search_device": transfer.get("adapt_device", "cpu"), "weights_sha256": transfer["weights_sha256"]}
 
 
 def _dig(info: dict[str, Any], key: str) -> Any:

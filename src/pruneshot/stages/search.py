@@ -52,7 +52,11 @@ def _retention(pruned: Any, val: Any, bn: dict[str, Any]) -> dict[str, Any]:
 def search(config: dict[str, Any], method_name: str, budget: float, replicate: int, manifest_path: Path,
            pretrained_weights: Path, pretrained_arch: Path, pretrained_metrics: Path,
            out_weights: Path, out_arch: Path, out_record: Path, job: Job) -> dict[str, Any]:
-    """Run one method's search at one budget; save the physically pruned network and its record."""
+    """Run one method's search at one budget; save the physically pruned network and its record. A method
+    with a source loop (``uses_device``) computes on ``pretrain.device``, resolved as pretraining resolves it
+    (a requested but absent GPU is an error before any work); the record's ``search_device`` names the
+    device used ('cpu' for a data-free search)."""
+    from pruneshot.data.pipeline import resolve_device
     from pruneshot.methods import SearchContext, get_method, options_for
     from pruneshot.models.base import load_model, weights_for_save
     from pruneshot.models.cost import cost, count_flops, count_params, input_shape
@@ -62,6 +66,8 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     if method.side != "source":
         raise ValueError(f"{method_name} is a {method.side}-side method: it prunes per episode in transfer and has "
                          "no search")
+    device = resolve_device(config["pretrain"].get("device", "auto"), "pretrain.device")
+    used_device = str(device) if method.uses_device else "cpu"
     seeds = seeds_for(config, replicate)
     seed_everything(seeds["search"])
     pre = read_json(pretrained_metrics)
@@ -81,7 +87,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
     code = (type(method).__module__.removeprefix("pruneshot."), "methods.base", "models.base", "models.cifar",
             "models.surgery")
     ckpt = checkpointer(job, out_weights.parent, method_name, budget, metric, replicate, options, seeds,
-                         job.input_hashes(inputs), modules=code)
+                         job.input_hashes(inputs), used_device, modules=code)
     with job.tracked(inputs, seeds, params, upstream=pre) as run:
         import torch._dynamo  # noqa: F401  (torch.optim imports it lazily, ~2 s: keep it out of search_seconds)
 
@@ -90,7 +96,7 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             inject_failure("search", method_name)
             result = method.search(SearchContext(
                 model=model, budget=budget, metric=metric, source_train=train_split, source_val=val_split,
-                seed=seeds["search"], options=options, recipe=dict(config["pretrain"]),
+                seed=seeds["search"], options=options, recipe=dict(config["pretrain"]), device=used_device,
                 log=job.log, log_metrics=run.log_metrics, checkpoint=ckpt))
         except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
             failure = error_text(exc)
@@ -126,10 +132,10 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
             "method": method_name, "side": method.side, "method_provenance": method.provenance,
             "reference": method.reference, "replicate": replicate, "budget_metric": metric,
             "requested_budget": budget, "status": "failed", "error": failure,
-            "dense_params": dense_params, "dense_flops": dense_flops, "search_device": "cpu",
+            "dense_params": dense_params, "dense_flops": dense_flops, "search_device": used_device,
             "search_seconds": time.perf_counter() - t0, "weights_sha256": sha256_file(out_weights),
             "arch_sha256": sha256_file(out_arch),
-            **ids, **upstream, "provenance": job.provenance(inputs, seeds),
+            **ids, **upstream, "provenance": job.provenance(inputs, seeds, device=used_device),
         }
         write_json(out_record, record)
         ckpt.clear()
@@ -144,10 +150,10 @@ def search(config: dict[str, Any], method_name: str, budget: float, replicate: i
         "achieved_params": achieved["params"], "achieved_flops": achieved["flops"],
         "dense_params": dense_params, "dense_flops": dense_flops,
         "params_ratio": achieved["params"] / dense_params, "flops_ratio": achieved["flops"] / dense_flops,
-        "search_seconds": seconds, "search_device": "cpu", "keep": result.keep, "info": result.info,
+        "search_seconds": seconds, "search_device": used_device, "keep": result.keep, "info": result.info,
         "bn_recalibration": bn, "networks": 1 + len(variants), "source_retention": retention,
         "weights_sha256": sha256_file(out_weights), "arch_sha256": sha256_file(out_arch), **ids, **upstream,
-        "provenance": job.provenance(inputs, seeds),
+        "provenance": job.provenance(inputs, seeds, device=used_device),
     }
     write_json(out_record, record)
     ckpt.clear()  # the outputs are complete: the checkpoint is no longer needed

@@ -166,7 +166,7 @@ def _adapt(s: _Setting, network: Any, ep: _Episode, seeds: dict[str, Any], dense
     torch.manual_seed(seeds["adapt"])
     res = s.method.adapt(AdaptContext(model=model, budget=s.budget, metric=s.metric, support_x=ep.support[0],
                                       support_y=ep.support[1], seed=seeds["adapt"], dense_cost=dense_cost,
-                                      options=s.options, log=log))
+                                      options=s.options, log=log, device=str(s.device)))
     start = res.model.eval()
     a_cost = {m: cost(start, m) for m in ("params", "flops")}
     return start, {
@@ -395,9 +395,9 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     method's achieved cost and seconds are recorded per episode. One MLflow
     run per job; metrics are prefixed by the arm.
 
-    The arms train and score on ``transfer.device`` (model and episode tensors are moved there;
-    every random draw stays on the CPU, so the seeds mean the same on any device). Target-side
-    pruning and all cost counting stay on the CPU."""
+    The arms and a target-side method's adapt run on ``transfer.device`` (model and episode tensors
+    are moved there; every random draw stays on the CPU, so the seeds mean the same on any device).
+    Cost counting stays on the CPU."""
     from pruneshot.batching import resolve_episode_batch
     from pruneshot.data import splits
     from pruneshot.data.pipeline import resolve_device, zero_level
@@ -522,6 +522,7 @@ def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: d
     }
     if s.method.side == "target":
         record.update(dense)
+        record["adapt_device"] = str(device)  # method.adapt runs on the arms' device (its draws on the CPU)
     if failure is None and adapted:
         record["adapted"] = adapted
         record["achieved"] = {

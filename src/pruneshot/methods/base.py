@@ -365,6 +365,20 @@ class TargetMethod(PruningMethod):
     def adapt(self, ctx: AdaptContext) -> SearchResult:
         """Prune ``ctx.model`` on the support set to ``ctx.budget``; return the physically pruned network."""
 
+    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
+        """:meth:`adapt` of several episodes (a chunk of ``transfer.episode_batch``), in order. This default
+        adapts them one at a time, the global torch RNG seeded with each episode's ``seed`` first (the
+        reference). A method may train the chunk's masked networks together instead; its results must
+        equal this default's up to float rounding (tests/test_batching.py), drawing every random number
+        per episode from that episode's seed."""
+        import torch
+
+        results = []
+        for ctx in contexts:
+            torch.manual_seed(ctx.seed)
+            results.append(self.adapt(ctx))
+        return results
+
 
 def width_ratio(model: nn.Module, widths: dict[str, int], metric: str, dense_cost: float) -> float:
     """cost(model with each group's width replaced by ``widths[g]``) / ``dense_cost``, without copying weights."""

@@ -152,28 +152,32 @@ def _head(network: Any, ways: int, seed: int) -> Any:
     return model
 
 
-def _adapt(s: _Setting, network: Any, ep: _Episode, seeds: dict[str, Any], dense_cost: float,
-           log: Any) -> tuple[Any, dict[str, Any]]:
-    """Target-side pruning of the episode's headed network on its support set: (pruned network, entry
-    of the record's ``adapted`` list)."""
-    import torch
-
+def _adapt(s: _Setting, network: Any, chunk: list[_Episode], seeds: list[dict[str, Any]], dense_cost: float,
+           log: Any) -> list[tuple[Any, dict[str, Any]]]:
+    """Target-side pruning of each episode's headed network on its support set, the chunk at once
+    (``method.adapt_batch``; one episode at a time under the reference engine): per episode (pruned
+    network, entry of the record's ``adapted`` list). ``adapt_seconds``: the chunk's seconds / its size."""
     from pruneshot.methods import AdaptContext
     from pruneshot.models.cost import cost
 
-    model = _head(network, s.ways, seeds["head"]).eval()
+    contexts = [AdaptContext(model=_head(network, s.ways, es["head"]).eval(), budget=s.budget, metric=s.metric,
+                             support_x=ep.support[0], support_y=ep.support[1], seed=es["adapt"],
+                             dense_cost=dense_cost, options=s.options, log=log, device=str(s.device))
+                for ep, es in zip(chunk, seeds, strict=True)]
     t0 = time.perf_counter()
-    torch.manual_seed(seeds["adapt"])
-    res = s.method.adapt(AdaptContext(model=model, budget=s.budget, metric=s.metric, support_x=ep.support[0],
-                                      support_y=ep.support[1], seed=seeds["adapt"], dense_cost=dense_cost,
-                                      options=s.options, log=log, device=str(s.device)))
-    start = res.model.eval()
-    a_cost = {m: cost(start, m) for m in ("params", "flops")}
-    return start, {
-        "episode": ep.index, "adapt_seed": seeds["adapt"], "adapt_seconds": time.perf_counter() - t0,
-        "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": a_cost[s.metric] / dense_cost,
-        "spec": start.spec, "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
-    }
+    results = s.method.adapt_batch(contexts) if s.episode_batch > 1 else [
+        r for ctx in contexts for r in s.method.adapt_batch([ctx])]
+    seconds = (time.perf_counter() - t0) / len(chunk)
+    out = []
+    for ep, es, res in zip(chunk, seeds, results, strict=True):
+        start = res.model.eval()
+        a_cost = {m: cost(start, m) for m in ("params", "flops")}
+        out.append((start, {
+            "episode": ep.index, "adapt_seed": es["adapt"], "adapt_seconds": seconds,
+            "params": a_cost["params"], "flops": a_cost["flops"], "achieved_ratio": a_cost[s.metric] / dense_cost,
+            "spec": start.spec, "info": {k: v for k, v in res.info.items() if k not in ("history", "rounds")},
+        }))
+    return out
 
 
 def _arm_start(s: _Setting, arm: str, network: Any, adapted: Any, seeds: dict[str, Any]) -> Any:
@@ -313,13 +317,15 @@ def _run_episodes(s: _Setting, networks: list[Any], episodes: list[_Episode], co
         es = [episode_seeds(config, s.replicate, s.target, s.ways, s.shots, ep.index, s.arms) for ep in chunk]
         tensors = [ep.on(s.device) for ep in chunk]  # one chunk on the arms' device at a time
         starts: list[Any] = [None] * len(chunk)
-        for i, ep in enumerate(chunk):
-            seeds_rows.append({"episode": ep.index, "head": es[i]["head"]})
-            if dense_cost is not None:
-                starts[i], entry = _adapt(s, network, ep, es[i], dense_cost, job.log)
+        if dense_cost is not None:
+            pruned = _adapt(s, network, chunk, es, dense_cost, job.log)
+            starts = [p[0] for p in pruned]
+            for ep, (_start, entry) in zip(chunk, pruned, strict=True):
                 adapted.append(entry)
                 run.log_metrics({"achieved_ratio": entry["achieved_ratio"], "adapt_seconds": entry["adapt_seconds"]},
                                 ep.index)
+        for i, ep in enumerate(chunk):
+            seeds_rows.append({"episode": ep.index, "head": es[i]["head"]})
             for name in s.method.controls:
                 controls.setdefault(name, {"episodes": []})["episodes"].append(
                     {"episode": ep.index, "accuracy": _control(name, tensors[i])})

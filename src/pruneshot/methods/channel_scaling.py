@@ -16,12 +16,16 @@ final cost target (it may run ahead of the round schedule, never below the budge
 counts removals by threshold and by ranking. Removed channels get scale 0 (masked form). The
 physical network is ``pruned(keep)`` with the scales folded into the consumers. The l1 weight,
 threshold, schedule and ranking are reconstructions (the sources give none of them).
+
+``adapt_batch`` (a chunk of ``transfer.episode_batch`` episodes) trains the chunk's scale sets and heads
+together on the channel-stacked frozen body (:func:`channel_scaling_stages`); each episode's batches,
+loss, decisions and result are its own, as one at a time (tests/test_batched_adapt_channel.py).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -106,6 +110,108 @@ def threshold_prune(
     return removed, spared, cost
 
 
+class _Schedule:
+    """One network's channel-scaling schedule, shared by the sequential stage and the batched one: its cost
+    accounting, round targets, the pruning decision after every round (threshold, then ranking) and the
+    stage's final assembly (fold, keep, info). Holds the record: rounds_history and removal counts."""
+
+    def __init__(self, net: nn.Module, target_cost: float, metric: str, opts: dict[str, Any],
+                 revert_larger: bool, log: Callable[[str], None]) -> None:
+        import torch
+
+        self.net, self.target_cost, self.metric, self.opts = net, target_cost, metric, opts
+        self.revert_larger, self.log = revert_larger, log
+        from pruneshot.models.base import spec_cost
+        from pruneshot.models.basis import reverted_spec
+
+        self._spec_cost, self._reverted_spec = spec_cost, reverted_spec
+        self.sizes = net.channel_groups()
+        self.start = self.cost_of(self.sizes)
+        self.targets = round_targets(self.start, target_cost, opts["rounds"])
+        self.min_widths = None
+        if opts["ranking"] == "per_layer":  # the threshold keeps to the same-fraction widths of the final target
+            full = {g: torch.ones(n, dtype=torch.bool) for g, n in self.sizes.items()}
+            cut, _ = per_layer_prune({g: torch.zeros(n) for g, n in self.sizes.items()}, full, self.sizes,
+                                     self.cost_of, target_cost)
+            self.min_widths = {g: n - sum(1 for gg, _ in cut if gg == g) for g, n in self.sizes.items()}
+        self.history: list[dict[str, Any]] = []
+        self.by_threshold = self.by_ranking = self.spared = 0
+
+    def cost_of(self, counts: dict[str, int]) -> int:
+        spec = self.net.spec_with_widths(counts)
+        return self._spec_cost(self._reverted_spec(spec) if self.revert_larger else spec, self.metric)
+
+    def decide(self, j: int, mags: dict[str, torch.Tensor], alive: dict[str, torch.Tensor],
+               losses: list[float]) -> dict[str, list[int]]:
+        """Round ``j``'s removals (group -> channel indices) from the CPU |effective scale| ``mags`` and
+        ``alive`` (bool) masks after the round's steps (CE per step ``losses``); recorded and logged."""
+        opts, target = self.opts, self.targets[j - 1]
+        thr, spared, cost = threshold_prune(mags, alive, opts["threshold"], self.cost_of, self.target_cost,
+                                            self.min_widths)
+        ranked: list[tuple[str, int]] = []
+        if cost > target:
+            if opts["ranking"] == "global":
+                ranked, _, cost = greedy_prune(mags, alive, self.cost_of, target)
+            else:
+                ranked, cost = per_layer_prune(mags, alive, self.sizes, self.cost_of, target)
+        removals = {g: idx for g in self.sizes if (idx := [i for gg, i in thr + ranked if gg == g])}
+        self.by_threshold += len(thr)
+        self.by_ranking += len(ranked)
+        self.spared += spared
+        widths = {g: int(a.sum()) for g, a in alive.items()}  # alive is updated in place: the kept channels
+        self.history.append({
+            "round": j, "target_cost": target, "cost": cost, "removed_by_threshold": len(thr),
+            "removed_by_ranking": len(ranked), "below_threshold_kept_at_budget": spared,
+            "ce_first": losses[0], "ce_last": losses[-1], "widths": widths,
+            "scale_min": min(float(m[a].min()) for m, a in zip(mags.values(), alive.values(), strict=True)),
+            "scale_max": max(float(m.max()) for m in mags.values())})
+        self.log(f"channel_scaling round {j}/{opts['rounds']}: ce {losses[-1]:.4f}, removed {len(thr)} by "
+                 f"threshold, {len(ranked)} by ranking; {self.metric} {cost:.0f} (target {target:.0f}); "
+                 f"widths {list(widths.values())}")
+        return removals
+
+    def result(self, scaled: nn.Module) -> dict[str, Any]:
+        """The stage's output from the trained, frozen ChannelScaled network: {"physical", "masked",
+        "keep", "info", "cost"}."""
+        import torch
+
+        from pruneshot.models.basis import revert_larger_blocks
+
+        physical, keep = scaled.fold()
+        if self.revert_larger:
+            physical = revert_larger_blocks(physical)
+        widths = {g: len(i) for g, i in keep.items()}
+        final_cost = self.cost_of(widths)
+        kept_mags = torch.cat([scaled.effective(g).detach().abs().cpu()[torch.as_tensor(i, dtype=torch.long)]
+                               for g, i in keep.items()])
+        removed = self.by_threshold + self.by_ranking
+        info = {
+            "ranking": self.opts["ranking"],
+            "reconstruction of l1/threshold/schedule": True,
+            "widths": widths,
+            "removed_by_threshold": self.by_threshold,
+            "removed_by_ranking": self.by_ranking,
+            "threshold_share": self.by_threshold / removed if removed else 0.0,
+            "below_threshold_kept_at_budget": self.spared,
+            "scale_kept_min": float(kept_mags.min()),
+            "scale_kept_median": float(kept_mags.median()),
+            "scale_kept_max": float(kept_mags.max()),
+            "start_cost": self.start,
+            "target_cost": self.target_cost,
+            "accounted_cost": final_cost,
+            "met_from_below": final_cost <= self.target_cost,
+            "rounds_history": self.history,
+            "scale_placement": "input of every consumer of the group (after activation and pooling); folded into "
+                               "the consumers' weights",
+        }
+        return {"physical": physical, "masked": scaled.eval(), "keep": keep, "info": info, "cost": final_cost}
+
+
+def _round_state(effective: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One group's (|effective scale|, alive) on the CPU, what a round's decision reads."""
+    return effective.detach().abs().cpu(), (mask > 0).cpu()
+
+
 def channel_scaling_stage(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, target_cost: float, metric: str, opts: dict[str, Any],
     gen: torch.Generator, log: Callable[[str], None] = print, revert_larger: bool = False,
@@ -117,24 +223,11 @@ def channel_scaling_stage(
     ``x``'s device (a copy of ``model`` is moved there); "physical" is on the CPU, "masked" on ``x``'s device."""
     import torch
 
-    from pruneshot.models.base import spec_cost
-    from pruneshot.models.basis import revert_larger_blocks, reverted_spec
     from pruneshot.models.scaled import ChannelScaled
 
     net = copy.deepcopy(model).eval().to(x.device)
     scaled = ChannelScaled(net)
-    sizes = net.channel_groups()
-
-    def cost_of(counts: dict[str, int]) -> int:
-        spec = net.spec_with_widths(counts)
-        return spec_cost(reverted_spec(spec) if revert_larger else spec, metric)
-
-    start = cost_of(sizes)
-    min_widths = None
-    if opts["ranking"] == "per_layer":  # the threshold keeps to the same-fraction widths of the final target
-        full = {g: torch.ones(n, dtype=torch.bool) for g, n in sizes.items()}
-        cut, _ = per_layer_prune({g: torch.zeros(n) for g, n in sizes.items()}, full, sizes, cost_of, target_cost)
-        min_widths = {g: n - sum(1 for gg, _ in cut if gg == g) for g, n in sizes.items()}
+    plan = _Schedule(net, target_cost, metric, opts, revert_larger, log)
     scales = list(scaled.scales.values())
     head = list(net.classifier.parameters())
     for p in scaled.parameters():
@@ -144,68 +237,159 @@ def channel_scaling_stage(
     opt = torch.optim.SGD(scales + head, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
 
     def penalty() -> torch.Tensor:
-        return opts["l1"] * sum(scaled.effective(g).abs().sum() for g in sizes)
+        return opts["l1"] * sum(scaled.effective(g).abs().sum() for g in plan.sizes)
 
-    history = []
-    by_threshold = by_ranking = spared_total = 0
-    for j, target in enumerate(round_targets(start, target_cost, opts["rounds"]), start=1):
+    for j in range(1, opts["rounds"] + 1):
         losses = fit_steps(scaled, opt, x, y, opts["steps_per_round"], gen, penalty=penalty, after_step=scaled.rezero)
-        mags = {g: scaled.effective(g).detach().abs().cpu() for g in sizes}
-        alive = {g: (scaled.mask(g) > 0).cpu() for g in sizes}
-        thr, spared, cost = threshold_prune(mags, alive, opts["threshold"], cost_of, target_cost, min_widths)
-        ranked: list[tuple[str, int]] = []
-        if cost > target:
-            if opts["ranking"] == "global":
-                ranked, _, cost = greedy_prune(mags, alive, cost_of, target)
-            else:
-                ranked, cost = per_layer_prune(mags, alive, sizes, cost_of, target)
-        for g in sizes:
-            idx = [i for gg, i in thr + ranked if gg == g]
-            if idx:
-                scaled.remove(g, idx)
-        by_threshold += len(thr)
-        by_ranking += len(ranked)
-        spared_total += spared
-        widths = {g: len(i) for g, i in scaled.keep().items()}
-        row = {"round": j, "target_cost": target, "cost": cost, "removed_by_threshold": len(thr),
-               "removed_by_ranking": len(ranked), "below_threshold_kept_at_budget": spared,
-               "ce_first": losses[0], "ce_last": losses[-1], "widths": widths,
-               "scale_min": min(float(m[a].min()) for m, a in zip(mags.values(), alive.values(), strict=True)),
-               "scale_max": max(float(m.max()) for m in mags.values())}
-        history.append(row)
-        log(f"channel_scaling round {j}/{opts['rounds']}: ce {losses[-1]:.4f}, removed {len(thr)} by threshold, "
-            f"{len(ranked)} by ranking; {metric} {cost:.0f} (target {target:.0f}); widths {list(widths.values())}")
-
+        state = {g: _round_state(scaled.effective(g), scaled.mask(g)) for g in plan.sizes}
+        removals = plan.decide(j, {g: m for g, (m, _) in state.items()}, {g: a for g, (_, a) in state.items()},
+                               losses)
+        for g, idx in removals.items():
+            scaled.remove(g, idx)
     for p in scales + head:
         p.requires_grad_(False)
-    physical, keep = scaled.fold()
-    if revert_larger:
-        physical = revert_larger_blocks(physical)
-    widths = {g: len(i) for g, i in keep.items()}
-    final_cost = cost_of(widths)
-    kept_mags = torch.cat([scaled.effective(g).detach().abs().cpu()[torch.as_tensor(i, dtype=torch.long)]
-                           for g, i in keep.items()])
-    removed = by_threshold + by_ranking
-    info = {
-        "ranking": opts["ranking"],
-        "reconstruction of l1/threshold/schedule": True,
-        "widths": widths,
-        "removed_by_threshold": by_threshold,
-        "removed_by_ranking": by_ranking,
-        "threshold_share": by_threshold / removed if removed else 0.0,
-        "below_threshold_kept_at_budget": spared_total,
-        "scale_kept_min": float(kept_mags.min()),
-        "scale_kept_median": float(kept_mags.median()),
-        "scale_kept_max": float(kept_mags.max()),
-        "start_cost": start,
-        "target_cost": target_cost,
-        "accounted_cost": final_cost,
-        "met_from_below": final_cost <= target_cost,
-        "rounds_history": history,
-        "scale_placement": "input of every consumer of the group (after activation and pooling); folded into "
-                           "the consumers' weights",
-    }
-    return {"physical": physical, "masked": scaled.eval(), "keep": keep, "info": info, "cost": final_cost}
+    return plan.result(scaled)
+
+
+def channel_scaling_stages(
+    models: Sequence[nn.Module], xs: Sequence[torch.Tensor], ys: Sequence[torch.Tensor], *,
+    target_costs: Sequence[float], metric: str, opts: dict[str, Any], gens: Sequence[torch.Generator],
+    logs: Sequence[Callable[[str], None]], revert_larger: bool = False, seeds: Sequence[int] | None = None,
+) -> list[dict[str, Any]]:
+    """:func:`channel_scaling_stage` of every (model, x, y, target cost, generator, log), in order, with
+    the networks that can be channel-stacked together (one architecture, :func:`pruneshot.batching.stackable`,
+    support sets of one shape on one device) trained at once (:func:`_stages_together`); any other
+    network, and a group of one, by :func:`channel_scaling_stage` itself. ``seeds``: the global torch RNG is
+    seeded with ``seeds[i]`` before network i's stage (alone) or its result's assembly (together)."""
+    import torch
+
+    from pruneshot.batching import _architecture, stackable
+
+    groups: dict[Any, list[int]] = {}
+    for i, (m, x) in enumerate(zip(models, xs, strict=True)):
+        key = (_architecture(m), tuple(x.shape), str(x.device), x.dtype) if stackable(m) else ("alone", i)
+        groups.setdefault(key, []).append(i)
+    out: list[dict[str, Any]] = [{} for _ in models]
+    for idx in groups.values():
+        if len(idx) == 1:
+            i = idx[0]
+            if seeds is not None:
+                torch.manual_seed(seeds[i])
+            out[i] = channel_scaling_stage(models[i], xs[i], ys[i], target_cost=target_costs[i], metric=metric,
+                                           opts=opts, gen=gens[i], log=logs[i], revert_larger=revert_larger)
+            continue
+        together = _stages_together([models[i] for i in idx], [xs[i] for i in idx], [ys[i] for i in idx],
+                                    [target_costs[i] for i in idx], metric, opts, [gens[i] for i in idx],
+                                    [logs[i] for i in idx], revert_larger,
+                                    None if seeds is None else [seeds[i] for i in idx])
+        for i, res in zip(idx, together, strict=True):
+            out[i] = res
+    return out
+
+
+def _stages_together(
+    models: list[nn.Module], xs: list[torch.Tensor], ys: list[torch.Tensor], target_costs: list[float], metric: str,
+    opts: dict[str, Any], gens: list[torch.Generator], logs: list[Callable[[str], None]], revert_larger: bool,
+    seeds: list[int] | None,
+) -> list[dict[str, Any]]:
+    """K stackable networks of one architecture channel-scaled at once, each as
+    :func:`channel_scaling_stage` would (module docstring of :mod:`pruneshot.models.scaled`): the frozen
+    bodies channel-stacked, the K scale sets and heads in one SGD (elementwise K separate ones), each
+    network's loss its own CE (mean over its own batch) plus its own L1 term, the stacked loss their sum;
+    its batches drawn from its own generator exactly as ``fit_steps`` does; a non-finite loss of any
+    network fails the chunk with ``fit_steps``' error; after every round each network's decision by
+    its own :class:`_Schedule`, then each network's result assembled as the sequential stage does."""
+    import torch
+    import torch.nn.functional as F
+
+    from pruneshot.batching import _channel_stack
+    from pruneshot.methods.basis_scaling import BATCH_SIZE
+    from pruneshot.models.scaled import StackedChannelScaled
+    from pruneshot.training import require_finite
+
+    device = xs[0].device
+    nets = [copy.deepcopy(m).eval().to(device) for m in models]
+    plans = [_Schedule(net, t, metric, opts, revert_larger, log)
+             for net, t, log in zip(nets, target_costs, logs, strict=True)]
+    stacked = StackedChannelScaled(nets).eval()
+    params = [*stacked.scales.values(), *stacked.head_parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
+    groups = list(plans[0].sizes)
+    k, n = len(nets), len(ys[0])
+    x_all, y_all = torch.stack(list(xs)), torch.stack(list(ys))  # (K, N, C, H, W), (K, N)
+    rows = torch.arange(k, device=device)[:, None]
+    for j in range(1, opts["rounds"] + 1):
+        ces, totals = [], []
+        for _ in range(opts["steps_per_round"]):
+            if n > BATCH_SIZE:  # fit_steps' draw, per network from its own generator
+                idx = torch.stack([torch.randperm(n, generator=g)[:BATCH_SIZE] for g in gens]).to(device)
+                xb, yb = x_all[rows, idx], torch.gather(y_all, 1, idx)
+            else:
+                xb, yb = x_all, y_all
+            b = yb.shape[1]
+            logits = stacked(_channel_stack(xb))  # (B, K, ways)
+            ce = F.cross_entropy(logits.transpose(0, 1).reshape(k * b, -1), yb.reshape(k * b),
+                                 reduction="none").view(k, b).mean(1)
+            loss = ce + opts["l1"] * sum(stacked.effective(g).abs().sum(1) for g in groups)
+            opt.zero_grad(set_to_none=True)
+            loss.sum().backward()
+            opt.step()
+            stacked.rezero()
+            ces.append(ce.detach())
+            totals.append(loss.detach())
+        ce_rows, total_rows = torch.stack(ces, 1).tolist(), torch.stack(totals, 1).tolist()  # (K, steps)
+        for values in total_rows:  # the first network (in order) whose loss diverged fails the chunk
+            for v in values:
+                require_finite(v, "support-set fit of the scales")
+        state = {g: _round_state(stacked.effective(g), stacked.mask(g)) for g in groups}  # (K, C_g) each, one copy
+        for i, plan in enumerate(plans):
+            removals = plan.decide(j, {g: m[i] for g, (m, _) in state.items()},
+                                   {g: a[i].clone() for g, (_, a) in state.items()}, ce_rows[i])
+            for g, idx_g in removals.items():
+                stacked.remove(i, g, idx_g)
+    for p in params:
+        p.requires_grad_(False)
+    results = []
+    for i, (plan, net) in enumerate(zip(plans, nets, strict=True)):
+        if seeds is not None:
+            torch.manual_seed(seeds[i])
+        results.append(plan.result(stacked.episode(i, net)))
+    return results
+
+
+def batchable_groups(method: TargetMethod, contexts: Sequence[AdaptContext]) -> list[list[int]]:
+    """Indices of ``contexts`` that ``adapt_batch`` may adapt together, in first-seen order: budget < 1,
+    one metric, one device, equal resolved options (a context at budget >= 1 is alone: no training)."""
+    groups: list[tuple[Any, list[int]]] = []
+    for i, ctx in enumerate(contexts):
+        key = ("alone", i) if ctx.budget >= 1.0 else (ctx.metric, str(ctx.device), method.resolve_options(ctx.options))
+        for k, idx in groups:
+            if k == key:
+                idx.append(i)
+                break
+        else:
+            groups.append((key, [i]))
+    return [idx for _, idx in groups]
+
+
+def adapt_in_groups(method: TargetMethod, contexts: list[AdaptContext],
+                    together: Callable[[list[AdaptContext]], list[SearchResult]]) -> list[SearchResult]:
+    """``adapt_batch`` of a method with a batched path: each group of :func:`batchable_groups` of two or
+    more contexts through ``together`` (results in the group's order), a lone context through
+    ``method.adapt`` with the global RNG seeded with its seed first, as the default ``adapt_batch`` does."""
+    import torch
+
+    results: list[SearchResult | None] = [None] * len(contexts)
+    for idx in batchable_groups(method, contexts):
+        if len(idx) == 1:
+            torch.manual_seed(contexts[idx[0]].seed)
+            results[idx[0]] = method.adapt(contexts[idx[0]])
+            continue
+        for i, res in zip(idx, together([contexts[i] for i in idx]), strict=True):
+            results[i] = res
+    return [r for r in results if r is not None]
 
 
 @register
@@ -218,26 +402,56 @@ class ChannelScaling(TargetMethod):
     mechanism = ("removed_by_threshold", "removed_by_ranking", "threshold_share", "scale_kept_min",
                  "scale_kept_median", "scale_kept_max")
 
-    def adapt(self, ctx: AdaptContext) -> SearchResult:
-        import torch
+    def _base_info(self, ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
+        return {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
+                "provenance_note": "scales, L1 and threshold removal from the abstracts; l1 weight, "
+                                   "threshold, schedule and ranking are reconstructions"}
 
+    def _result(self, ctx: AdaptContext, opts: dict[str, Any], out: dict[str, Any]) -> SearchResult:
+        """The episode's SearchResult from its stage output (both paths)."""
         from pruneshot.methods.base import to_cpu
-        from pruneshot.methods.basis_scaling import support_on_device
         from pruneshot.models.cost import cost
 
-        opts = self.resolve_options(ctx.options)
-        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
-                     "provenance_note": "scales, L1 and threshold removal from the abstracts; l1 weight, "
-                                        "threshold, schedule and ranking are reconstructions"}
-        if ctx.budget >= 1.0:
-            return budget_one_result(ctx, base_info)
-        gen = torch.Generator().manual_seed(ctx.seed)
-        x, y = support_on_device(ctx)
-        out = channel_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
-                                    opts=opts, gen=gen, log=ctx.log)
         achieved = cost(out["physical"], ctx.metric) / ctx.dense_cost
-        info = {**base_info, **out["info"], "achieved_ratio": achieved, "gap": ctx.budget - achieved}
+        info = {**self._base_info(ctx, opts), **out["info"], "achieved_ratio": achieved, "gap": ctx.budget - achieved}
         ctx.log(f"channel_scaling: {ctx.metric} ratio {achieved:.4f} for requested {ctx.budget:g} "
                 f"(gap {info['gap']:+.4f}); widths {list(info['widths'].values())}; removed "
                 f"{info['removed_by_threshold']} by threshold, {info['removed_by_ranking']} by ranking")
         return SearchResult(model=to_cpu(out["physical"]), keep=out["keep"], info=info, masked=to_cpu(out["masked"]))
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        import torch
+
+        from pruneshot.methods.basis_scaling import support_on_device
+
+        opts = self.resolve_options(ctx.options)
+        if ctx.budget >= 1.0:
+            return budget_one_result(ctx, self._base_info(ctx, opts))
+        gen = torch.Generator().manual_seed(ctx.seed)
+        x, y = support_on_device(ctx)
+        out = channel_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
+                                    opts=opts, gen=gen, log=ctx.log)
+        return self._result(ctx, opts, out)
+
+    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
+        """The chunk's episodes channel-scaled together (:func:`channel_scaling_stages`: one stacked body,
+        per-episode scales, heads, batches and decisions); equal to adapting them one at a time up to the
+        summation order of the stacked layers. A context that cannot join others (:func:`batchable_groups`:
+        budget >= 1, other options) is adapted alone, as the default does. The global RNG draws nothing
+        that reaches a result here (new modules in the fold are overwritten); it is seeded with each
+        episode's seed before its result is assembled, as the default seeds it before each ``adapt``."""
+        return adapt_in_groups(self, contexts, self._together)
+
+    def _together(self, group: list[AdaptContext]) -> list[SearchResult]:
+        import torch
+
+        from pruneshot.methods.basis_scaling import support_on_device
+
+        opts = self.resolve_options(group[0].options)
+        support = [support_on_device(c) for c in group]
+        outs = channel_scaling_stages(
+            [c.model for c in group], [x for x, _ in support], [y for _, y in support],
+            target_costs=[c.dense_cost * c.budget for c in group], metric=group[0].metric, opts=opts,
+            gens=[torch.Generator().manual_seed(c.seed) for c in group], logs=[c.log for c in group],
+            seeds=[c.seed for c in group])
+        return [self._result(c, opts, out) for c, out in zip(group, outs, strict=True)]

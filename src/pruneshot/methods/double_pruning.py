@@ -115,28 +115,30 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
     return net
 
 
-def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any], b_opts: dict[str, Any],
-                 ) -> dict[str, Any]:
-    """Both stages on a copy of ``ctx.model``: {"first", "second" (stage results), "masked", "keep"}."""
+def _stage_inputs(ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
+    """One episode's generator (every draw of both stages), stage targets and support set on its device."""
     import torch
 
+    x, y = bs.support_on_device(ctx)
+    return {"gen": torch.Generator().manual_seed(ctx.seed), "x": x, "y": y,
+            "first_target": ctx.dense_cost * ctx.budget ** opts["first_stage_exponent"],
+            "final_target": ctx.dense_cost * ctx.budget}
+
+
+def _after_channel_stage(ctx: AdaptContext, inputs: dict[str, Any], first: dict[str, Any],
+                         b_opts: dict[str, Any]) -> dict[str, Any]:
+    """``channel_first``: the basis stage of the channel stage's network ``first``, embedded in the dense widths."""
+    second = bs.basis_scaling_stage(first["physical"], inputs["x"], inputs["y"], target_cost=inputs["final_target"],
+                                    opts=b_opts, metric=ctx.metric, gen=inputs["gen"], log=ctx.log)
+    return {"first": first, "second": second, "masked": embed_in_dense(ctx.model, second["masked"], first["keep"]),
+            "keep": first["keep"],
+            "masked_form": "embedded: the basis stage's masked layers placed in the dense widths"}
+
+
+def _composed(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """``basis_first``: the basis stage's masked network, the channel stage's head, its scales at the consumers."""
     from pruneshot.models.scaled import ChannelScaled
 
-    gen = torch.Generator().manual_seed(ctx.seed)
-    first_target = ctx.dense_cost * ctx.budget ** opts["first_stage_exponent"]
-    final_target = ctx.dense_cost * ctx.budget
-    common = {"metric": ctx.metric, "gen": gen, "log": ctx.log}
-    x, y = bs.support_on_device(ctx)
-    if opts["order"] == "channel_first":
-        first = cs.channel_scaling_stage(ctx.model, x, y, target_cost=first_target, opts=c_opts, **common)
-        second = bs.basis_scaling_stage(first["physical"], x, y, target_cost=final_target, opts=b_opts, **common)
-        return {"first": first, "second": second, "masked": embed_in_dense(ctx.model, second["masked"], first["keep"]),
-                "keep": first["keep"],
-                "masked_form": "embedded: the basis stage's masked layers placed in the dense widths"}
-    first = bs.basis_scaling_stage(ctx.model, x, y, target_cost=first_target, opts=b_opts, **common)
-    second = cs.channel_scaling_stage(first["physical"], x, y, target_cost=final_target, opts=c_opts,
-                                      revert_larger=b_opts["revert_when_larger"], **common)
-    # compose: the basis stage's masked network, the channel stage's head, its scales at the consumers
     net = copy.deepcopy(first["masked"])
     net.classifier.load_state_dict(second["masked"].net.classifier.state_dict(), strict=True)
     chan = second["masked"]
@@ -144,6 +146,56 @@ def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any]
                            masks={g: chan.mask(g) for g in chan.scales}).eval()
     return {"first": first, "second": second, "masked": masked, "keep": second["keep"],
             "masked_form": "composed: basis-scaled dense network with zeroed bases and channel scales"}
+
+
+def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any], b_opts: dict[str, Any],
+                 ) -> dict[str, Any]:
+    """Both stages on a copy of ``ctx.model``: {"first", "second" (stage results), "masked", "keep"}."""
+    inputs = _stage_inputs(ctx, opts)
+    common = {"metric": ctx.metric, "gen": inputs["gen"], "log": ctx.log}
+    x, y = inputs["x"], inputs["y"]
+    if opts["order"] == "channel_first":
+        first = cs.channel_scaling_stage(ctx.model, x, y, target_cost=inputs["first_target"], opts=c_opts, **common)
+        return _after_channel_stage(ctx, inputs, first, b_opts)
+    first = bs.basis_scaling_stage(ctx.model, x, y, target_cost=inputs["first_target"], opts=b_opts, **common)
+    second = cs.channel_scaling_stage(first["physical"], x, y, target_cost=inputs["final_target"], opts=c_opts,
+                                      revert_larger=b_opts["revert_when_larger"], **common)
+    return _composed(first, second)
+
+
+def double_prune_together(contexts: list[AdaptContext], opts: dict[str, Any], c_opts: dict[str, Any],
+                          b_opts: dict[str, Any]) -> list[dict[str, Any]]:
+    """:func:`double_prune` of several episodes (one metric), their channel-scaling stages trained together
+    (:func:`channel_scaling.channel_scaling_stages`; ``basis_first``: the networks whose basis stages left
+    one architecture), their basis stages one episode at a time; each episode's generator carries its
+    draws from one stage to the next exactly as in :func:`double_prune`. The global RNG (nothing drawn
+    from it reaches a result) is seeded with the episode's seed before each of its per-episode parts."""
+    import torch
+
+    inputs = [_stage_inputs(ctx, opts) for ctx in contexts]
+    metric = contexts[0].metric
+    seeds = [ctx.seed for ctx in contexts]
+
+    def channel_stages(models: list[nn.Module], target: str, revert_larger: bool) -> list[dict[str, Any]]:
+        return cs.channel_scaling_stages(
+            models, [i["x"] for i in inputs], [i["y"] for i in inputs], target_costs=[i[target] for i in inputs],
+            metric=metric, opts=c_opts, gens=[i["gen"] for i in inputs], logs=[c.log for c in contexts],
+            revert_larger=revert_larger, seeds=seeds)
+
+    out = []
+    if opts["order"] == "channel_first":
+        firsts = channel_stages([ctx.model for ctx in contexts], "first_target", False)
+        for ctx, inp, first in zip(contexts, inputs, firsts, strict=True):
+            torch.manual_seed(ctx.seed)
+            out.append(_after_channel_stage(ctx, inp, first, b_opts))
+        return out
+    firsts = []
+    for ctx, inp in zip(contexts, inputs, strict=True):
+        torch.manual_seed(ctx.seed)
+        firsts.append(bs.basis_scaling_stage(ctx.model, inp["x"], inp["y"], target_cost=inp["first_target"],
+                                             opts=b_opts, metric=metric, gen=inp["gen"], log=ctx.log))
+    seconds = channel_stages([f["physical"] for f in firsts], "final_target", b_opts["revert_when_larger"])
+    return [_composed(f, s) for f, s in zip(firsts, seconds, strict=True)]
 
 
 @register
@@ -157,10 +209,8 @@ class DoublePruning(TargetMethod):
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "budget split between the stages reconstructed")
 
-    def adapt(self, ctx: AdaptContext) -> SearchResult:
-        from pruneshot.methods.base import to_cpu
-        from pruneshot.models.cost import cost
-
+    def _resolved(self, ctx: AdaptContext) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
+        """(own options, channel_scaling options, basis_scaling options, base info) of ``ctx``."""
         resolved = self.resolve_options(ctx.options)
         opts = {k: v for k, v in resolved.items() if k not in STAGE_KEYS}
         c_opts, b_opts = resolved["channel_scaling"], resolved["basis_scaling"]
@@ -168,9 +218,32 @@ class DoublePruning(TargetMethod):
                      "channel_scaling_options": c_opts, "basis_scaling_options": b_opts,
                      "provenance_note": "both unit kinds from the abstracts/patent; the budget split, the "
                                         "importance and the schedules are reconstructions"}
+        return opts, c_opts, b_opts, base_info
+
+    def adapt(self, ctx: AdaptContext) -> SearchResult:
+        opts, c_opts, b_opts, base_info = self._resolved(ctx)
         if ctx.budget >= 1.0:
             return bs.budget_one_result(ctx, base_info)
-        out = double_prune(ctx, opts, c_opts, b_opts)
+        return self._result(ctx, opts, base_info, double_prune(ctx, opts, c_opts, b_opts))
+
+    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
+        """The chunk's episodes with their channel-scaling stages trained together
+        (:func:`double_prune_together`), the basis stages per episode; equal to adapting them one at a
+        time up to the summation order of the stacked layers. A context that cannot join others
+        (``channel_scaling.batchable_groups``) is adapted alone, as the default does."""
+        return cs.adapt_in_groups(self, contexts, self._together)
+
+    def _together(self, group: list[AdaptContext]) -> list[SearchResult]:
+        opts, c_opts, b_opts, _ = self._resolved(group[0])
+        outs = double_prune_together(group, opts, c_opts, b_opts)
+        return [self._result(ctx, opts, self._resolved(ctx)[3], out) for ctx, out in zip(group, outs, strict=True)]
+
+    def _result(self, ctx: AdaptContext, opts: dict[str, Any], base_info: dict[str, Any],
+                out: dict[str, Any]) -> SearchResult:
+        """The episode's SearchResult from :func:`double_prune`'s output (both paths)."""
+        from pruneshot.methods.base import to_cpu
+        from pruneshot.models.cost import cost
+
         first, second = out["first"], out["second"]
         physical = second["physical"]
         achieved = cost(physical, ctx.metric) / ctx.dense_cost

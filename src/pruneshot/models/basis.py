@@ -9,6 +9,10 @@ original conv. Pruning basis i zeroes s_i (masked form); physically, filter i of
 channel i of B are dropped and s is folded into B (a ``LowRankConv``), or, where the low-rank form
 would not be smaller (kept r' >= k^2 C_in C_out / (k^2 C_in + C_out)), the kept bases are summed
 back into one conv of the original shape: W_eff = sum over kept i of s_i S_i V[:, i] U[:, i]^T.
+
+Several episodes of one pretrained network share its decomposition: ``batch_decomposed`` runs K of
+them as one network on batch-folded input (one basis conv over all K*B images, per-episode s, masks
+and heads), ``unbatch_decomposed`` takes episode k's decomposed network back out.
 """
 
 from __future__ import annotations
@@ -182,6 +186,81 @@ class BasisScalingConv(nn.Module):
         return self.to_low_rank()
 
 
+
+class BatchedBasisScalingConv(nn.Module):
+    """K episodes' copies of one BasisScalingConv, computed at once on batch-folded input.
+
+    Input (K*B, C_in, H, W), episode k's B images in rows [k*B, (k+1)*B). The frozen basis conv ``A``,
+    S, V and the bias are the decomposition's and shared by every episode (one conv over all K*B
+    images); only the scales ``s`` (K, r) and the masks (K, r) are per episode, and layer B is a batched
+    1x1 product with episode k's weight diag(s_k * mask_k) S V^T. On episode k's rows it computes what
+    the BasisScalingConv with s = s[k] and mask = mask[k] computes (up to the summation order)."""
+
+    def __init__(self, layer: BasisScalingConv, k: int) -> None:
+        super().__init__()
+        self.k = k
+        self.A = layer.A
+        self.register_buffer("sv", layer.sv)
+        self.register_buffer("v", layer.v)
+        self.register_buffer("bias", layer.bias)
+        self.register_buffer("mask", layer.mask.detach().expand(k, -1).clone())
+        self.s = nn.Parameter(layer.s.detach().expand(k, -1).clone())
+
+    @property
+    def rank(self) -> int:
+        return self.sv.numel()
+
+    def coef(self) -> torch.Tensor:
+        """Every episode's layer-B weight diag(s_k * mask_k) S V^T, shaped (K, C_out, r)."""
+        return self.v * (self.sv * (self.s * self.mask))[:, None, :]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.A(x)
+        kb, r, h, w = z.shape
+        out = torch.matmul(self.coef()[:, None], z.reshape(self.k, kb // self.k, r, h * w))  # (K, B, C_out, h*w)
+        out = out.view(kb, -1, h, w)
+        return out if self.bias is None else out + self.bias.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def prune(self, episode: int, idx: torch.Tensor | list[int]) -> None:
+        """Remove bases ``idx`` of ``episode``: its s_i = 0 and mask_i = 0 (``BasisScalingConv.prune``)."""
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.mask.device)
+        self.mask[episode, idx] = 0.0
+        self.s[episode, idx] = 0.0
+
+    @torch.no_grad()
+    def rezero(self) -> None:
+        """Set s_i = 0 again for every episode's pruned bases (after an optimiser step moved them)."""
+        self.s.mul_(self.mask)
+
+    @torch.no_grad()
+    def load_into(self, layer: BasisScalingConv, episode: int) -> None:
+        """Copy ``episode``'s scales and mask into ``layer`` (a copy of the decomposed layer)."""
+        layer.s.copy_(self.s[episode])
+        layer.mask.copy_(self.mask[episode])
+
+
+class BatchedLinear(nn.Module):
+    """K episodes' linear heads on batch-folded features: (K*B, C) -> logits (K, B, ways), episode k's
+    rows through head k; weight (K, ways, C), bias (K, ways)."""
+
+    def __init__(self, heads: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([h.weight.detach() for h in heads]))
+        self.bias = None if heads[0].bias is None else nn.Parameter(torch.stack([h.bias.detach() for h in heads]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, _ways, c = self.weight.shape
+        out = torch.bmm(x.reshape(k, -1, c), self.weight.transpose(1, 2))
+        return out if self.bias is None else out + self.bias[:, None]
+
+    @torch.no_grad()
+    def load_into(self, head: nn.Linear, episode: int) -> None:
+        """Copy head ``episode`` into ``head`` (an nn.Linear of the same shape)."""
+        head.weight.copy_(self.weight[episode])
+        if head.bias is not None:
+            head.bias.copy_(self.bias[episode])
+
 # --- networks ---------------------------------------------------------------
 
 
@@ -209,6 +288,35 @@ def basis_layers(model: nn.Module) -> dict[str, BasisScalingConv]:
     if bad:
         raise ValueError(f"layers {bad} are not decomposed (use basis.decompose)")
     return layers
+
+
+
+def batch_decomposed(masked: Backbone, heads: list[nn.Linear]) -> Backbone:
+    """K = len(``heads``) episodes of the decomposed network ``masked`` (eval mode; its classifier is
+    replaced) as one network on batch-folded input: (K*B, C, H, W), episode k's images in rows
+    [k*B, (k+1)*B), -> logits (K, B, ways). Each BasisScalingConv becomes a BatchedBasisScalingConv
+    (its s and mask repeated per episode), the classifier a BatchedLinear of ``heads``; every other
+    module (frozen, BatchNorm in eval mode) acts on each image alone and is shared as it is."""
+    net = copy.deepcopy(masked)
+    for g, layer in basis_layers(net).items():
+        net.set_conv(g, BatchedBasisScalingConv(layer, len(heads)))
+    net.classifier = BatchedLinear(heads)
+    return net.eval()
+
+
+def batched_layers(net: nn.Module) -> dict[str, BatchedBasisScalingConv]:
+    """The BatchedBasisScalingConv of each decomposed layer of a ``batch_decomposed`` network, by layer name."""
+    return {name: net.get_conv(name) for name in basis_layer_names(net)}
+
+
+def unbatch_decomposed(net: nn.Module, masked: Backbone, episode: int) -> Backbone:
+    """Episode ``episode`` of the ``batch_decomposed`` network ``net``: a copy of ``masked`` (what it was
+    built from) with that episode's scales, masks and head."""
+    out = copy.deepcopy(masked)
+    for g, layer in basis_layers(out).items():
+        net.get_conv(g).load_into(layer, episode)
+    net.classifier.load_into(out.classifier, episode)
+    return out
 
 
 def physical_ranks(model: nn.Module, kept: dict[str, int], revert_when_larger: bool) -> dict[str, int | None]:

@@ -7,13 +7,19 @@ the episode's seed) and the method's default options at ``--budget`` of ``--metr
 transfer stage calls ``adapt`` (one ``AdaptContext`` per episode, on ``--device``). Wall seconds of
 ``adapt`` alone (the result comes back on the CPU, so a CUDA run is synchronised), per episode; the
 backbone's construction and the head are not timed. An untimed warm-up (torch.optim's lazy import; on
-CUDA one forward/backward) comes first. One command:
+CUDA one forward/backward) comes first. ``--k K``: the episodes are adapted in chunks of K through
+``method.adapt_batch`` (what the transfer stage does at ``transfer.episode_batch: K``; channel_scaling and
+double_pruning then train a chunk's scales together); per-episode seconds = a chunk's seconds / its
+size; K = 1 is the reference path (``adapt`` of one episode). ``--methods`` / ``--backbones`` pick rows.
+One command:
 
     python benchmarks/adapt_seconds.py                  # CPU, 1 thread, 2 episodes (about 5 min)
     python benchmarks/adapt_seconds.py --device cuda    # a GPU node
+    python benchmarks/adapt_seconds.py --k 8 --episodes 8 --methods channel_scaling double_pruning
 
-Writes benchmarks/results/adapt_seconds.json (``--out``; a run on another device is written under its
-own key, earlier keys kept) and prints the table. Nothing here asserts a time.
+Writes benchmarks/results/adapt_seconds.json (``--out``; a run on another device or K is written under
+its own key, earlier keys kept; every row carries its ``k``) and prints the table. Nothing here asserts
+a time.
 """
 
 from __future__ import annotations
@@ -56,39 +62,55 @@ def _warm_up(device: torch.device, model: torch.nn.Module) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(device_name: str, episodes: int, budget: float, metric: str, log: Any = print) -> dict[str, Any]:
-    """Seconds per episode of each (backbone, method): {"rows": [...]} (see the module docstring)."""
-    from pruneshot.methods import AdaptContext, get_method
+def _context(dense: torch.nn.Module, ep: int, budget: float, metric: str, device_name: str) -> Any:
+    """Episode ``ep``'s AdaptContext: its own head, support set and seed (untimed)."""
+    from pruneshot.methods import AdaptContext
+    from pruneshot.models.cost import cost
+
+    model = copy.deepcopy(dense)
+    model.reset_classifier(WAYS, torch.Generator().manual_seed(1000 + ep))
+    model.eval()
+    gen = torch.Generator().manual_seed(2000 + ep)
+    x = torch.randn((WAYS * SHOTS, 3, SIZE, SIZE), generator=gen)
+    y = torch.arange(WAYS * SHOTS) % WAYS
+    return AdaptContext(model=model, budget=budget, metric=metric, support_x=x, support_y=y, seed=3000 + ep,
+                        dense_cost=float(cost(model, metric)), device=device_name, log=lambda _m: None)
+
+
+def measure(device_name: str, episodes: int, budget: float, metric: str, k: int = 1,
+            backbones: tuple[str, ...] = BACKBONES, methods: tuple[str, ...] = METHODS,
+            log: Any = print) -> dict[str, Any]:
+    """Seconds per episode of each (backbone, method), episodes in chunks of ``k``: {"rows": [...]} (see
+    the module docstring; ``seconds`` lists each episode's share of its chunk)."""
+    from pruneshot.methods import get_method
     from pruneshot.models.cost import cost
 
     device = torch.device(device_name)
     rows = []
-    for bb in BACKBONES:
+    for bb in backbones:
         dense = _backbone(bb)
         _warm_up(device, dense)
-        for name in METHODS:
+        for name in methods:
+            method = get_method(name)
             seconds, ratios = [], []
-            for ep in range(episodes):
-                model = copy.deepcopy(dense)
-                model.reset_classifier(WAYS, torch.Generator().manual_seed(1000 + ep))
-                model.eval()
-                gen = torch.Generator().manual_seed(2000 + ep)
-                x = torch.randn((WAYS * SHOTS, 3, SIZE, SIZE), generator=gen)
-                y = torch.arange(WAYS * SHOTS) % WAYS
-                dense_cost = float(cost(model, metric))
-                ctx = AdaptContext(model=model, budget=budget, metric=metric, support_x=x, support_y=y,
-                                   seed=3000 + ep, dense_cost=dense_cost, device=device_name, log=lambda _m: None)
-                torch.manual_seed(3000 + ep)
+            for start in range(0, episodes, k):
+                chunk = [_context(dense, ep, budget, metric, device_name)
+                         for ep in range(start, min(episodes, start + k))]
                 t0 = time.perf_counter()
-                res = get_method(name).adapt(ctx)
+                if k == 1:  # the reference path, as the transfer stage runs it at episode_batch 1
+                    torch.manual_seed(chunk[0].seed)
+                    results = [method.adapt(chunk[0])]
+                else:
+                    results = method.adapt_batch(chunk)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                seconds.append(time.perf_counter() - t0)
-                ratios.append(cost(res.model, metric) / dense_cost)
-            rows.append({"backbone": bb, "method": name, "episodes": episodes, "seconds": seconds,
+                share = (time.perf_counter() - t0) / len(chunk)
+                seconds += [share] * len(chunk)
+                ratios += [cost(r.model, metric) / c.dense_cost for r, c in zip(results, chunk, strict=True)]
+            rows.append({"backbone": bb, "method": name, "k": k, "episodes": episodes, "seconds": seconds,
                          "mean_s": statistics.fmean(seconds), "achieved_ratio": ratios})
-            each = ", ".join(f"{s:.2f}" for s in seconds)
-            log(f"{bb:9s} {name:16s} {statistics.fmean(seconds):7.2f} s/episode  ({each})")
+            each = ", ".join(f"{s:.2f}" for s in seconds[::k])
+            log(f"{bb:9s} {name:16s} k={k:<3d} {statistics.fmean(seconds):7.2f} s/episode  (per chunk: {each})")
     return {"rows": rows}
 
 
@@ -101,19 +123,29 @@ def main() -> int:
     ap.add_argument("--episodes", type=int, default=2)
     ap.add_argument("--budget", type=float, default=0.5)
     ap.add_argument("--metric", default="params", choices=["params", "flops"])
+    ap.add_argument("--k", type=int, default=1, help="episodes per adapt_batch chunk (1: adapt, the reference)")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=BACKBONES)
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/adapt_seconds.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    result = measure(args.device, args.episodes, args.budget, args.metric)
+    if args.k < 1:
+        ap.error("--k must be >= 1")
+    result = measure(args.device, args.episodes, args.budget, args.metric, args.k, tuple(args.backbones),
+                     tuple(args.methods))
     device = torch.device(args.device)
     result.update({"device": str(device), "device_name": device_description(device), "cpu_name": platform.processor(),
                    "threads": args.threads, "torch": torch.__version__, "budget": args.budget, "metric": args.metric,
-                   "ways": WAYS, "shots": SHOTS, "input_size": SIZE, "options": "each method's defaults",
+                   "k": args.k, "ways": WAYS, "shots": SHOTS, "input_size": SIZE, "options": "each method's defaults",
                    "total_seconds": time.perf_counter() - t0})
     out = Path(args.out)
     runs = json.loads(out.read_text()) if out.exists() else {}
-    runs[f"{device.type}-{args.threads}t" if device.type == "cpu" else str(device)] = result
+    key = f"{device.type}-{args.threads}t" if device.type == "cpu" else str(device)
+    key += f"-k{args.k}" if args.k > 1 else ""  # K = 1 keeps the key of earlier runs
+    if set(args.methods) != set(METHODS) or set(args.backbones) != set(BACKBONES):
+        key += "-" + "+".join(args.backbones) + "-" + "+".join(args.methods)
+    runs[key] = result
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(runs, indent=2) + "\n")
     print(f"wrote {out} ({result['total_seconds']:.0f} s)")

@@ -17,7 +17,7 @@ import torch
 from test_transfer_stage import _transfer_job
 from test_transfer_stage import world as world  # the shared fixture
 
-from pruneshot.batching import _stack, finetune_batched, groups_by_architecture, stackable
+from pruneshot.batching import finetune_batched, groups_by_architecture, stack_networks, stackable
 from pruneshot.data.pipeline import Augment
 from pruneshot.methods import ARMS, available, get_method
 from pruneshot.models.base import build_seeded
@@ -110,7 +110,7 @@ def test_the_reinit_arm_scores_with_support_statistics_after_a_batched_chunk():
 
 def test_stacked_network_computes_each_network_on_its_own_channels():
     models, xs, _ys = _episodes(RESNET, 3, 5, torch.float64)
-    net = _stack(models).eval()
+    net = stack_networks(models).eval()
     out = net(torch.stack(xs).transpose(0, 1).reshape(5, -1, 8, 8))  # (B, K, ways)
     for i, m in enumerate(models):
         torch.testing.assert_close(out[:, i], m(xs[i]), rtol=0, atol=1e-12)
@@ -259,3 +259,13 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(world, monkeypatch):
             _transfer_job(world, "dense", 1.0, ["finetune"], _with(world, episode_batch=1), out=out)
     rec = _transfer_job(world, "dense", 1.0, ["finetune"], _with(world, episode_batch=1, lr=0.02), out=out)
     assert rec["resumed"] is None and len(rec["arms"]["finetune"]["episodes"]) == 3
+
+
+def test_float64_transfer_records_its_precision_and_leaves_the_default_dtype(world):
+    rec = _transfer_job(world, "l1_filter", 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=2),
+                        out=world["tmp"] / "chunks" / "f64.json")
+    assert rec["status"] == "ok" and rec["device"]["dtype"] == "float64"
+    assert torch.get_default_dtype() == torch.float32
+    ref = _transfer_job(world, "l1_filter", 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=1),
+                        out=world["tmp"] / "chunks" / "f64_ref.json")
+    assert _per_episode(rec) == _per_episode(ref)

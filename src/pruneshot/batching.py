@@ -46,7 +46,7 @@ AUTO_MEMORY_SHARE = 0.5
 CHANNELWISE = (nn.ReLU, nn.ReLU6, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten)
 
 
-def _architecture(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+def architecture(model: nn.Module) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
     """What must agree for two networks to be stacked: every parameter's and buffer's name, shape, dtype."""
     return tuple((k, tuple(v.shape), v.dtype) for k, v in model.state_dict().items())
 
@@ -56,7 +56,7 @@ def groups_by_architecture(models: Sequence[nn.Module]) -> list[list[int]]:
     first-seen order; each group can be trained by one :func:`finetune_batched` call."""
     groups: dict[Any, list[int]] = {}
     for i, m in enumerate(models):
-        groups.setdefault(_architecture(m), []).append(i)
+        groups.setdefault(architecture(m), []).append(i)
     return list(groups.values())
 
 
@@ -90,7 +90,7 @@ class _StackedLinear(nn.Module):
         return out if self.bias is None else out + self.bias
 
 
-def _stack(models: Sequence[nn.Module]) -> nn.Module:
+def stack_networks(models: Sequence[nn.Module]) -> nn.Module:
     """One network computing all of ``models`` (one architecture, :func:`stackable`) side by side on
     channel-stacked input (B, K*C_in, H, W) -> logits (B, K, ways). Parameters and buffers are new
     tensors (concatenated along the output channels; the classifier stacked)."""
@@ -129,10 +129,23 @@ def _unstack(net: nn.Module, models: Sequence[nn.Module]) -> None:
                 p.copy_(s[i] if name.startswith("classifier.") else s[i * len(p):(i + 1) * len(p)])
 
 
-def _channel_stack(x: torch.Tensor) -> torch.Tensor:
+def channel_stack(x: torch.Tensor) -> torch.Tensor:
     """(K, B, C, H, W) -> (B, K*C, H, W): network k's input in channels [k*C, (k+1)*C)."""
     k, b, c, h, w = x.shape
     return x.transpose(0, 1).reshape(b, k * c, h, w)
+
+
+def draw_batches(x_all: torch.Tensor, y_all: torch.Tensor, gens: Sequence[torch.Generator],
+                 batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's mini-batch of each of K networks: ``x_all`` (K, N, ...) and ``y_all`` (K, N) -> (K, B, ...)
+    and (K, B). When N > ``batch_size``, network k's B = ``batch_size`` rows are the first of a permutation
+    drawn from its own generator ``gens[k]`` on the CPU (then moved), exactly the draw a one-network loop
+    makes; otherwise every row (no draw)."""
+    n = y_all.shape[1]
+    if n <= batch_size:
+        return x_all, y_all
+    idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]).to(x_all.device)
+    return x_all[torch.arange(len(gens), device=x_all.device)[:, None], idx], torch.gather(y_all, 1, idx)
 
 
 def finetune_batched(
@@ -155,7 +168,7 @@ def finetune_batched(
         raise ValueError(f"unknown transfer arm {arm!r}; allowed: finetune, linear_probe")
     if batch_norm not in ("frozen", "batch"):
         raise ValueError(f"unknown batch_norm {batch_norm!r}; allowed: frozen, batch")
-    if len({_architecture(m) for m in models}) != 1 or not stackable(models[0]):
+    if len({architecture(m) for m in models}) != 1 or not stackable(models[0]):
         raise ValueError("finetune_batched: the networks differ in architecture or cannot be channel-stacked")
     if not (len(models) == len(support_x) == len(support_y) == len(seeds)):
         raise ValueError("finetune_batched: models, support sets and seeds differ in number")
@@ -177,7 +190,7 @@ def finetune_batched(
                                         None if head[0].bias is None else torch.stack([h.bias.detach() for h in head]))
     else:
         x_all = torch.stack(list(support_x))  # (K, N, C, H, W)
-        net = _stack(models)
+        net = stack_networks(models)
         if arm == "linear_probe":
             net.requires_grad_(False)
             net.classifier.requires_grad_(True)
@@ -187,19 +200,14 @@ def finetune_batched(
     buffers: list[torch.Tensor | None] = [None] * len(params)
     finite = torch.ones(k, dtype=torch.bool, device=device)
     for _ in range(steps):
-        if n > batch_size:
-            idx = torch.stack([torch.randperm(n, generator=g)[:batch_size] for g in gens]).to(device)
-            xb = x_all[torch.arange(k, device=device)[:, None], idx]
-            yb = torch.gather(y_all, 1, idx)
-        else:
-            xb, yb = x_all, y_all
+        xb, yb = draw_batches(x_all, y_all, gens, batch_size)
         b = yb.shape[1]
         if augmenting:
             draws = [draw_augmentation(b, augment, g) for g in gens]
             offsets = torch.cat([d[0] for d in draws]) if draws[0][0] is not None else None
             flips = torch.cat([d[1] for d in draws]) if draws[0][1] is not None else None
             xb = crop_flip(xb.flatten(0, 1), offsets, flips, augment.crop_padding, fill=fill).view(xb.shape)
-        logits = net(xb.transpose(0, 1).reshape(b, -1) if cached else _channel_stack(xb))  # (B, K, ways)
+        logits = net(xb.transpose(0, 1).reshape(b, -1) if cached else channel_stack(xb))  # (B, K, ways)
         losses = F.cross_entropy(logits.transpose(0, 1).reshape(k * b, -1), yb.reshape(k * b),
                                  reduction="none").view(k, b).mean(1)
         finite &= torch.isfinite(losses.detach())

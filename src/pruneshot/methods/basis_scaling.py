@@ -331,6 +331,7 @@ def basis_scaling_stage_batched(
     import torch
     import torch.nn.functional as F
 
+    from pruneshot.batching import draw_batches
     from pruneshot.models.basis import batch_decomposed, batched_layers, unbatch_decomposed
     from pruneshot.training import require_finite
 
@@ -352,19 +353,13 @@ def basis_scaling_stage_batched(
     opt = torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
 
     x_all, y_all = torch.stack(list(xs)), torch.stack(list(ys))  # (K, N, C, H, W), (K, N)
-    n = y_all.shape[1]
-    rows = torch.arange(k, device=device)[:, None]
     schedules = [round_targets(setup["start"], t, opts["rounds"]) for t in target_costs]
     histories: list[list[dict[str, Any]]] = [[] for _ in range(k)]
     for j in range(1, opts["rounds"] + 1):
         acc = {g: torch.zeros(k, m.rank, dtype=torch.float64, device=device) for g, m in layers.items()}
         losses: list[list[float]] = [[] for _ in range(k)]
         for _ in range(opts["steps_per_round"]):
-            if n > BATCH_SIZE:  # fit_steps' draw, per episode from its own generator
-                idx = torch.stack([torch.randperm(n, generator=g)[:BATCH_SIZE] for g in gens]).to(device)
-                xb, yb = x_all[rows, idx], torch.gather(y_all, 1, idx)
-            else:
-                xb, yb = x_all, y_all
+            xb, yb = draw_batches(x_all, y_all, gens, BATCH_SIZE)  # fit_steps' draw, per episode
             logits = net(xb.flatten(0, 1))  # (K, B, ways)
             ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(k, -1).mean(1)
             values = ce.detach().cpu().tolist()

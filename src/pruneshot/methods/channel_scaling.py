@@ -263,11 +263,11 @@ def channel_scaling_stages(
     seeded with ``seeds[i]`` before network i's stage (alone) or its result's assembly (together)."""
     import torch
 
-    from pruneshot.batching import _architecture, stackable
+    from pruneshot.batching import architecture, stackable
 
     groups: dict[Any, list[int]] = {}
     for i, (m, x) in enumerate(zip(models, xs, strict=True)):
-        key = (_architecture(m), tuple(x.shape), str(x.device), x.dtype) if stackable(m) else ("alone", i)
+        key = (architecture(m), tuple(x.shape), str(x.device), x.dtype) if stackable(m) else ("alone", i)
         groups.setdefault(key, []).append(i)
     out: list[dict[str, Any]] = [{} for _ in models]
     for idx in groups.values():
@@ -302,7 +302,7 @@ def _stages_together(
     import torch
     import torch.nn.functional as F
 
-    from pruneshot.batching import _channel_stack
+    from pruneshot.batching import channel_stack, draw_batches
     from pruneshot.methods.basis_scaling import BATCH_SIZE
     from pruneshot.models.scaled import StackedChannelScaled
     from pruneshot.training import require_finite
@@ -317,19 +317,14 @@ def _stages_together(
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=opts["lr"], momentum=opts["momentum"], weight_decay=0.0)
     groups = list(plans[0].sizes)
-    k, n = len(nets), len(ys[0])
+    k = len(nets)
     x_all, y_all = torch.stack(list(xs)), torch.stack(list(ys))  # (K, N, C, H, W), (K, N)
-    rows = torch.arange(k, device=device)[:, None]
     for j in range(1, opts["rounds"] + 1):
         ces, totals = [], []
         for _ in range(opts["steps_per_round"]):
-            if n > BATCH_SIZE:  # fit_steps' draw, per network from its own generator
-                idx = torch.stack([torch.randperm(n, generator=g)[:BATCH_SIZE] for g in gens]).to(device)
-                xb, yb = x_all[rows, idx], torch.gather(y_all, 1, idx)
-            else:
-                xb, yb = x_all, y_all
+            xb, yb = draw_batches(x_all, y_all, gens, BATCH_SIZE)  # fit_steps' draw, per network
             b = yb.shape[1]
-            logits = stacked(_channel_stack(xb))  # (B, K, ways)
+            logits = stacked(channel_stack(xb))  # (B, K, ways)
             ce = F.cross_entropy(logits.transpose(0, 1).reshape(k * b, -1), yb.reshape(k * b),
                                  reduction="none").view(k, b).mean(1)
             loss = ce + opts["l1"] * sum(stacked.effective(g).abs().sum(1) for g in groups)

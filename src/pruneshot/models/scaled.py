@@ -109,18 +109,18 @@ def _scale_hook(effective: Callable[[], torch.Tensor]) -> Callable:
 
 class StackedChannelScaled(nn.Module):
     """K :class:`ChannelScaled` networks of one architecture as one channel-stacked network
-    (:func:`pruneshot.batching._stack`: network k owns channels [k*C, (k+1)*C) of every layer, its head
+    (:func:`pruneshot.batching.stack_networks`: network k owns channels [k*C, (k+1)*C) of every layer, its head
     is slice k of a batched head). The stacked body is frozen; ``scales[g]`` and the masks are (K, C_g),
     row k network k's, and each consumer of group g reads its K*C_g input channels multiplied by the
     rows side by side: elementwise what K separate ChannelScaled networks compute. Input
-    (B, K*C_in, H, W) channel-stacked (``batching._channel_stack``), output logits (B, K, ways)."""
+    (B, K*C_in, H, W) channel-stacked (``batching.channel_stack``), output logits (B, K, ways)."""
 
     def __init__(self, nets: Sequence[nn.Module]) -> None:
-        from pruneshot.batching import _stack
+        from pruneshot.batching import stack_networks
 
         super().__init__()
         self.k = len(nets)
-        self.net = _stack(nets).requires_grad_(False)
+        self.net = stack_networks(nets).requires_grad_(False)
         sizes = nets[0].channel_groups()
         first = next(self.net.parameters())
         dev, dtype = first.device, first.dtype

@@ -455,8 +455,16 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     with job.tracked(inputs, seeds, params, upstream=rec) as run:
         overhead = process_age_s()
         if failure is None:
+            import torch
+
+            default_dtype = torch.get_default_dtype()
             try:
-                networks = [load_model(str(weights), s.spec, v) for v in range(variant_count(str(weights)))]
+                dtype = getattr(torch, tc["dtype"])
+                # float64 (verification): every network, head and scale the job creates is float64 too.
+                torch.set_default_dtype(dtype)
+                pool.x = pool.x.to(dtype)
+                networks = [load_model(str(weights), s.spec, v).to(dtype)
+                            for v in range(variant_count(str(weights)))]
                 network = networks[0]
                 dense = {"dense_params": count_params(network),
                          "dense_flops": count_flops(network, input_shape(s.spec))} if method.side == "target" else {}
@@ -472,6 +480,8 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
                 failure = error_text(exc)
                 job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
                 run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
+            finally:
+                torch.set_default_dtype(default_dtype)
         if failure is None:
             from pruneshot.report.stats import mean_ci
 
@@ -517,7 +527,7 @@ def _record(s: _Setting, config: dict[str, Any], failure: str | None, per_arm: d
         "target": s.target, "replicate": s.replicate, "requested_budget": s.budget,
         "status": "ok" if failure is None else "failed", "error": failure or "",
         "arms": per_arm, "episode_seeds": seeds_rows,
-        "device": {"device": str(device), "name": device_name(str(device)), "dtype": "float32",
+        "device": {"device": str(device), "name": device_name(str(device)), "dtype": s.tc["dtype"],
                    "augment": augment_mode, "episode_batch": s.episode_batch},
         "seconds": seconds, "overhead_s": overhead,
         "network_record": Path(network_record).as_posix(), "network_record_sha256": sha256_file(network_record),

@@ -6,7 +6,9 @@ method's arms train ``transfer.steps`` less its adapt steps; prototype trains no
 ``adapt`` per target-side episode. Costs per unit are measured here on ``--device``:
 
 * one fine-tuning step of the study's backbone at its image size and support batch
-  (min(batch_size, ways x shots)), with the study's augmentation, for the reference engine (one
+  (min(batch_size, ways x shots)), with the study's augmentation, at every budget level (the dense
+  network with each channel group cut to one shared keep ratio, ``methods.base.uniform_widths``:
+  a pruned network of that size stands for every method's), for the reference engine (one
   network) and the batched engine at ``--k`` networks (per network: chunk seconds / K);
 * one ``adapt`` per target-side method from ``benchmarks/results/adapt_seconds.json`` (5-way 5-shot,
   resnet56 and vgg16_bn; other backbones: not measured, left out and said so).
@@ -58,14 +60,19 @@ def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def step_seconds(backbone: dict[str, Any], channels: int, size: int, batch: int, augment: bool, k: int,
-                 device: torch.device, steps: int = 3) -> tuple[float, float]:
-    """(reference seconds per step of one network, batched seconds per step per network at ``k``)."""
+                 device: torch.device, budget: float, metric: str, steps: int = 3) -> tuple[float, float]:
+    """(reference seconds per step of one network, batched seconds per step per network at ``k``), for
+    the backbone cut uniformly to ``budget`` of its ``metric``."""
     from pruneshot.batching import finetune_batched
     from pruneshot.data.pipeline import Augment
-    from pruneshot.models.base import backbone_spec, build_seeded
+    from pruneshot.methods.base import uniform_widths
+    from pruneshot.models.base import backbone_spec, build_model, build_seeded
     from pruneshot.training import finetune_episode
 
     spec = backbone_spec(dict(backbone), channels, size, 5)
+    dense = build_model(spec)
+    if budget < 1:
+        spec = dense.spec_with_widths(uniform_widths(dense, budget, metric))
     base = build_seeded(spec, 0).to(device).eval()
     base.reset_classifier(5)
     base.to(device)
@@ -89,8 +96,10 @@ def step_seconds(backbone: dict[str, Any], channels: int, size: int, batch: int,
     many = lambda: finetune_batched([copy.deepcopy(base) for _ in range(k)], [x] * k, [y] * k,  # noqa: E731
                                     seeds=list(range(k)), steps=steps, **hp)
     one()
-    many()
     ref = statistics.median(timed(one) for _ in range(2)) / steps
+    if k == 1:  # the reference engine only
+        return ref, ref
+    many()
     bat = statistics.median(timed(many) for _ in range(2)) / steps / k
     return ref, bat
 
@@ -101,7 +110,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--k", type=int, default=16, help="networks per chunk of the batched engine")
+    ap.add_argument("--k", type=int, default=16,
+                    help="networks per chunk of the batched engine (1: time the reference engine only)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
@@ -116,23 +126,26 @@ def main() -> None:
         bb, tc = cfg["backbone"], cfg["transfer"]
         channels, size, _w = effective_shape(cfg["data"]["source"]["dataset"], cfg["data"]["image"])
         cs = cells(cfg)
-        per_shots = {}
-        for shots in sorted({c["shots"] for c in cs}):
+        per_cell = {}
+        for shots, budget in sorted({(c["shots"], c["budget"]) for c in cs}):
             batch = min(tc["batch_size"], cfg["episodes"]["ways"] * shots)
-            per_shots[shots] = step_seconds(bb, channels, size, batch, tc["augment"] == "crop_flip", args.k, device)
-            print(f"{study} {bb['name']} {shots}-shot batch {batch}: {per_shots[shots][0] * 1e3:.1f} ms/step "
-                  f"(batched K={args.k}: {per_shots[shots][1] * 1e3:.1f} ms/step/network)", flush=True)
-        ref_h = sum(c["episodes"] * c["steps"] * per_shots[c["shots"]][0] for c in cs) / 3600
-        bat_h = sum(c["episodes"] * c["steps"] * per_shots[c["shots"]][1] for c in cs) / 3600
+            per_cell[shots, budget] = step_seconds(bb, channels, size, batch, tc["augment"] == "crop_flip", args.k,
+                                                   device, budget, cfg["budget"]["metric"])
+            print(f"{study} {bb['name']} {shots}-shot budget {budget:g} batch {batch}: "
+                  f"{per_cell[shots, budget][0] * 1e3:.1f} ms/step (batched K={args.k}: "
+                  f"{per_cell[shots, budget][1] * 1e3:.1f} ms/step/network)", flush=True)
+        ref_h = sum(c["episodes"] * c["steps"] * per_cell[c["shots"], c["budget"]][0] for c in cs) / 3600
+        bat_h = sum(c["episodes"] * c["steps"] * per_cell[c["shots"], c["budget"]][1] for c in cs) / 3600
         missing = sorted({c["method"] for c in cs if c["adapts"] and (bb["name"], c["method"]) not in adapt})
         adapt_h = sum(c["adapts"] * adapt.get((bb["name"], c["method"]), 0.0) for c in cs) / 3600
-        worst = max(cs, key=lambda c: c["episodes"] * c["steps"] * per_shots[c["shots"]][0]
-                    + c["adapts"] * adapt.get((bb["name"], c["method"]), 0.0))
-        worst_h = (worst["episodes"] * worst["steps"] * per_shots[worst["shots"]][0]
-                   + worst["adapts"] * adapt.get((bb["name"], worst["method"]), 0.0)) / 3600
+        seconds = [c["episodes"] * c["steps"] * per_cell[c["shots"], c["budget"]][0]
+                   + c["adapts"] * adapt.get((bb["name"], c["method"]), 0.0) for c in cs]
+        worst_h, worst = max(zip(seconds, cs, strict=True), key=lambda t: t[0])
+        worst_h /= 3600
         rows.append({"study": study, "backbone": bb["name"], "image_size": size, "cells": len(cs),
-                     "ms_per_step": {s: round(v[0] * 1e3, 2) for s, v in per_shots.items()},
-                     "ms_per_step_batched": {s: round(v[1] * 1e3, 2) for s, v in per_shots.items()},
+                     "ms_per_step": {f"{s}shot_b{b:g}": round(v[0] * 1e3, 2) for (s, b), v in per_cell.items()},
+                     "ms_per_step_batched": {f"{s}shot_b{b:g}": round(v[1] * 1e3, 2)
+                                             for (s, b), v in per_cell.items()},
                      "transfer_arms_hours": round(ref_h, 1), "transfer_arms_hours_batched": round(bat_h, 1),
                      "adapt_hours": round(adapt_h, 1), "adapt_not_measured": missing,
                      "largest_job": {k: worst[k] for k in ("method", "budget", "shots")}

@@ -136,7 +136,7 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
                 dense_cost = cost(probe, s.metric)
             for ep in _episodes(eps, pool):
                 es = episode_seeds(config, replicate, SELECT_AXIS, s.ways, shots, ep.index, trained)
-                start = _adapt(s, network, ep, es, dense_cost, job.log)[0] if dense_cost is not None else None
+                start = _adapt(s, network, [ep], [es], dense_cost, job.log)[0][0] if dense_cost is not None else None
                 sx, sy, qx, qy = ep.on(device)
                 for arm in trained:
                     for lr in lrs:

@@ -155,8 +155,8 @@ def _head(network: Any, ways: int, seed: int) -> Any:
 def _adapt(s: _Setting, network: Any, chunk: list[_Episode], seeds: list[dict[str, Any]], dense_cost: float,
            log: Any) -> list[tuple[Any, dict[str, Any]]]:
     """Target-side pruning of each episode's headed network on its support set, the chunk at once
-    (``method.adapt_batch``; one episode at a time under the reference engine): per episode (pruned
-    network, entry of the record's ``adapted`` list). ``adapt_seconds``: the chunk's seconds / its size."""
+    (``method.adapt_batch``; chunks of one under the reference engine): per episode (pruned network,
+    entry of the record's ``adapted`` list). ``adapt_seconds``: the chunk's seconds / its size."""
     from pruneshot.methods import AdaptContext
     from pruneshot.models.cost import cost
 
@@ -165,8 +165,7 @@ def _adapt(s: _Setting, network: Any, chunk: list[_Episode], seeds: list[dict[st
                              dense_cost=dense_cost, options=s.options, log=log, device=str(s.device))
                 for ep, es in zip(chunk, seeds, strict=True)]
     t0 = time.perf_counter()
-    results = s.method.adapt_batch(contexts) if s.episode_batch > 1 else [
-        r for ctx in contexts for r in s.method.adapt_batch([ctx])]
+    results = s.method.adapt_batch(contexts)  # a chunk of one under the reference engine
     seconds = (time.perf_counter() - t0) / len(chunk)
     out = []
     for ep, es, res in zip(chunk, seeds, results, strict=True):

@@ -238,9 +238,10 @@ def test_a_killed_transfer_job_resumes_at_the_next_chunk_bit_identically(world, 
     got = _transfer_job(world, method, 0.5, arms, cfg, out=out)
     assert got["resumed"]["after_episode"] == 2 and ref["resumed"] is None
     assert _per_episode(got) == _per_episode(ref)
-    assert got.get("adapted") == ref.get("adapted") or [
-        {k: v for k, v in a.items() if k != "adapt_seconds"} for a in got["adapted"]] == [
-        {k: v for k, v in a.items() if k != "adapt_seconds"} for a in ref["adapted"]]
+    def timeless(rec: dict) -> list[dict]:
+        return [{k: v for k, v in a.items() if k != "adapt_seconds"} for a in rec.get("adapted", [])]
+
+    assert timeless(got) == timeless(ref)  # the same per-episode pruned networks (seconds aside)
     assert not (world["tmp"] / "resume" / ".checkpoints" / method).exists()  # cleared once the record is written
 
 

@@ -251,7 +251,7 @@ def auto_episode_batch(model: nn.Module, support_x: torch.Tensor, device: torch.
         return 1
     sizes: list[int] = []
     hooks = [m.register_forward_hook(lambda _m, _i, out: sizes.append(out.numel() * out.element_size()))
-             for m in model.modules() if not list(m.children()) and isinstance(m, nn.Module)]
+             for m in model.modules() if not list(m.children())]
     try:
         with torch.no_grad():
             model.to(device).eval()(support_x.to(device))

@@ -118,7 +118,8 @@ def main() -> None:
         "episode_batching.json" if device.type == "cpu" else f"episode_batching_{device.type}.json")
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     out.write_text(json.dumps({"what": __doc__.split("\n\n")[0], "command": "python benchmarks/episode_batching.py "
-                               + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out" and v is not None),
+                               + " ".join(f"--{k} " + (" ".join(map(str, v)) if isinstance(v, list) else str(v))
+                                        for k, v in vars(args).items() if k != "out" and v is not None),
                                "device": str(device), "device_name": name, "torch": torch.__version__,
                                "threads": args.threads, "hyperparameters": HP, "rows": rows}, indent=1) + "\n")
     print(f"wrote {out}")

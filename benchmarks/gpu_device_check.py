@@ -135,6 +135,12 @@ def _compare(name: str, runs: dict[str, tuple[Any, float]], x: torch.Tensor, y: 
                      "max_logit_diff": float((log_d - log_r).abs().max()) if same else None}}
 
 
+def _summary(row: dict[str, Any]) -> str:
+    """One printed line of a row: seconds, kept agreement, accuracy and loss differences."""
+    return (f"{row['method']}: {row['seconds']}, kept agreement {row['kept_agreement']}, "
+            f"acc diff {row['eval']['acc_diff']:+.4f}, loss diff {row['eval']['loss_diff']:+.2e}")
+
+
 def check(device_name: str, small: bool, threads: int, log: Any = print) -> dict[str, Any]:
     """Run every method on the CPU and on ``device_name``; the rows described in the module docstring."""
     from pruneshot.data.splits import Split
@@ -162,8 +168,7 @@ def check(device_name: str, small: bool, threads: int, log: Any = print) -> dict
             _sync(device)
             runs[which] = (res, time.perf_counter() - t0)
         rows.append({"side": "source", **_compare(name, runs, val.x, val.y)})
-        log(f"{name}: {rows[-1]['seconds']}, kept agreement {rows[-1]['kept_agreement']}, "
-            f"acc diff {rows[-1]['eval']['acc_diff']:+.4f}, loss diff {rows[-1]['eval']['loss_diff']:+.2e}")
+        log(_summary(rows[-1]))
     ways, shots, queries = st["ways"], st["shots"], st["queries"]
     support = _images(ways * shots, size, ways, 3)
     query = _images(ways * queries, size, ways, 4)
@@ -186,8 +191,7 @@ def check(device_name: str, small: bool, threads: int, log: Any = print) -> dict
             _sync(device)
             runs[which] = (res, time.perf_counter() - t0)
         rows.append({"side": "target", **_compare(label, runs, *query)})
-        log(f"{label}: {rows[-1]['seconds']}, kept agreement {rows[-1]['kept_agreement']}, "
-            f"acc diff {rows[-1]['eval']['acc_diff']:+.4f}, loss diff {rows[-1]['eval']['loss_diff']:+.2e}")
+        log(_summary(rows[-1]))
     from pruneshot.training import device_description
 
     return {"device": str(device), "device_name": device_description(device), "cpu_name": platform.processor(),

@@ -6,8 +6,10 @@
 Each directory is a study's ``results/<study>/transfer`` (a copy of the first run's, since the second
 run rewrites it). For every transfer record in both: per arm, whether every episode's accuracy (and
 every network's, for random's several masks) is identical, the largest difference, and the chunk
-size each used. Writes benchmarks/results/episode_batch_equivalence.json (``--out``) and prints a
-summary; exits 1 when any accuracy differs.
+size each used. A cell that failed (or ran no episode) in either run compares nothing: it is counted
+as ``not_compared`` with its status and error, never as identical. Writes
+benchmarks/results/episode_batch_equivalence.json (``--out``) and prints a summary; exits 1 when any
+accuracy differs, a record is missing or a cell was not compared.
 """
 
 from __future__ import annotations
@@ -34,12 +36,19 @@ def compare(ref_dir: Path, new_dir: Path) -> dict:
             a = [(e["episode"], e["accuracy"], e.get("network_accuracies")) for e in r["episodes"]]
             b = [(e["episode"], e["accuracy"], e.get("network_accuracies")) for e in new["arms"][arm]["episodes"]]
             diff = max((abs(x[1] - y[1]) for x, y in zip(a, b, strict=True)), default=0.0) if len(a) == len(b) else None
+            compared = ref["status"] == new["status"] == "ok" and len(a) > 0
             rows.append({"record": rel.as_posix(), "method": ref["method"], "side": ref["side"], "arm": arm,
-                         "status": [ref["status"], new["status"]], "episodes": len(a), "identical": a == b,
+                         "status": [ref["status"], new["status"]],
+                         "error": [ref.get("error", ""), new.get("error", "")], "episodes": len(a),
+                         "compared": compared, "identical": compared and a == b,
                          "max_abs_diff": diff, "episode_batch": [ref["device"].get("episode_batch", 1),
                                                                  new["device"].get("episode_batch", 1)]})
-    return {"cells": len(rows), "identical": sum(r["identical"] for r in rows),
-            "differing": [r for r in rows if not r["identical"]], "missing": missing, "rows": rows}
+    return {"cells": len(rows), "compared": sum(r["compared"] for r in rows),
+            "identical": sum(r["identical"] for r in rows),
+            "differing": [r for r in rows if r["compared"] and not r["identical"]],
+            "not_compared": [{k: r[k] for k in ("record", "arm", "status", "error")}
+                             for r in rows if not r["compared"]],
+            "missing": missing, "rows": rows}
 
 
 def main() -> int:
@@ -50,10 +59,11 @@ def main() -> int:
     args = ap.parse_args()
     result = compare(args.ref, args.new)
     args.out.write_text(json.dumps({"what": __doc__.split("\n\n")[0], **result}, indent=1) + "\n")
-    print(f"{result['identical']} of {result['cells']} (record, arm) cells identical episode by episode; "
-          f"{len(result['differing'])} differ; {len(result['missing'])} records missing in the second run; "
+    print(f"{result['identical']} of {result['compared']} compared (record, arm) cells identical episode by "
+          f"episode; {len(result['differing'])} differ; {len(result['not_compared'])} of {result['cells']} not "
+          f"compared (failed or empty in a run); {len(result['missing'])} records missing in the second run; "
           f"wrote {args.out}")
-    return 0 if not result["differing"] and not result["missing"] else 1
+    return 0 if not (result["differing"] or result["missing"] or result["not_compared"]) else 1
 
 
 if __name__ == "__main__":

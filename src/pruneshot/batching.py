@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -152,6 +152,7 @@ def finetune_batched(
     models: Sequence[nn.Module], support_x: Sequence[torch.Tensor], support_y: Sequence[torch.Tensor], *,
     seeds: Sequence[int], arm: str, steps: int, lr: float, momentum: float, weight_decay: float, batch_size: int,
     augment: Augment | None = None, fill: float = 0.0, batch_norm: str = "frozen",
+    on_step: Callable[[int], None] | None = None,
 ) -> list[nn.Module]:
     """Fine-tune each of ``models`` on its own support set, all at once; the same arguments and result
     as calling :func:`pruneshot.training.finetune_episode` once per network (``seeds[i]`` for network i),
@@ -161,7 +162,14 @@ def finetune_batched(
     heads already ``ways``-way, on one device; trained in place and returned. ``support_x[i]``
     (N, C, H, W) and ``support_y[i]`` (N,) on that device, N the same for all. Raises
     FloatingPointError when any network's loss became non-finite (the cell fails, as it would one
-    network at a time)."""
+    network at a time); its ``networks`` attribute lists the indices of those networks.
+
+    ``on_step(k)``: finetune_episode's contract for all K networks at once: called before the first
+    step (k = 0) and after every step k, when each of ``models`` holds exactly the weights its own
+    k-step run would (:func:`_write_back`, only when ``on_step`` is given: without it the networks are
+    written once, at the end); it may evaluate them, whose train/eval mode is restored after it, and
+    must not draw from the global RNG or change weights (the training goes on from the stacked copy,
+    so a change to a network's parameters would be overwritten, not trained on)."""
     if not models:
         return []
     if arm not in ("finetune", "linear_probe"):
@@ -199,7 +207,16 @@ def finetune_batched(
     params = [p for p in net.parameters() if p.requires_grad]
     buffers: list[torch.Tensor | None] = [None] * len(params)
     finite = torch.ones(k, dtype=torch.bool, device=device)
-    for _ in range(steps):
+
+    def notify(step: int) -> None:  # finetune_episode's notify, for K networks
+        if on_step is not None:
+            _write_back(net, models, cached, batch_norm)
+            on_step(step)
+            for m in models:
+                m.train(batch_norm == "batch")
+
+    notify(0)
+    for step in range(steps):
         xb, yb = draw_batches(x_all, y_all, gens, batch_size)
         b = yb.shape[1]
         if augmenting:
@@ -224,10 +241,23 @@ def finetune_batched(
                         buffers[i].mul_(momentum).add_(g)
                     g = buffers[i]
                 p.add_(g, alpha=-lr)
+        notify(step + 1)
     if not bool(finite.all()):
         bad = [i for i, ok in enumerate(finite.tolist()) if not ok]
-        raise FloatingPointError(f"{arm}: the fine-tuning loss became non-finite within {steps} steps (lr {lr}) "
+        err = FloatingPointError(f"{arm}: the fine-tuning loss became non-finite within {steps} steps (lr {lr}) "
                                  f"for network(s) {bad} of the chunk; the cell is recorded as failed")
+        err.networks = bad
+        raise err
+    _write_back(net, models, cached, batch_norm)
+    return list(models)
+
+
+def _write_back(net: nn.Module, models: Sequence[nn.Module], cached: bool, batch_norm: str) -> None:
+    """Each network's current weights from :func:`finetune_batched`'s stacked ``net`` into ``models`` (in
+    place): every parameter (:func:`_unstack`), or with ``cached`` features (``net`` the stacked heads
+    only) each head; then each network in the mode finetune_episode leaves it in (train mode only for
+    ``batch_norm`` 'batch'). Buffers are not copied: frozen BatchNorm's never change, and the reinit
+    arm's running statistics are set from the support set by the caller (support_bn_statistics)."""
     if cached:
         with torch.no_grad():
             for i, m in enumerate(models):
@@ -238,7 +268,6 @@ def finetune_batched(
         _unstack(net, models)
     for m in models:
         m.train(batch_norm == "batch")
-    return list(models)
 
 
 def auto_episode_batch(model: nn.Module, support_x: torch.Tensor, device: torch.device, episodes: int) -> int:

@@ -8,7 +8,14 @@ each step count of the grid is read off the same run (:func:`pruneshot.training.
 accuracy is chosen per arm (ties: the smaller lr, then the fewer steps) and written for the transfer
 job. A learning rate whose loss becomes non-finite is recorded as diverged and is not a candidate.
 The episode pipeline (heads, target-side adapt, arm start networks, reinit's BatchNorm treatment) is
-the transfer stage's own, with seeds on the axis of the validation episodes.
+the transfer stage's own, with seeds on the axis of the validation episodes, and so are its precision
+(``transfer.dtype``) and its chunks: the validation episodes run in chunks of ``transfer.episode_batch``
+(resolved as the transfer stage resolves it, recorded as ``device.episode_batch``); per chunk a
+target-side method adapts the chunk at once, then per trained arm and learning rate the chunk's networks
+of one architecture fine-tune as one channel-stacked network (:func:`pruneshot.batching.finetune_batched`,
+whose ``on_step`` scores every network after each step count of the grid). Chunks of one (``episode_batch``
+1, 'auto' on the CPU) are the one-network-at-a-time reference loop, and any chunk gives the same
+selection record up to the stacked layers' rounding (identical in float64; tests/test_batched_select.py).
 """
 
 from __future__ import annotations
@@ -50,29 +57,105 @@ def choose(grid: dict[float, dict[int, list[float]]], lrs: list[float], steps: l
     return best
 
 
+def _query_accuracy(arm: str, model: Any, tensors: tuple[Any, Any, Any, Any], seed: int) -> float:
+    """``model``'s query accuracy now, as a transfer arm scores it at the end of its run (reinit: its
+    BatchNorm treatment first)."""
+    from pruneshot.stages.transfer import support_bn_statistics
+    from pruneshot.training import accuracy
+
+    sx, _sy, qx, qy = tensors
+    if arm == "reinit":  # its BatchNorm treatment, as at the end of a k-step run
+        support_bn_statistics(model, sx, seed)
+    return accuracy(model, qx, qy)
+
+
+def _finetune_kwargs(s: Any, arm: str, lr: float, wanted: dict[int, int]) -> dict[str, Any]:
+    tc = s.tc
+    return {"arm": "finetune" if arm == "reinit" else arm, "steps": max(wanted), "lr": lr,
+            "momentum": tc["momentum"], "weight_decay": tc["weight_decay"], "batch_size": tc["batch_size"],
+            "augment": s.augment, "fill": s.fill, "batch_norm": "batch" if arm == "reinit" else "frozen"}
+
+
 def _grid_run(s: Any, arm: str, model: Any, tensors: tuple[Any, Any, Any, Any], lr: float, seed: int,
               wanted: dict[int, int]) -> dict[int, float]:
     """Fine-tune ``model`` under ``arm`` at ``lr`` for the largest arm step count of ``wanted`` (arm steps ->
     grid steps, a target-side method's adapt steps included) and score the query set after each of
     them: {grid steps: accuracy}. Raises FloatingPointError when the loss becomes non-finite."""
-    from pruneshot.stages.transfer import support_bn_statistics
-    from pruneshot.training import accuracy, finetune_episode
+    from pruneshot.training import finetune_episode
 
-    sx, sy, qx, qy = tensors
     scores: dict[int, float] = {}
 
     def score(k: int) -> None:
         if k in wanted:
-            if arm == "reinit":  # its BatchNorm treatment, as at the end of a k-step run
-                support_bn_statistics(model, sx, seed)
-            scores[wanted[k]] = accuracy(model, qx, qy)
+            scores[wanted[k]] = _query_accuracy(arm, model, tensors, seed)
 
-    tc = s.tc
-    finetune_episode(model, sx, sy, arm="finetune" if arm == "reinit" else arm, steps=max(wanted), lr=lr,
-                     momentum=tc["momentum"], weight_decay=tc["weight_decay"], batch_size=tc["batch_size"],
-                     seed=seed, augment=s.augment, fill=s.fill, batch_norm="batch" if arm == "reinit" else "frozen",
-                     on_step=score)
+    finetune_episode(model, tensors[0], tensors[1], seed=seed, on_step=score, **_finetune_kwargs(s, arm, lr, wanted))
     return scores
+
+
+def _grid_run_batched(s: Any, arm: str, models: list[Any], tensors: list[tuple[Any, Any, Any, Any]], lr: float,
+                      seeds: list[int], wanted: dict[int, int]) -> list[dict[int, float]]:
+    """:func:`_grid_run` for several networks of one architecture (:func:`pruneshot.batching.stackable`) at
+    once: trained together by :func:`pruneshot.batching.finetune_batched` (network i on ``tensors[i]``'s
+    support set under ``seeds[i]``), every one scored after each step count of ``wanted``: per network
+    {grid steps: accuracy}. Raises FloatingPointError (``networks``: which) when any loss became non-finite."""
+    from pruneshot.batching import finetune_batched
+
+    scores: list[dict[int, float]] = [{} for _ in models]
+
+    def score(k: int) -> None:
+        if k in wanted:
+            for i, model in enumerate(models):
+                scores[i][wanted[k]] = _query_accuracy(arm, model, tensors[i], seeds[i])
+
+    finetune_batched(models, [t[0] for t in tensors], [t[1] for t in tensors], seeds=seeds, on_step=score,
+                     **_finetune_kwargs(s, arm, lr, wanted))
+    return scores
+
+
+def _chunk_grid(s: Any, arm: str, network: Any, starts: list[Any], seeds: list[dict[str, Any]],
+                tensors: list[tuple[Any, Any, Any, Any]], lr: float,
+                wanted: dict[int, int]) -> tuple[list[dict[int, float]], int | None]:
+    """Every episode of a chunk under ``arm`` at ``lr``: (per episode {grid steps: accuracy}, the chunk
+    position of the first episode whose loss became non-finite, or None). Each episode's network is the
+    arm's start (``_arm_start``: its start network, head and seeds). The chunk's networks of one
+    architecture train at once (:func:`_grid_run_batched`); a chunk of one (always so under
+    ``episode_batch`` 1: the reference engine), a lone network or one that cannot be channel-stacked
+    goes through :func:`_grid_run`. Once an episode diverged, the others' scores are not needed (the
+    caller drops the learning rate) and may be missing."""
+    from pruneshot.batching import groups_by_architecture, stackable
+    from pruneshot.stages.transfer import _arm_start
+
+    n = len(seeds)
+    scores: list[dict[int, float]] = [{} for _ in range(n)]
+    if n == 1:  # the reference engine: today's one-network loop
+        model = _arm_start(s, arm, network, starts[0], seeds[0])
+        try:
+            scores[0] = _grid_run(s, arm, model, tensors[0], lr, seeds[0]["finetune"][arm], wanted)
+        except FloatingPointError:
+            return scores, 0
+        return scores, None
+    bad: list[int] = []
+    models = [_arm_start(s, arm, network, starts[e], seeds[e]) for e in range(n)]
+    for group in groups_by_architecture(models):
+        if len(group) == 1 or not stackable(models[group[0]]):
+            for e in group:
+                try:
+                    scores[e] = _grid_run(s, arm, models[e], tensors[e], lr, seeds[e]["finetune"][arm], wanted)
+                except FloatingPointError:
+                    bad.append(e)
+                    break  # the group's later episodes come later in the chunk too: the first stays the first
+            continue
+        try:
+            got = _grid_run_batched(s, arm, [models[e] for e in group], [tensors[e] for e in group], lr,
+                                    [seeds[e]["finetune"][arm] for e in group], wanted)
+        except FloatingPointError as exc:  # the lr is dropped for the whole chunk (select_transfer says why
+            # that is the sequential loop's outcome); the first diverging network orders diverged_lr
+            bad.append(min(group[i] for i in getattr(exc, "networks", None) or [0]))
+            continue
+        for e, sc in zip(group, got, strict=True):
+            scores[e] = sc
+    return scores, min(bad) if bad else None
 
 
 def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: int, replicate: int,
@@ -85,15 +168,17 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
     from pruneshot.methods import get_method, options_for
     from pruneshot.models.base import load_model
     from pruneshot.models.cost import cost
+    from pruneshot.runtime.provenance import device_name
     from pruneshot.stages.transfer import (
         _adapt,
-        _arm_start,
         _augment,
         _episodes,
         _Setting,
         _verified_inputs,
         adapt_steps,
+        episode_batch,
         episode_seeds,
+        job_dtype,
     )
 
     sel = config["transfer"]["select"]
@@ -114,6 +199,7 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
                  adapt_steps=n_adapt)
     lrs, grid_steps = [float(v) for v in sel["lr"]], [int(v) for v in sel["steps"]]
     candidates = [st for st in grid_steps if st >= n_adapt]
+    wanted = {st - n_adapt: st for st in candidates}  # arm steps -> grid steps
     trained = [a for a in arms if a in TRAINED_ARMS]
     seeds = seeds_for(config, replicate)
     inputs = [weights, arch, source_manifest, select_manifest, select_episodes]
@@ -126,34 +212,51 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
         failure = f"search failed: {rec['error']}"
     else:
         try:
-            network = load_model(str(weights), s.spec)
-            dense_cost = None
-            if method.side == "target":  # the budget's reference: the dense network with a ways-way head
-                import copy
+            # transfer.dtype as in the transfer job (float64: verification of the batched engine)
+            with job_dtype(tc) as dtype:
+                pool.x = pool.x.to(dtype)
+                network = load_model(str(weights), s.spec).to(dtype)
+                dense_cost = None
+                if method.side == "target":  # the budget's reference: the dense network with a ways-way head
+                    import copy
 
-                probe = copy.deepcopy(network)
-                probe.reset_classifier(s.ways)
-                dense_cost = cost(probe, s.metric)
-            for ep in _episodes(eps, pool):
-                es = episode_seeds(config, replicate, SELECT_AXIS, s.ways, shots, ep.index, trained)
-                start = _adapt(s, network, [ep], [es], dense_cost, job.log)[0][0] if dense_cost is not None else None
-                sx, sy, qx, qy = ep.on(device)
-                for arm in trained:
-                    for lr in lrs:
-                        if lr in diverged[arm]:
-                            continue
-                        model = _arm_start(s, arm, network, start, es)
-                        try:
-                            scores = _grid_run(s, arm, model, (sx, sy, qx, qy), lr, es["finetune"][arm],
-                                               {st - n_adapt: st for st in candidates})
-                        except FloatingPointError:
+                    probe = copy.deepcopy(network)
+                    probe.reset_classifier(s.ways)
+                    dense_cost = cost(probe, s.metric)
+                episodes = _episodes(eps, pool)
+                s.episode_batch = episode_batch(s, network, episodes)  # the transfer stage's K
+                job.log(f"validation episodes in chunks of {s.episode_batch}")
+                for c0 in range(0, len(episodes), s.episode_batch):
+                    chunk = episodes[c0:c0 + s.episode_batch]
+                    es = [episode_seeds(config, replicate, SELECT_AXIS, s.ways, shots, ep.index, trained)
+                          for ep in chunk]
+                    starts = ([p[0] for p in _adapt(s, network, chunk, es, dense_cost, job.log)]
+                              if dense_cost is not None else [None] * len(chunk))
+                    tensors = [ep.on(device) for ep in chunk]
+                    found: dict[str, list[tuple[int, int, float]]] = {a: [] for a in trained}
+                    for arm in trained:
+                        for li, lr in enumerate(lrs):
+                            if lr in diverged[arm]:
+                                continue
+                            scores, first_bad = _chunk_grid(s, arm, network, starts, es, tensors, lr, wanted)
+                            if first_bad is not None:
+                                found[arm].append((first_bad, li, lr))
+                                job.log(f"{arm} lr {lr}: the loss became non-finite on episode "
+                                        f"{chunk[first_bad].index}: not a candidate")
+                                continue
+                            for per_episode in scores:
+                                for st, acc in per_episode.items():
+                                    grid[arm][lr][st].append(acc)
+                    # A learning rate diverged on any episode of the chunk is dropped with its grid entries
+                    # NaN, whatever the chunk's other episodes gave: exactly what the one-episode-at-a-time
+                    # loop ends with (it drops the lr at its first diverging episode, NaNs the entries
+                    # accumulated so far and skips it on every later episode). The order of diverged_lr is
+                    # that loop's too: by first diverging episode, then by the lr's place in the grid.
+                    for arm, bad in found.items():
+                        for _e, _li, lr in sorted(bad):
                             diverged[arm].append(lr)
                             for st in candidates:
                                 grid[arm][lr][st] = [math.nan]
-                            job.log(f"{arm} lr {lr}: the loss became non-finite on episode {ep.index}: not a candidate")
-                            continue
-                        for st, acc in scores.items():
-                            grid[arm][lr][st].append(acc)
         except Exception as exc:  # the method failed on a validation episode: the cell fails as in transfer
             failure = error_text(exc)
             job.log(f"FAILED: {failure}")
@@ -176,6 +279,8 @@ def select_transfer(config: dict[str, Any], method_name: str, arms: list[str], s
         "shots": shots, "ways": s.ways, "episodes": len(eps["episodes"]), "grid": {"lr": lrs, "steps": grid_steps},
         "candidate_steps": candidates, "adapt_steps": n_adapt, "status": "failed" if failure else "ok",
         "error": failure or "", "arms": arms_out, "seconds": time.perf_counter() - t0,
+        "device": {"device": str(device), "name": device_name(str(device)), "dtype": tc["dtype"],
+                   "episode_batch": s.episode_batch},
         "provenance": job.provenance(inputs, seeds, device=str(device)),
     }
     write_json(out, record)

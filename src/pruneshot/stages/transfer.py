@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import time
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +152,31 @@ def _head(network: Any, ways: int, seed: int) -> Any:
     model = copy.deepcopy(network)
     model.reset_classifier(ways, torch.Generator().manual_seed(seed))
     return model
+
+
+def episode_batch(s: _Setting, network: Any, episodes: list[_Episode]) -> int:
+    """The chunk size K of the job's episodes: ``transfer.episode_batch`` resolved
+    (:func:`pruneshot.batching.resolve_episode_batch`; 'auto' measures ``network`` with a ``ways``-way
+    head on the first episode's support set). Transfer and selection (select_transfer) both use it."""
+    from pruneshot.batching import resolve_episode_batch
+
+    return resolve_episode_batch(s.tc["episode_batch"], _head(network, s.ways, 0), episodes[0].support[0], s.device,
+                                 len(episodes))
+
+
+@contextmanager
+def job_dtype(tc: dict[str, Any]) -> Iterator[Any]:
+    """``transfer.dtype`` as torch's default dtype while the job computes (yielded; every network, head
+    and scale the job creates has it; the caller converts what it loads), the previous one restored after."""
+    import torch
+
+    default_dtype = torch.get_default_dtype()
+    try:
+        dtype = getattr(torch, tc["dtype"])
+        torch.set_default_dtype(dtype)
+        yield dtype
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def _adapt(s: _Setting, network: Any, chunk: list[_Episode], seeds: list[dict[str, Any]], dense_cost: float,
@@ -403,7 +430,6 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     The arms and a target-side method's adapt run on ``transfer.device`` (model and episode tensors
     are moved there; every random draw stays on the CPU, so the seeds mean the same on any device).
     Cost counting stays on the CPU."""
-    from pruneshot.batching import resolve_episode_batch
     from pruneshot.data import splits
     from pruneshot.data.pipeline import resolve_device, zero_level
     from pruneshot.methods import get_method, options_for
@@ -454,33 +480,27 @@ def transfer(config: dict[str, Any], method_name: str, arms: list[str], shots: i
     with job.tracked(inputs, seeds, params, upstream=rec) as run:
         overhead = process_age_s()
         if failure is None:
-            import torch
-
-            default_dtype = torch.get_default_dtype()
             try:
-                dtype = getattr(torch, tc["dtype"])
                 # float64 (verification): every network, head and scale the job creates is float64 too.
-                torch.set_default_dtype(dtype)
-                pool.x = pool.x.to(dtype)
-                networks = [load_model(str(weights), s.spec, v).to(dtype)
-                            for v in range(variant_count(str(weights)))]
-                network = networks[0]
-                dense = {"dense_params": count_params(network),
-                         "dense_flops": count_flops(network, input_shape(s.spec))} if method.side == "target" else {}
-                inject_failure("transfer", method_name)
-                episodes = _episodes(eps, pool)
-                s.episode_batch = resolve_episode_batch(tc["episode_batch"], _head(network, s.ways, 0),
-                                                        episodes[0].support[0], device, len(episodes))
-                job.log(f"process start to first training step: {overhead}s; arms {arms}; "
-                        f"episodes in chunks of {s.episode_batch}")
-                per_arm, seeds_rows, adapted, controls, resumed = _run_episodes(s, networks, episodes, config, run,
-                                                                                job, ckpt.scoped(s.episode_batch))
+                with job_dtype(tc) as dtype:
+                    pool.x = pool.x.to(dtype)
+                    networks = [load_model(str(weights), s.spec, v).to(dtype)
+                                for v in range(variant_count(str(weights)))]
+                    network = networks[0]
+                    dense = ({"dense_params": count_params(network),
+                              "dense_flops": count_flops(network, input_shape(s.spec))}
+                             if method.side == "target" else {})
+                    inject_failure("transfer", method_name)
+                    episodes = _episodes(eps, pool)
+                    s.episode_batch = episode_batch(s, network, episodes)
+                    job.log(f"process start to first training step: {overhead}s; arms {arms}; "
+                            f"episodes in chunks of {s.episode_batch}")
+                    per_arm, seeds_rows, adapted, controls, resumed = _run_episodes(
+                        s, networks, episodes, config, run, job, ckpt.scoped(s.episode_batch))
             except Exception as exc:  # the method failed on this cell: a failed row, not a failed DAG
                 failure = error_text(exc)
                 job.log(f"FAILED: {failure}\n{traceback.format_exc()}")
                 run.set_tags({"pruneshot.status": "failed", "pruneshot.error": failure[:500]})
-            finally:
-                torch.set_default_dtype(default_dtype)
         if failure is None:
             from pruneshot.report.stats import mean_ci
 

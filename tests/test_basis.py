@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from pruneshot.methods.basis_scaling import greedy_prune, per_layer_prune, round_targets
+from pruneshot.methods.scaling import greedy_prune, per_layer_prune, round_targets
 from pruneshot.models import basis
 from pruneshot.models import cost as metrics
 from pruneshot.models.base import build_model

@@ -58,18 +58,24 @@ def _reference(contexts: list[AdaptContext]) -> list:
     return TargetMethod.adapt_batch(method, [copy.deepcopy(c) for c in contexts])
 
 
-@pytest.mark.parametrize("n", [10, 70], ids=["full batch", "sampled batches"])
-@pytest.mark.parametrize("options", list(OPTIONS))
-@pytest.mark.parametrize("spec", list(SPECS))
-def test_adapt_batch_equals_one_episode_at_a_time_float32(monkeypatch, spec, options, n):
-    contexts = _contexts(SPECS[spec], n, torch.float32, OPTIONS[options])
-    ref = _reference(contexts)
+@pytest.fixture
+def batched_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The sizes of the chunks ``basis_scaling_stage_batched`` trains, one entry per call (a spy on it)."""
     calls: list[int] = []
     batched = bs.basis_scaling_stage_batched
     monkeypatch.setattr(bs, "basis_scaling_stage_batched", lambda models, *a, **k: calls.append(len(models))
                         or batched(models, *a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("n", [10, 70], ids=["full batch", "sampled batches"])
+@pytest.mark.parametrize("options", list(OPTIONS))
+@pytest.mark.parametrize("spec", list(SPECS))
+def test_adapt_batch_equals_one_episode_at_a_time_float32(batched_calls, spec, options, n):
+    contexts = _contexts(SPECS[spec], n, torch.float32, OPTIONS[options])
+    ref = _reference(contexts)
     got = get_method("basis_scaling").adapt_batch(contexts)
-    assert calls == [K]  # one batched stage for the whole chunk
+    assert batched_calls == [K]  # one batched stage for the whole chunk
     assert len({str(_kept(r.masked)) for r in ref}) == K  # the episodes really differ
     for r, g in zip(ref, got, strict=True):
         assert _decisions(g.info) == _decisions(r.info) and _kept(g.masked) == _kept(r.masked)
@@ -136,7 +142,7 @@ def test_batch_folded_network_computes_each_episode_s_decomposed_network():
                                                      strict=True))
 
 
-def test_a_mixed_chunk_batches_only_what_shares_one_body_and_setting(monkeypatch):
+def test_a_mixed_chunk_batches_only_what_shares_one_body_and_setting(batched_calls):
     """Budget 1, another body or other options: those episodes take adapt one at a time; results in order."""
     contexts = _contexts(SMALL, 10, torch.float32, {}, budgets=(0.5, 1.0, 0.5, 0.5, 0.5))
     other = _episodes({**SMALL, "widths": [8, 16]}, 1, 10, torch.float32)[0][0]
@@ -145,12 +151,8 @@ def test_a_mixed_chunk_batches_only_what_shares_one_body_and_setting(monkeypatch
     contexts[3] = AdaptContext(**{**contexts[3].__dict__, "model": other})
     contexts[4] = AdaptContext(**{**contexts[4].__dict__, "options": {"rounds": 2}})
     ref = _reference(contexts)
-    calls: list[int] = []
-    batched = bs.basis_scaling_stage_batched
-    monkeypatch.setattr(bs, "basis_scaling_stage_batched", lambda models, *a, **k: calls.append(len(models))
-                        or batched(models, *a, **k))
     got = get_method("basis_scaling").adapt_batch(contexts)
-    assert calls == [2]  # episodes 0 and 2
+    assert batched_calls == [2]  # episodes 0 and 2
     assert got[1].model is contexts[1].model and "budget >= 1" in got[1].info["note"]
     for r, g in zip(ref, got, strict=True):
         if "kept_ranks" in r.info:

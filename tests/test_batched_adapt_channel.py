@@ -15,9 +15,10 @@ import copy
 import pytest
 import torch
 
-from pruneshot.methods import AdaptContext, get_method
+from pruneshot.methods import AdaptContext, available, get_method
 from pruneshot.methods import channel_scaling as cs
 from pruneshot.methods.base import SearchResult, TargetMethod
+from pruneshot.methods.scaling import ScalingMethod, batch_groups
 from pruneshot.models.base import build_seeded
 from pruneshot.models.cost import cost
 
@@ -148,3 +149,18 @@ def test_a_diverged_episode_fails_the_chunk_with_the_sequential_error(name):
         TargetMethod.adapt_batch(get_method(name), copy.deepcopy(ctxs))
     with pytest.raises(FloatingPointError, match="support-set fit of the scales: the loss became non-finite"):
         get_method(name).adapt_batch(ctxs)
+
+
+def test_the_scaling_methods_share_one_grouping():
+    """``scaling.batch_groups``: groups in first-seen order, budget >= 1 alone, other options or another
+    support-set shape a group of their own; basis_scaling's hook adds one body (``same_body``)."""
+    ctxs = _contexts(SMALL, torch.float32, 10, {}, k=6)
+    ctxs[1].budget = 1.0
+    ctxs[2].options = ctxs[5].options = {"rounds": 1}
+    ctxs[4].support_x, ctxs[4].support_y = ctxs[4].support_x[:5], ctxs[4].support_y[:5]
+    assert batch_groups(get_method("channel_scaling"), ctxs) == [[0, 3], [1], [2, 5], [4]]
+    with torch.no_grad():
+        ctxs[3].model.features[0][0].weight.mul_(1.5)  # another body: basis_scaling cannot share one SVD
+    assert batch_groups(get_method("basis_scaling"), ctxs) == [[0], [1], [2, 5], [3], [4]]
+    assert all(isinstance(get_method(n), ScalingMethod) for n in ("basis_scaling", "channel_scaling", "double_pruning"))
+    assert ScalingMethod not in map(type, (get_method(n) for n in available()))  # the base is not registered

@@ -333,10 +333,8 @@ def test_double_pruning_stage_by_stage_equality():
     """Each stage's physical network equals its own masked form (checked outside the method too)."""
     for order in ("channel_first", "basis_first"):
         ctx = _ctx(0.4, options={"order": order})
-        resolved = get_method("double_pruning").resolve_options(ctx.options)
-        opts = {k: v for k, v in resolved.items() if k not in dp_mod.STAGE_KEYS}
-        c_opts, b_opts = resolved["channel_scaling"], resolved["basis_scaling"]
-        out = dp_mod.double_prune(ctx, opts, c_opts, b_opts)
+        opts = get_method("double_pruning").resolve_options(ctx.options)
+        out = dp_mod.double_prune(ctx, opts, ctx.support_x, ctx.support_y, torch.Generator().manual_seed(ctx.seed))
         with torch.no_grad():
             for stage in ("first", "second"):
                 st = out[stage]

@@ -514,12 +514,12 @@ def test_bn_recalibration_can_be_switched_off(world, tmp_path):
 def test_every_method_s_arm_gets_the_same_number_of_support_steps(world, monkeypatch):
     """A target-side method's adapt steps count inside transfer.steps: its arms train for the rest, so
     every method's network sees the same number of support-set steps, recorded per arm."""
-    import pruneshot.methods.basis_scaling as bs
     import pruneshot.training as training
+    from pruneshot.methods import scaling
 
     steps = world["cfg"]["transfer"]["steps"]
     adapt_steps, arm_steps = [], []
-    fit = bs.fit_steps
+    fit = scaling.fit_steps
     ft = training.finetune_episode
 
     def counting_fit(*args, **kwargs):
@@ -530,8 +530,8 @@ def test_every_method_s_arm_gets_the_same_number_of_support_steps(world, monkeyp
         arm_steps.append(kwargs["steps"])
         return ft(*args, **kwargs)
 
-    monkeypatch.setattr(bs, "fit_steps", counting_fit)
-    monkeypatch.setattr("pruneshot.methods.channel_scaling.fit_steps", counting_fit)
+    for module in ("basis_scaling", "channel_scaling"):  # each calls the fit_steps it imported from scaling
+        monkeypatch.setattr(f"pruneshot.methods.{module}.fit_steps", counting_fit)
     monkeypatch.setattr(training, "finetune_episode", counting_ft)
     rec = _transfer_job(world, "double_pruning", 0.5, ["finetune", "prototype"], out=world["tmp"] / "dp_steps.json")
     episodes = world["cfg"]["episodes"]["count"]

@@ -37,7 +37,7 @@ def register(cls: type[PruningMethod]) -> type[PruningMethod]:
 
 _discovered = False
 #: Modules of this package that define no method.
-_NOT_METHODS = ("base", "schema")
+_NOT_METHODS = ("base", "scaling", "schema")
 
 
 def _discover() -> None:

@@ -29,13 +29,13 @@ rounding, tests/test_batched_adapt_basis.py).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, option
+from pruneshot.methods.scaling import BATCH_SIZE, ScalingMethod, fit_steps, greedy_prune, per_layer_prune, round_targets
 
 # Imported where the method computes: its metadata is read without torch (see methods/base.py).
 if TYPE_CHECKING:
@@ -67,129 +67,6 @@ class BasisScalingOptions(MethodOptions):
     revert_when_larger: bool = option(
         True, "Keep a layer as one k x k conv (with s folded in) where the two-layer decomposition would have "
               "more parameters (kept r' >= k^2 C_in C_out / (k^2 C_in + C_out)).")
-
-
-#: Support sets up to this size are used whole at every step; larger ones are sampled.
-BATCH_SIZE = 64
-
-
-# --- shared by the scaling methods (channel_scaling, double_pruning) ------------------------
-
-
-def round_targets(start_cost: float, final_cost: float, rounds: int) -> list[float]:
-    """Cost target after each round: start * (final / start) ** (j / rounds), j = 1..rounds (the last
-    one is ``final_cost`` exactly)."""
-    ratio = final_cost / start_cost
-    return [final_cost if j == rounds else start_cost * ratio ** (j / rounds) for j in range(1, rounds + 1)]
-
-
-def fit_steps(
-    forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-    steps: int, gen: torch.Generator, *, penalty: Callable[[], torch.Tensor] | None = None,
-    after_backward: Callable[[], None] | None = None, after_step: Callable[[], None] | None = None,
-) -> list[float]:
-    """``steps`` SGD steps on CE (+ ``penalty()``); full batch when len(y) <= BATCH_SIZE, else a random
-    batch of BATCH_SIZE per step drawn from ``gen`` (on the CPU; the indices are moved to ``x``'s device).
-    ``after_backward`` sees the gradients before the step (importance accumulation), ``after_step`` runs
-    after it (re-zeroing pruned units). Returns the CE of every step."""
-    import torch
-    import torch.nn.functional as F
-
-    from pruneshot.training import require_finite
-
-    losses = []
-    for _ in range(steps):
-        if len(y) > BATCH_SIZE:
-            idx = torch.randperm(len(y), generator=gen)[:BATCH_SIZE].to(x.device)
-            xb, yb = x[idx], y[idx]
-        else:
-            xb, yb = x, y
-        ce = F.cross_entropy(forward(xb), yb)
-        loss = ce if penalty is None else ce + penalty()
-        require_finite(float(loss.item()), "support-set fit of the scales")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if after_backward is not None:
-            after_backward()
-        opt.step()
-        if after_step is not None:
-            after_step()
-        losses.append(float(ce.item()))
-    return losses
-
-
-def greedy_prune(
-    scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], cost_of: Callable[[dict[str, int]], float],
-    target: float,
-) -> tuple[list[tuple[str, int]], list[tuple[str, int]], float]:
-    """Global ranking: remove alive units in ascending score order (stable, ties in group order)
-    while the cost exceeds ``target``, never a group's last unit; then re-add the removed units, most
-    important first, wherever one fits with the cost still <= ``target`` (budget fill). ``alive``
-    (group -> bool tensor) is updated in place. Returns (removed, re-added, final cost)."""
-    import torch
-
-    groups = list(scores)
-    counts = {g: int(alive[g].sum()) for g in groups}
-    flat = torch.cat([scores[g].detach().to(torch.float64) for g in groups])
-    owner = [(g, i) for g in groups for i in range(len(scores[g]))]
-    cost = cost_of(counts)
-    removed: list[tuple[str, int]] = []
-    for j in torch.argsort(flat, stable=True).tolist():
-        if cost <= target:
-            break
-        g, i = owner[j]
-        if not alive[g][i] or counts[g] <= 1:
-            continue
-        alive[g][i] = False
-        counts[g] -= 1
-        removed.append((g, i))
-        cost = cost_of(counts)
-    readded = []
-    for g, i in reversed(removed):
-        counts[g] += 1
-        trial = cost_of(counts)
-        if trial <= target:
-            alive[g][i] = True
-            cost = trial
-            readded.append((g, i))
-        else:
-            counts[g] -= 1
-    back = set(readded)
-    return [u for u in removed if u not in back], readded, cost
-
-
-def per_layer_prune(
-    scores: dict[str, torch.Tensor], alive: dict[str, torch.Tensor], sizes: dict[str, int],
-    cost_of: Callable[[dict[str, int]], float], target: float, iters: int = 40,
-) -> tuple[list[tuple[str, int]], float]:
-    """Per-layer ranking: every group keeps the same fraction f of its ``sizes[g]`` units (at least one,
-    never more than are alive), f the largest with cost <= ``target`` (bisection; 0 when even one unit
-    per group exceeds it); each group drops its lowest-score alive units. Returns (removed, cost)."""
-    import torch
-
-    current = {g: int(alive[g].sum()) for g in scores}
-
-    def counts(f: float) -> dict[str, int]:
-        return {g: min(current[g], max(1, math.floor(f * sizes[g] + 1e-9))) for g in scores}
-
-    if cost_of(current) <= target:
-        return [], cost_of(current)
-    lo, hi = 0.0, 1.0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if cost_of(counts(mid)) <= target:
-            lo = mid
-        else:
-            hi = mid
-    want = counts(lo)
-    removed = []
-    for g, s in scores.items():
-        idx = torch.nonzero(alive[g]).flatten()
-        order = idx[torch.argsort(s.detach()[idx], stable=True)]
-        for i in order[: current[g] - want[g]].tolist():
-            alive[g][i] = False
-            removed.append((g, i))
-    return removed, cost_of(want)
 
 
 # --- the basis scaling stage ---------------------------------------------------------------
@@ -403,95 +280,44 @@ def same_body(a: nn.Module, b: nn.Module) -> bool:
                for key in sa if not key.startswith("classifier."))
 
 
-def support_on_device(ctx: AdaptContext) -> tuple[torch.Tensor, torch.Tensor]:
-    """The episode's support set, images (N, C, H, W) and labels (N,), on ``ctx.device`` (where the
-    scaling methods train; not copied when already there)."""
-    from pruneshot.methods.base import compute_device
-
-    device = compute_device(ctx.device)
-    return ctx.support_x.to(device), ctx.support_y.to(device)
-
-
-def budget_one_result(ctx: AdaptContext, info: dict[str, Any]) -> SearchResult:
-    """``ctx.model`` unchanged (no training), every channel kept: what budget >= 1 returns."""
-    keep = {g: list(range(n)) for g, n in ctx.model.channel_groups().items()}
-    return SearchResult(model=ctx.model, keep=keep, masked=None,
-                        info={**info, "achieved_ratio": 1.0, "gap": ctx.budget - 1.0,
-                              "note": "budget >= 1: the network is returned unchanged, no training"})
-
-
 @register
-class BasisScaling(TargetMethod):
+class BasisScaling(ScalingMethod):
     name = "basis_scaling"
     options_class = BasisScalingOptions
     provenance = "abstract-level"
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "importance and schedule reconstructed")
 
-    def adapt(self, ctx: AdaptContext) -> SearchResult:
-        import torch
+    def _stage(self, ctx: AdaptContext, opts: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator) -> dict[str, Any]:
+        return basis_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
+                                   opts=opts, gen=gen, log=ctx.log)
 
-        opts = self.resolve_options(ctx.options)
-        if ctx.budget >= 1.0:
-            return budget_one_result(ctx, self._base_info(ctx, opts))
-        gen = torch.Generator().manual_seed(ctx.seed)
-        x, y = support_on_device(ctx)
-        out = basis_scaling_stage(ctx.model, x, y,
-                                  target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric, opts=opts, gen=gen,
-                                  log=ctx.log)
-        return self._result(ctx, opts, out)
-
-    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
-        """The chunk's episodes trained together (:func:`basis_scaling_stage_batched`): those below budget 1
-        with one body (:func:`same_body`), the same options, metric, device and support-set shape share one
-        SVD and one batch-folded network; the rest (budget >= 1, a lone episode) take :meth:`adapt` as the
-        default does. Results equal the default's up to float rounding (tests/test_batched_adapt_basis.py:
+    def _stages(self, group: list[AdaptContext], opts: dict[str, Any], xs: list[torch.Tensor],
+                ys: list[torch.Tensor], gens: list[torch.Generator]) -> list[dict[str, Any]]:
+        """``adapt_batch``'s episodes trained together (:func:`basis_scaling_stage_batched`): those below
+        budget 1 with one body (:func:`same_body`), the same options, metric, device and support-set shape
+        share one SVD and one batch-folded network; the rest (budget >= 1, a lone episode) take :meth:`adapt`
+        as the default does. Results equal the default's up to float rounding (tests/test_batched_adapt_basis.py:
         identical decisions, weights within 1e-5 in float32, 1e-12 in float64). On a deep network in float32
         that rounding can flip near-tied importance ranks, as the thread count does for the default (resnet56:
         decisions identical in float64). No result depends on the global RNG (module constructors draw
         weights that are then overwritten)."""
-        import torch
+        return basis_scaling_stage_batched([c.model for c in group], xs, ys,
+                                           target_costs=[c.dense_cost * c.budget for c in group],
+                                           metric=group[0].metric, opts=opts, gens=gens, logs=[c.log for c in group])
 
-        results: list[SearchResult | None] = [None] * len(contexts)
-        for group in self._groups(contexts):
-            chunk = [contexts[i] for i in group]
-            if len(chunk) == 1:
-                torch.manual_seed(chunk[0].seed)
-                results[group[0]] = self.adapt(chunk[0])
-                continue
-            opts = self.resolve_options(chunk[0].options)
-            support = [support_on_device(c) for c in chunk]
-            outs = basis_scaling_stage_batched(
-                [c.model for c in chunk], [x for x, _ in support], [y for _, y in support],
-                target_costs=[c.dense_cost * c.budget for c in chunk], metric=chunk[0].metric, opts=opts,
-                gens=[torch.Generator().manual_seed(c.seed) for c in chunk], logs=[c.log for c in chunk])
-            for i, c, out in zip(group, chunk, outs, strict=True):
-                results[i] = self._result(c, opts, out)
-        return results  # type: ignore[return-value]
-
-    def _groups(self, contexts: list[AdaptContext]) -> list[list[int]]:
-        """Indices of ``contexts`` adapted together, in first-seen order (singletons: one at a time)."""
-        from pruneshot.methods.base import compute_device
+    def _may_join(self, ctx: AdaptContext) -> bool:
+        """A Backbone without low-rank layers (``spec["ranks"]``): what one shared SVD can serve."""
         from pruneshot.models.base import Backbone
 
-        groups: list[tuple[Any, list[int]]] = []
-        for i, ctx in enumerate(contexts):
-            opts = self.resolve_options(ctx.options)
-            if ctx.budget >= 1.0 or not isinstance(ctx.model, Backbone) or ctx.model.spec.get("ranks"):
-                groups.append((None, [i]))
-                continue
-            key = (opts, ctx.metric, compute_device(ctx.device), tuple(ctx.support_x.shape), ctx.support_x.dtype,
-                   tuple(ctx.support_y.shape))
-            for other, members in groups:
-                if other == key and same_body(contexts[members[0]].model, ctx.model):
-                    members.append(i)
-                    break
-            else:
-                groups.append((key, [i]))
-        return [members for _key, members in groups]
+        return isinstance(ctx.model, Backbone) and not ctx.model.spec.get("ranks")
 
-    @staticmethod
-    def _base_info(ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
+    def _joins(self, first: AdaptContext, ctx: AdaptContext) -> bool:
+        """One body (:func:`same_body`): one SVD serves both."""
+        return same_body(first.model, ctx.model)
+
+    def _base_info(self, ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
         return {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
                 "provenance_note": "layer algebra from the abstracts/patent; importance, schedule and "
                                    "thresholds are reconstructions"}

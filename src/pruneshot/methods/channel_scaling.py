@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, option
-from pruneshot.methods.basis_scaling import budget_one_result, fit_steps, greedy_prune, per_layer_prune, round_targets
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, option
+from pruneshot.methods.scaling import BATCH_SIZE, ScalingMethod, fit_steps, greedy_prune, per_layer_prune, round_targets
 
 # Imported where the method computes: its metadata is read without torch (see methods/base.py).
 if TYPE_CHECKING:
@@ -303,7 +303,6 @@ def _stages_together(
     import torch.nn.functional as F
 
     from pruneshot.batching import channel_stack, draw_batches
-    from pruneshot.methods.basis_scaling import BATCH_SIZE
     from pruneshot.models.scaled import StackedChannelScaled
     from pruneshot.training import require_finite
 
@@ -354,41 +353,8 @@ def _stages_together(
     return results
 
 
-def batchable_groups(method: TargetMethod, contexts: Sequence[AdaptContext]) -> list[list[int]]:
-    """Indices of ``contexts`` that ``adapt_batch`` may adapt together, in first-seen order: budget < 1,
-    one metric, one device, equal resolved options (a context at budget >= 1 is alone: no training)."""
-    groups: list[tuple[Any, list[int]]] = []
-    for i, ctx in enumerate(contexts):
-        key = ("alone", i) if ctx.budget >= 1.0 else (ctx.metric, str(ctx.device), method.resolve_options(ctx.options))
-        for k, idx in groups:
-            if k == key:
-                idx.append(i)
-                break
-        else:
-            groups.append((key, [i]))
-    return [idx for _, idx in groups]
-
-
-def adapt_in_groups(method: TargetMethod, contexts: list[AdaptContext],
-                    together: Callable[[list[AdaptContext]], list[SearchResult]]) -> list[SearchResult]:
-    """``adapt_batch`` of a method with a batched path: each group of :func:`batchable_groups` of two or
-    more contexts through ``together`` (results in the group's order), a lone context through
-    ``method.adapt`` with the global RNG seeded with its seed first, as the default ``adapt_batch`` does."""
-    import torch
-
-    results: list[SearchResult | None] = [None] * len(contexts)
-    for idx in batchable_groups(method, contexts):
-        if len(idx) == 1:
-            torch.manual_seed(contexts[idx[0]].seed)
-            results[idx[0]] = method.adapt(contexts[idx[0]])
-            continue
-        for i, res in zip(idx, together([contexts[i] for i in idx]), strict=True):
-            results[i] = res
-    return [r for r in results if r is not None]
-
-
 @register
-class ChannelScaling(TargetMethod):
+class ChannelScaling(ScalingMethod):
     name = "channel_scaling"
     options_class = ChannelScalingOptions
     provenance = "abstract-level"
@@ -414,39 +380,19 @@ class ChannelScaling(TargetMethod):
                 f"{info['removed_by_threshold']} by threshold, {info['removed_by_ranking']} by ranking")
         return SearchResult(model=to_cpu(out["physical"]), keep=out["keep"], info=info, masked=to_cpu(out["masked"]))
 
-    def adapt(self, ctx: AdaptContext) -> SearchResult:
-        import torch
+    def _stage(self, ctx: AdaptContext, opts: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator) -> dict[str, Any]:
+        return channel_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
+                                     opts=opts, gen=gen, log=ctx.log)
 
-        from pruneshot.methods.basis_scaling import support_on_device
-
-        opts = self.resolve_options(ctx.options)
-        if ctx.budget >= 1.0:
-            return budget_one_result(ctx, self._base_info(ctx, opts))
-        gen = torch.Generator().manual_seed(ctx.seed)
-        x, y = support_on_device(ctx)
-        out = channel_scaling_stage(ctx.model, x, y, target_cost=ctx.dense_cost * ctx.budget, metric=ctx.metric,
-                                    opts=opts, gen=gen, log=ctx.log)
-        return self._result(ctx, opts, out)
-
-    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
-        """The chunk's episodes channel-scaled together (:func:`channel_scaling_stages`: one stacked body,
+    def _stages(self, group: list[AdaptContext], opts: dict[str, Any], xs: list[torch.Tensor],
+                ys: list[torch.Tensor], gens: list[torch.Generator]) -> list[dict[str, Any]]:
+        """``adapt_batch``'s episodes channel-scaled together (:func:`channel_scaling_stages`: one stacked body,
         per-episode scales, heads, batches and decisions); equal to adapting them one at a time up to the
-        summation order of the stacked layers. A context that cannot join others (:func:`batchable_groups`:
+        summation order of the stacked layers. A context that cannot join others (``scaling.batch_groups``:
         budget >= 1, other options) is adapted alone, as the default does. The global RNG draws nothing
         that reaches a result here (new modules in the fold are overwritten); it is seeded with each
         episode's seed before its result is assembled, as the default seeds it before each ``adapt``."""
-        return adapt_in_groups(self, contexts, self._together)
-
-    def _together(self, group: list[AdaptContext]) -> list[SearchResult]:
-        import torch
-
-        from pruneshot.methods.basis_scaling import support_on_device
-
-        opts = self.resolve_options(group[0].options)
-        support = [support_on_device(c) for c in group]
-        outs = channel_scaling_stages(
-            [c.model for c in group], [x for x, _ in support], [y for _, y in support],
-            target_costs=[c.dense_cost * c.budget for c in group], metric=group[0].metric, opts=opts,
-            gens=[torch.Generator().manual_seed(c.seed) for c in group], logs=[c.log for c in group],
-            seeds=[c.seed for c in group])
-        return [self._result(c, opts, out) for c, out in zip(group, outs, strict=True)]
+        return channel_scaling_stages(
+            [c.model for c in group], xs, ys, target_costs=[c.dense_cost * c.budget for c in group],
+            metric=group[0].metric, opts=opts, gens=gens, logs=[c.log for c in group], seeds=[c.seed for c in group])

@@ -38,7 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal
 from pruneshot.methods import basis_scaling as bs
 from pruneshot.methods import channel_scaling as cs
 from pruneshot.methods import register
-from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, TargetMethod, no_grad, option
+from pruneshot.methods.base import AdaptContext, MethodOptions, SearchResult, no_grad, option
+from pruneshot.methods.scaling import ScalingMethod, support_on_device
 
 # Imported where the method computes: its metadata is read without torch (see methods/base.py).
 if TYPE_CHECKING:
@@ -115,12 +116,10 @@ def embed_in_dense(dense: nn.Module, narrow: nn.Module, keep: dict[str, list[int
     return net
 
 
-def _stage_inputs(ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
-    """One episode's generator (every draw of both stages), stage targets and support set on its device."""
-    import torch
-
-    x, y = bs.support_on_device(ctx)
-    return {"gen": torch.Generator().manual_seed(ctx.seed), "x": x, "y": y,
+def _stage_inputs(ctx: AdaptContext, opts: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                  gen: torch.Generator) -> dict[str, Any]:
+    """One episode's generator (every draw of both stages), support set on its device and stage targets."""
+    return {"gen": gen, "x": x, "y": y,
             "first_target": ctx.dense_cost * ctx.budget ** opts["first_stage_exponent"],
             "final_target": ctx.dense_cost * ctx.budget}
 
@@ -148,12 +147,13 @@ def _composed(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
             "masked_form": "composed: basis-scaled dense network with zeroed bases and channel scales"}
 
 
-def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any], b_opts: dict[str, Any],
-                 ) -> dict[str, Any]:
-    """Both stages on a copy of ``ctx.model``: {"first", "second" (stage results), "masked", "keep"}."""
-    inputs = _stage_inputs(ctx, opts)
-    common = {"metric": ctx.metric, "gen": inputs["gen"], "log": ctx.log}
-    x, y = inputs["x"], inputs["y"]
+def double_prune(ctx: AdaptContext, opts: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+                 gen: torch.Generator) -> dict[str, Any]:
+    """Both stages on a copy of ``ctx.model`` (``opts``: resolved, the stages' sections nested), on the support
+    set (x, y) with every draw from ``gen``: {"first", "second" (stage results), "masked", "keep"}."""
+    c_opts, b_opts = opts["channel_scaling"], opts["basis_scaling"]
+    inputs = _stage_inputs(ctx, opts, x, y, gen)
+    common = {"metric": ctx.metric, "gen": gen, "log": ctx.log}
     if opts["order"] == "channel_first":
         first = cs.channel_scaling_stage(ctx.model, x, y, target_cost=inputs["first_target"], opts=c_opts, **common)
         return _after_channel_stage(ctx, inputs, first, b_opts)
@@ -163,8 +163,8 @@ def double_prune(ctx: AdaptContext, opts: dict[str, Any], c_opts: dict[str, Any]
     return _composed(first, second)
 
 
-def double_prune_together(contexts: list[AdaptContext], opts: dict[str, Any], c_opts: dict[str, Any],
-                          b_opts: dict[str, Any]) -> list[dict[str, Any]]:
+def double_prune_together(contexts: list[AdaptContext], opts: dict[str, Any], xs: list[torch.Tensor],
+                          ys: list[torch.Tensor], gens: list[torch.Generator]) -> list[dict[str, Any]]:
     """:func:`double_prune` of several episodes (one metric), their channel-scaling stages trained together
     (:func:`channel_scaling.channel_scaling_stages`; ``basis_first``: the networks whose basis stages left
     one architecture), their basis stages one episode at a time; each episode's generator carries its
@@ -172,7 +172,8 @@ def double_prune_together(contexts: list[AdaptContext], opts: dict[str, Any], c_
     from it reaches a result) is seeded with the episode's seed before each of its per-episode parts."""
     import torch
 
-    inputs = [_stage_inputs(ctx, opts) for ctx in contexts]
+    c_opts, b_opts = opts["channel_scaling"], opts["basis_scaling"]
+    inputs = [_stage_inputs(ctx, opts, x, y, gen) for ctx, x, y, gen in zip(contexts, xs, ys, gens, strict=True)]
     metric = contexts[0].metric
     seeds = [ctx.seed for ctx in contexts]
 
@@ -199,7 +200,7 @@ def double_prune_together(contexts: list[AdaptContext], opts: dict[str, Any], c_
 
 
 @register
-class DoublePruning(TargetMethod):
+class DoublePruning(ScalingMethod):
     name = "double_pruning"
     option_sections = STAGE_KEYS
     options_class = DoublePruningOptions
@@ -209,37 +210,26 @@ class DoublePruning(TargetMethod):
     reference = ("Wong et al. 2021, basis scaling and double pruning (abstracts, patent claim 1); "
                  "budget split between the stages reconstructed")
 
-    def _resolved(self, ctx: AdaptContext) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
-        """(own options, channel_scaling options, basis_scaling options, base info) of ``ctx``."""
-        resolved = self.resolve_options(ctx.options)
-        opts = {k: v for k, v in resolved.items() if k not in STAGE_KEYS}
-        c_opts, b_opts = resolved["channel_scaling"], resolved["basis_scaling"]
-        base_info = {"requested_budget": ctx.budget, "metric": ctx.metric, "options": opts,
-                     "channel_scaling_options": c_opts, "basis_scaling_options": b_opts,
-                     "provenance_note": "both unit kinds from the abstracts/patent; the budget split, the "
-                                        "importance and the schedules are reconstructions"}
-        return opts, c_opts, b_opts, base_info
+    def _base_info(self, ctx: AdaptContext, opts: dict[str, Any]) -> dict[str, Any]:
+        return {"requested_budget": ctx.budget, "metric": ctx.metric,
+                "options": {k: v for k, v in opts.items() if k not in STAGE_KEYS},
+                "channel_scaling_options": opts["channel_scaling"], "basis_scaling_options": opts["basis_scaling"],
+                "provenance_note": "both unit kinds from the abstracts/patent; the budget split, the "
+                                   "importance and the schedules are reconstructions"}
 
-    def adapt(self, ctx: AdaptContext) -> SearchResult:
-        opts, c_opts, b_opts, base_info = self._resolved(ctx)
-        if ctx.budget >= 1.0:
-            return bs.budget_one_result(ctx, base_info)
-        return self._result(ctx, opts, base_info, double_prune(ctx, opts, c_opts, b_opts))
+    def _stage(self, ctx: AdaptContext, opts: dict[str, Any], x: torch.Tensor, y: torch.Tensor,
+               gen: torch.Generator) -> dict[str, Any]:
+        return double_prune(ctx, opts, x, y, gen)
 
-    def adapt_batch(self, contexts: list[AdaptContext]) -> list[SearchResult]:
-        """The chunk's episodes with their channel-scaling stages trained together
+    def _stages(self, group: list[AdaptContext], opts: dict[str, Any], xs: list[torch.Tensor],
+                ys: list[torch.Tensor], gens: list[torch.Generator]) -> list[dict[str, Any]]:
+        """``adapt_batch``'s episodes with their channel-scaling stages trained together
         (:func:`double_prune_together`), the basis stages per episode; equal to adapting them one at a
         time up to the summation order of the stacked layers. A context that cannot join others
-        (``channel_scaling.batchable_groups``) is adapted alone, as the default does."""
-        return cs.adapt_in_groups(self, contexts, self._together)
+        (``scaling.batch_groups``) is adapted alone, as the default does."""
+        return double_prune_together(group, opts, xs, ys, gens)
 
-    def _together(self, group: list[AdaptContext]) -> list[SearchResult]:
-        opts, c_opts, b_opts, _ = self._resolved(group[0])
-        outs = double_prune_together(group, opts, c_opts, b_opts)
-        return [self._result(ctx, opts, self._resolved(ctx)[3], out) for ctx, out in zip(group, outs, strict=True)]
-
-    def _result(self, ctx: AdaptContext, opts: dict[str, Any], base_info: dict[str, Any],
-                out: dict[str, Any]) -> SearchResult:
+    def _result(self, ctx: AdaptContext, opts: dict[str, Any], out: dict[str, Any]) -> SearchResult:
         """The episode's SearchResult from :func:`double_prune`'s output (both paths)."""
         from pruneshot.methods.base import to_cpu
         from pruneshot.models.cost import cost
@@ -247,11 +237,11 @@ class DoublePruning(TargetMethod):
         first, second = out["first"], out["second"]
         physical = second["physical"]
         achieved = cost(physical, ctx.metric) / ctx.dense_cost
-        x = bs.support_on_device(ctx)[0][:8]
+        x = support_on_device(ctx)[0][:8]
         stage_equality = {"first_stage_physical_vs_masked": _max_diff(first["physical"], first["masked"], x),
                           "second_stage_physical_vs_masked": _max_diff(physical, second["masked"], x)}
         info = {
-            **base_info,
+            **self._base_info(ctx, opts),
             "achieved_ratio": achieved,
             "gap": ctx.budget - achieved,
             "first_stage_target_ratio": ctx.budget ** opts["first_stage_exponent"],

@@ -262,11 +262,17 @@ def test_a_checkpoint_of_other_settings_is_not_resumed(world, monkeypatch):
     assert rec["resumed"] is None and len(rec["arms"]["finetune"]["episodes"]) == 3
 
 
-def test_float64_transfer_records_its_precision_and_leaves_the_default_dtype(world):
-    rec = _transfer_job(world, "l1_filter", 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=2),
-                        out=world["tmp"] / "chunks" / "f64.json")
-    assert rec["status"] == "ok" and rec["device"]["dtype"] == "float64"
+@pytest.mark.parametrize("method", ["l1_filter", "channel_scaling", "basis_scaling", "double_pruning"])
+def test_float64_transfer_records_its_precision_and_leaves_the_default_dtype(world, method):
+    """Every side runs in float64 (a target-side adapt once handed its network back in float32, so every
+    target-side cell failed under float64 and a comparison of two failed runs looked identical)."""
+    rec = _transfer_job(world, method, 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=2),
+                        out=world["tmp"] / "chunks" / f"f64_{method}.json")
+    assert rec["status"] == "ok", rec["error"]
+    assert rec["device"]["dtype"] == "float64"
     assert torch.get_default_dtype() == torch.float32
-    ref = _transfer_job(world, "l1_filter", 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=1),
-                        out=world["tmp"] / "chunks" / "f64_ref.json")
+    ref = _transfer_job(world, method, 0.5, ["finetune"], _with(world, dtype="float64", episode_batch=1),
+                        out=world["tmp"] / "chunks" / f"f64_ref_{method}.json")
+    assert ref["status"] == "ok", ref["error"]
+    assert len(_per_episode(ref)["finetune"]) == world["cfg"]["episodes"]["count"]
     assert _per_episode(rec) == _per_episode(ref)

@@ -524,8 +524,7 @@ def device_source(data: Any, device: Any) -> Any:
 
 
 def to_cpu(model: Any) -> Any:
-    """``model`` (an nn.Module, or None) moved in place to the CPU in float32: what a search or adapt
-    returns, whatever device it computed on. A no-op for a float32 CPU model."""
-    import torch
-
-    return None if model is None else model.to("cpu", torch.float32)
+    """``model`` (an nn.Module, or None) moved in place to the CPU, its dtype kept (the job's: float32, or
+    float64 under ``transfer.dtype: float64``): what a search or adapt returns, whatever device it
+    computed on. A no-op for a CPU model."""
+    return None if model is None else model.to("cpu")

@@ -3,7 +3,8 @@
 For every study config: its transfer cells (methods x budgets x replicates x targets x shots, each
 method's arms) and its selection cells (``transfer.select``: methods x budgets x replicates x shots),
 and per cell, episodes x fine-tuning steps of every trained arm, plus one ``adapt`` per target-side
-episode. A transfer arm trains ``transfer.steps`` less the method's adapt steps (prototype trains none);
+episode. A transfer arm trains ``transfer.steps`` less the method's adapt steps (prototype trains none)
+for each of the cell's networks (``networks_per_cell``: random's masks; reinit trains one);
 with ``transfer.select`` each arm trains the selected steps instead, one of the grid's, so the
 transfer hours are also given at the grid's largest step count (the upper bound). A selection cell
 trains every trained arm under every learning rate of the grid for the largest grid step count, on
@@ -48,7 +49,7 @@ def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
     trained steps per episode (all arms; ``steps_max``: at the selection grid's largest step count),
     episodes, adapts."""
     from pruneshot.config import select_ways
-    from pruneshot.methods import get_method
+    from pruneshot.methods import get_method, options_for
     from pruneshot.stages.select import TRAINED_ARMS
     from pruneshot.stages.transfer import adapt_steps
 
@@ -61,18 +62,20 @@ def cells(cfg: dict[str, Any]) -> list[dict[str, Any]]:
         for budget in budgets:
             n_adapt = adapt_steps(cfg, m, budget)
             adapts = m.side == "target" and budget < 1
-            arms = [a for a in m.study_arms(tc) if a != "prototype"]
+            networks = m.networks_per_cell(m.resolve_options(options_for(cfg, m)))
+            # every network trains under each arm but reinit (one run of the shared architecture)
+            runs = sum(1 if a == "reinit" else networks for a in m.study_arms(tc) if a != "prototype")
             top = max(sel["steps"]) if sel else tc["steps"]
             for shots in ec["shots"]:
                 common = {"method": name, "side": m.side, "budget": budget, "shots": int(shots)}
                 for _ in range(cfg["study"]["replicates"] * len(cfg["data"]["targets"])):
                     out.append(common | {"stage": "transfer", "batch": min(tc["batch_size"], ec["ways"] * shots),
-                                         "steps": (tc["steps"] - n_adapt) * len(arms),
-                                         "steps_max": (top - n_adapt) * len(arms), "episodes": ec["count"],
+                                         "steps": (tc["steps"] - n_adapt) * runs,
+                                         "steps_max": (top - n_adapt) * runs, "episodes": ec["count"],
                                          "adapts": ec["count"] if adapts else 0})
                 if not sel:
                     continue
-                trained = [a for a in m.study_arms(tc) if a in TRAINED_ARMS]
+                trained = [a for a in m.study_arms(tc) if a in TRAINED_ARMS]  # selection: the first network only
                 for _ in range(cfg["study"]["replicates"]):
                     steps = (top - n_adapt) * len(trained) * len(sel["lr"])
                     out.append(common | {"stage": "select", "batch": min(tc["batch_size"], select_ways(cfg) * shots),

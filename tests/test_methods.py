@@ -163,6 +163,20 @@ def test_random_is_deterministic_for_a_seed(dense):
     assert a.model.spec == c.model.spec
 
 
+@pytest.mark.parametrize("masks", [1, 3])
+def test_networks_per_cell_counts_the_networks_a_search_returns(dense, masks):
+    """random's cell transfers its search's network and variants (distinct masks): ``networks_per_cell``
+    says how many (the study-cost benchmark counts training steps by it); every other method one."""
+    method = get_method("random")
+    ctx = _ctx(copy.deepcopy(dense), 0.5, seed=3)
+    ctx.options = {"masks": masks}
+    res = method.search(ctx)
+    assert 1 + len(res.variants) == masks == method.networks_per_cell(method.resolve_options({"masks": masks}))
+    assert method.networks_per_cell(method.resolve_options({})) == 3  # the default
+    others = [n for n in available() if n != "random"]
+    assert all(get_method(n).networks_per_cell(get_method(n).resolve_options({})) == 1 for n in others)
+
+
 def test_random_does_not_depend_on_global_rng(dense):
     method = get_method("random")
     torch.manual_seed(0)

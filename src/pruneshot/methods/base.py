@@ -325,6 +325,12 @@ class PruningMethod(ABC):
         dense_only = set(transfer.get("dense_only_arms") or ())
         return [a for a in arms if a not in dense_only]
 
+    def networks_per_cell(self, options: Mapping[str, Any]) -> int:
+        """At most how many networks of one architecture a cell of this method transfers (the search's
+        network and its ``variants``), for resolved ``options``: each trains under every arm but reinit,
+        which trains the shared architecture once. 1 unless a method draws several (random's masks)."""
+        return 1
+
     def search(self, ctx: SearchContext) -> SearchResult:
         """Source-side methods: a physically pruned network meeting ``ctx.budget`` as closely as the method can."""
         raise NotImplementedError(f"{self.name} is a {self.side}-side method: it has no source-side search()")

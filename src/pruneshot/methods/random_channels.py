@@ -8,8 +8,9 @@ every episode, a cell's episode accuracy is their mean, and the report shows the
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pruneshot.methods import register
 from pruneshot.methods.base import MethodOptions, PruningMethod, SearchContext, SearchResult, option, uniform_widths
@@ -43,6 +44,9 @@ class RandomChannels(PruningMethod):
     reference = "random channel pruning control (Blalock et al. 2020)"
     options_class = RandomOptions
     control = True
+
+    def networks_per_cell(self, options: Mapping[str, Any]) -> int:
+        return int(options["masks"])  # distinct masks: at most this many (at budget 1 all are one)
 
     def search(self, ctx: SearchContext) -> SearchResult:
         import torch

@@ -3,6 +3,16 @@
 
     python benchmarks/episode_batch_equivalence.py REF_TRANSFER_DIR NEW_TRANSFER_DIR [--out FILE]
 
+The default's float64 comparison (README), in a clean worktree of the commit (about 30 minutes on one core):
+
+    printf 'transfer:\n  dtype: float64\n  episode_batch: 1\n' > /tmp/k1.yaml
+    printf 'transfer:\n  dtype: float64\n  episode_batch: 20\n' > /tmp/k20.yaml
+    snakemake --cores 1 --configfile config/config.yaml /tmp/k1.yaml
+    cp -r results/mnist10k_default/transfer /tmp/ref_transfer
+    snakemake --cores 1 --configfile config/config.yaml /tmp/k20.yaml   # reruns transfer and what reads it
+    python benchmarks/episode_batch_equivalence.py /tmp/ref_transfer results/mnist10k_default/transfer \
+        --out benchmarks/results/episode_batch_equivalence_float64.json
+
 Each directory is a study's ``results/<study>/transfer`` (a copy of the first run's, since the second
 run rewrites it). For every transfer record in both: per arm, whether every episode's accuracy (and
 every network's, for random's several masks) is identical, the largest difference, and the chunk

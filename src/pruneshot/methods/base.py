@@ -33,7 +33,7 @@ class SearchContext:
     ``pretrain``, defaults filled), for a method that trains a network anew on the source (``scratch``).
     ``device``: where a method with a source loop (``PruningMethod.uses_device``) trains or scores (a torch
     device name; the stage passes the resolved ``pretrain.device``): model and batches go there, every
-    random draw stays on the CPU, and the returned networks are on the CPU in float32.
+    random draw stays on the CPU, and the returned networks are on the CPU in the job's dtype (float32).
     """
 
     model: nn.Module
@@ -80,7 +80,7 @@ class AdaptContext:
     (N, C, H, W) normalised images, ``support_y`` (N,) labels in [0, ways). ``budget`` is the
     fraction of ``dense_cost`` (the ``metric`` of ``model`` as given, head included) to keep.
     ``seed`` is the episode's derived seed. The method returns a physically pruned network
-    with its trained head, on the CPU in float32 (its ``masked`` form too); the transfer arm
+    with its trained head, on the CPU in the job's dtype (``transfer.dtype``; its ``masked`` form too); the transfer arm
     (finetune / linear_probe) then runs on it. ``device``: where the method computes (a torch device
     name, 'auto' = CUDA when available): the model and support tensors are moved there, every random
     draw stays on the CPU, so on the CPU the result does not depend on it.

@@ -323,7 +323,7 @@ class BasisScaling(ScalingMethod):
                                    "thresholds are reconstructions"}
 
     def _result(self, ctx: AdaptContext, opts: dict[str, Any], out: dict[str, Any]) -> SearchResult:
-        """An episode's SearchResult from its stage result (CPU float32 networks, info, the log line)."""
+        """An episode's SearchResult from its stage result (CPU networks in the job's dtype, info, the log line)."""
         from pruneshot.methods.base import to_cpu
         from pruneshot.models.cost import cost
 

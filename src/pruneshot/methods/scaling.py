@@ -244,4 +244,4 @@ class ScalingMethod(TargetMethod):
 
     @abstractmethod
     def _result(self, ctx: AdaptContext, opts: dict[str, Any], out: dict[str, Any]) -> SearchResult:
-        """The episode's SearchResult (CPU float32 networks) from its stage output."""
+        """The episode's SearchResult (CPU networks in the job's dtype) from its stage output."""

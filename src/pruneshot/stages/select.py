@@ -57,30 +57,12 @@ def choose(grid: dict[float, dict[int, list[float]]], lrs: list[float], steps: l
     return best
 
 
-def _query_accuracy(arm: str, model: Any, tensors: tuple[Any, Any, Any, Any], seed: int) -> float:
-    """``model``'s query accuracy now, as a transfer arm scores it at the end of its run (reinit: its
-    BatchNorm treatment first)."""
-    from pruneshot.stages.transfer import support_bn_statistics
-    from pruneshot.training import accuracy
-
-    sx, _sy, qx, qy = tensors
-    if arm == "reinit":  # its BatchNorm treatment, as at the end of a k-step run
-        support_bn_statistics(model, sx, seed)
-    return accuracy(model, qx, qy)
-
-
-def _finetune_kwargs(s: Any, arm: str, lr: float, wanted: dict[int, int]) -> dict[str, Any]:
-    tc = s.tc
-    return {"arm": "finetune" if arm == "reinit" else arm, "steps": max(wanted), "lr": lr,
-            "momentum": tc["momentum"], "weight_decay": tc["weight_decay"], "batch_size": tc["batch_size"],
-            "augment": s.augment, "fill": s.fill, "batch_norm": "batch" if arm == "reinit" else "frozen"}
-
-
 def _grid_run(s: Any, arm: str, model: Any, tensors: tuple[Any, Any, Any, Any], lr: float, seed: int,
               wanted: dict[int, int]) -> dict[int, float]:
     """Fine-tune ``model`` under ``arm`` at ``lr`` for the largest arm step count of ``wanted`` (arm steps ->
     grid steps, a target-side method's adapt steps included) and score the query set after each of
     them: {grid steps: accuracy}. Raises FloatingPointError when the loss becomes non-finite."""
+    from pruneshot.stages.transfer import _finetune_kwargs, _query_accuracy
     from pruneshot.training import finetune_episode
 
     scores: dict[int, float] = {}
@@ -89,7 +71,8 @@ def _grid_run(s: Any, arm: str, model: Any, tensors: tuple[Any, Any, Any, Any], 
         if k in wanted:
             scores[wanted[k]] = _query_accuracy(arm, model, tensors, seed)
 
-    finetune_episode(model, tensors[0], tensors[1], seed=seed, on_step=score, **_finetune_kwargs(s, arm, lr, wanted))
+    finetune_episode(model, tensors[0], tensors[1], seed=seed, on_step=score,
+                     **_finetune_kwargs(s, arm, lr=lr, steps=max(wanted)))
     return scores
 
 
@@ -100,6 +83,7 @@ def _grid_run_batched(s: Any, arm: str, models: list[Any], tensors: list[tuple[A
     support set under ``seeds[i]``), every one scored after each step count of ``wanted``: per network
     {grid steps: accuracy}. Raises FloatingPointError (``networks``: which) when any loss became non-finite."""
     from pruneshot.batching import finetune_batched
+    from pruneshot.stages.transfer import _finetune_kwargs, _query_accuracy
 
     scores: list[dict[int, float]] = [{} for _ in models]
 
@@ -109,7 +93,7 @@ def _grid_run_batched(s: Any, arm: str, models: list[Any], tensors: list[tuple[A
                 scores[i][wanted[k]] = _query_accuracy(arm, model, tensors[i], seeds[i])
 
     finetune_batched(models, [t[0] for t in tensors], [t[1] for t in tensors], seeds=seeds, on_step=score,
-                     **_finetune_kwargs(s, arm, lr, wanted))
+                     **_finetune_kwargs(s, arm, lr=lr, steps=max(wanted)))
     return scores
 
 

@@ -241,22 +241,34 @@ def support_bn_statistics(model: Any, support_x: Any, seed: int) -> None:
 def _score(s: _Setting, arm: str, model: Any, on_device: tuple[Any, Any, Any, Any], seed: int) -> float:
     """Train ``model`` under ``arm`` on the support set; its accuracy on the query set ('prototype':
     no training, nearest support-class centroid of the features)."""
-    from pruneshot.training import accuracy, finetune_episode, prototype_accuracy
+    from pruneshot.training import finetune_episode, prototype_accuracy
 
     sx, sy, qx, qy = on_device
     if arm == "prototype":
         return prototype_accuracy(model, sx, sy, qx, qy)
     finetune_episode(model, sx, sy, seed=seed, **_finetune_kwargs(s, arm))
+    return _query_accuracy(arm, model, on_device, seed)
+
+
+def _query_accuracy(arm: str, model: Any, on_device: tuple[Any, Any, Any, Any], seed: int) -> float:
+    """A trained ``model``'s accuracy on the episode's query set (reinit: its BatchNorm statistics first set
+    from the support set, :func:`support_bn_statistics`)."""
+    from pruneshot.training import accuracy
+
+    sx, _sy, qx, qy = on_device
     if arm == "reinit":
         support_bn_statistics(model, sx, seed)
     return accuracy(model, qx, qy)
 
 
-def _finetune_kwargs(s: _Setting, arm: str) -> dict[str, Any]:
+def _finetune_kwargs(s: _Setting, arm: str, *, lr: float | None = None, steps: int | None = None) -> dict[str, Any]:
+    """``finetune_episode``'s / ``finetune_batched``'s arguments for ``arm`` (lr and steps: the arm's, unless
+    given, as transfer selection gives its grid's)."""
     tc = s.tc
-    return {"arm": "finetune" if arm == "reinit" else arm, "steps": s.arm_steps(arm), "lr": s.lr(arm),
-            "momentum": tc["momentum"], "weight_decay": tc["weight_decay"], "batch_size": tc["batch_size"],
-            "augment": s.augment, "fill": s.fill, "batch_norm": "batch" if arm == "reinit" else "frozen"}
+    return {"arm": "finetune" if arm == "reinit" else arm, "steps": s.arm_steps(arm) if steps is None else steps,
+            "lr": s.lr(arm) if lr is None else lr, "momentum": tc["momentum"], "weight_decay": tc["weight_decay"],
+            "batch_size": tc["batch_size"], "augment": s.augment, "fill": s.fill,
+            "batch_norm": "batch" if arm == "reinit" else "frozen"}
 
 
 def _score_chunk(s: _Setting, arm: str, networks: list[Any], chunk: list[_Episode], starts: list[Any],
@@ -267,7 +279,6 @@ def _score_chunk(s: _Setting, arm: str, networks: list[Any], chunk: list[_Episod
     own query set. 'prototype' (no training), a lone network, or one that cannot be channel-stacked
     goes through :func:`_score`."""
     from pruneshot.batching import finetune_batched, groups_by_architecture, stackable
-    from pruneshot.training import accuracy
 
     pairs = [(e, net) for e in range(len(chunk)) for net in (networks[:1] if arm == "reinit" else networks)]
     accs: list[float] = [0.0] * len(pairs)
@@ -287,10 +298,7 @@ def _score_chunk(s: _Setting, arm: str, networks: list[Any], chunk: list[_Episod
             finetune_batched([models[j] for j in group], [tensors[e][0] for e in es], [tensors[e][1] for e in es],
                              seeds=[seeds[e]["finetune"][arm] for e in es], **_finetune_kwargs(s, arm))
             for j, e in zip(group, es, strict=True):
-                sx, _sy, qx, qy = tensors[e]
-                if arm == "reinit":
-                    support_bn_statistics(models[j], sx, seeds[e]["finetune"][arm])
-                accs[j] = accuracy(models[j], qx, qy)
+                accs[j] = _query_accuracy(arm, models[j], tensors[e], seeds[e]["finetune"][arm])
     per_episode: list[list[float]] = [[] for _ in chunk]
     for (e, _net), acc in zip(pairs, accs, strict=True):
         per_episode[e].append(acc)

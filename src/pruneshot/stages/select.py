@@ -103,22 +103,15 @@ def _chunk_grid(s: Any, arm: str, network: Any, starts: list[Any], seeds: list[d
     """Every episode of a chunk under ``arm`` at ``lr``: (per episode {grid steps: accuracy}, the chunk
     position of the first episode whose loss became non-finite, or None). Each episode's network is the
     arm's start (``_arm_start``: its start network, head and seeds). The chunk's networks of one
-    architecture train at once (:func:`_grid_run_batched`); a chunk of one (always so under
-    ``episode_batch`` 1: the reference engine), a lone network or one that cannot be channel-stacked
-    goes through :func:`_grid_run`. Once an episode diverged, the others' scores are not needed (the
+    architecture train at once (:func:`_grid_run_batched`); a lone network (so every network of a chunk of
+    one, as under ``episode_batch`` 1: the reference engine) or one that cannot be channel-stacked goes
+    through :func:`_grid_run`. Once an episode diverged, the others' scores are not needed (the
     caller drops the learning rate) and may be missing."""
     from pruneshot.batching import groups_by_architecture, stackable
     from pruneshot.stages.transfer import _arm_start
 
     n = len(seeds)
     scores: list[dict[int, float]] = [{} for _ in range(n)]
-    if n == 1:  # the reference engine: today's one-network loop
-        model = _arm_start(s, arm, network, starts[0], seeds[0])
-        try:
-            scores[0] = _grid_run(s, arm, model, tensors[0], lr, seeds[0]["finetune"][arm], wanted)
-        except FloatingPointError:
-            return scores, 0
-        return scores, None
     bad: list[int] = []
     models = [_arm_start(s, arm, network, starts[e], seeds[e]) for e in range(n)]
     for group in groups_by_architecture(models):
